@@ -1,0 +1,201 @@
+"""Shallow Lock-in and Deep Decay measures, and correct-vs-wrong comparisons (METHOD.md section 5).
+
+All measures read the row-normalised maps (each query step's row is a distribution over keys):
+
+- local share: mean over thinking rows of the mass on {self, previous step};
+- question share: mean over thinking rows of the mass on the question;
+- summary->thinking share: mean over summary rows of the mass on thinking steps;
+- summary self share: mean over summary rows of the mass on summary steps;
+- recency: of the summary's thinking mass, the share on the last 3 thinking steps.
+
+Per trace, bands of the computed layers: shallow = the bottom quarter (at least one layer), deep =
+the top half (at least two layers, so that the decay slope is defined). Groups are compared on
+per-trace values (never on flattened layers x samples) with bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .traces import QUESTION, SUMMARY, THINKING
+
+LAYER_MEASURES = ("local_share", "question_share", "summary_thinking_share", "summary_self_share", "recency")
+TRACE_MEASURES = ("lock_in", "question_share", "summary_thinking", "summary_self", "recency", "decay")
+RECENT_STEPS = 3
+
+
+@dataclass
+class LayerMetrics:
+    """Per-layer measures (NaN where a trace has no rows of the kind, e.g. no summary)."""
+
+    layers: list[int]
+    local_share: Float[Tensor, " layer"]
+    question_share: Float[Tensor, " layer"]
+    summary_thinking_share: Float[Tensor, " layer"]
+    summary_self_share: Float[Tensor, " layer"]
+    recency: Float[Tensor, " layer"]
+
+    def bands(self) -> tuple[slice, slice]:
+        n = len(self.layers)
+        return slice(0, max(1, n // 4)), slice(n - max(2, n // 2), n) if n >= 2 else slice(0, n)
+
+    def per_trace(self) -> dict[str, float]:
+        """One number per measure for this trace (band means, and the decay slope over deep layers)."""
+        shallow, deep = self.bands()
+        depth = torch.tensor(self.layers[deep], dtype=torch.float64)
+        share = self.summary_thinking_share[deep].double()
+        decay = float("nan")
+        if depth.numel() >= 2 and torch.isfinite(share).all():
+            centred = depth - depth.mean()
+            decay = float((centred * (share - share.mean())).sum() / (centred ** 2).sum())
+        return {
+            "lock_in": float(self.local_share[shallow].mean()),
+            "question_share": float(self.question_share[shallow].mean()),
+            "summary_thinking": float(self.summary_thinking_share[deep].mean()),
+            "summary_self": float(self.summary_self_share[deep].mean()),
+            "recency": float(self.recency[deep].mean()),
+            "decay": decay,
+        }
+
+    def table(self) -> str:
+        """A fixed-width text table, one row per layer."""
+        head = f"{'layer':>5} {'local':>7} {'question':>8} {'sum->thk':>8} {'sum self':>8} {'recency':>7}"
+        rows = [head]
+        for i, layer in enumerate(self.layers):
+            rows.append(f"{layer:5d} {self.local_share[i]:7.3f} {self.question_share[i]:8.3f} "
+                        f"{self.summary_thinking_share[i]:8.3f} {self.summary_self_share[i]:8.3f} "
+                        f"{self.recency[i]:7.3f}")
+        return "\n".join(rows)
+
+
+def _mean_rows(values: Tensor) -> Tensor:
+    """Mean over the last axis, NaN when empty."""
+    if values.shape[-1] == 0:
+        return torch.full(values.shape[:-1], float("nan"))
+    return values.mean(-1)
+
+
+def layer_metrics(result) -> LayerMetrics:
+    """Per-layer measures of a :class:`~stepsal.saliency.StepSaliency`."""
+    rows = result.normalized("row").double()  # [L, S, S]
+    layout = result.layout
+    question, thinking, summary = (layout.steps_of(s) for s in (QUESTION, THINKING, SUMMARY))
+    think_idx = torch.tensor(thinking, dtype=torch.long)
+    # thinking rows: self + previous step, and the question column
+    own = rows[:, think_idx, think_idx]
+    previous = rows[:, think_idx, (think_idx - 1).clamp(min=0)]
+    local = _mean_rows(own + previous)
+    q_share = _mean_rows(rows[:, think_idx][:, :, question].sum(-1))
+    # summary rows
+    sum_idx = torch.tensor(summary, dtype=torch.long)
+    summary_rows = rows[:, sum_idx]  # [L, n_summary, S]
+    to_thinking = summary_rows[:, :, think_idx].sum(-1)
+    to_summary = summary_rows[:, :, sum_idx].sum(-1)
+    recent = summary_rows[:, :, think_idx[-RECENT_STEPS:]].sum(-1)
+    recency = torch.where(to_thinking > 0, recent / to_thinking.clamp(min=1e-300), torch.nan)
+    return LayerMetrics(list(result.layers), local.float(), q_share.float(), _mean_rows(to_thinking).float(),
+                        _mean_rows(to_summary).float(), _mean_rows(recency).float())
+
+
+# ---------------------------------------------------------------- group comparison
+
+
+def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hedges' g of b - a along the last axis (bias-corrected standardised mean difference)."""
+    na, nb = a.shape[-1], b.shape[-1]
+    pooled = np.sqrt(((na - 1) * a.var(-1, ddof=1) + (nb - 1) * b.var(-1, ddof=1)) / (na + nb - 2))
+    correction = 1 - 3 / (4 * (na + nb) - 9)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return correction * (b.mean(-1) - a.mean(-1)) / pooled
+
+
+@dataclass
+class Comparison:
+    """One measure compared between group A (e.g. correct) and group B (e.g. wrong)."""
+
+    measure: str
+    n_a: int
+    n_b: int
+    mean_a: float
+    mean_b: float
+    diff: float  # mean_b - mean_a
+    diff_ci: tuple[float, float]
+    hedges_g: float
+    g_ci: tuple[float, float]
+    dropped: int = 0  # traces without this measure (NaN), reported, not silently lost
+
+
+@dataclass
+class GroupComparison:
+    label_a: str
+    label_b: str
+    rows: list[Comparison]
+    confidence: float
+    n_boot: int
+    layer_diff: dict[str, np.ndarray] = field(default_factory=dict)     # measure -> [layer] mean_b - mean_a
+    layer_diff_ci: dict[str, np.ndarray] = field(default_factory=dict)  # measure -> [2, layer]
+
+    def table(self) -> str:
+        pct = round(self.confidence * 100)
+        lines = [f"{'measure':<17} {self.label_a:>9} {self.label_b:>9} {'diff':>8}  {pct}% CI{'':<12} "
+                 f"{'g':>6}  {pct}% CI"]
+        for r in self.rows:
+            lines.append(f"{r.measure:<17} {r.mean_a:9.4f} {r.mean_b:9.4f} {r.diff:8.4f}  "
+                         f"[{r.diff_ci[0]:7.4f}, {r.diff_ci[1]:7.4f}] {r.hedges_g:6.2f}  "
+                         f"[{r.g_ci[0]:.2f}, {r.g_ci[1]:.2f}]  n={r.n_a}/{r.n_b}"
+                         + (f" ({r.dropped} without)" if r.dropped else ""))
+        return "\n".join(lines)
+
+
+def _bootstrap_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    return rng.integers(0, n, size=(n_boot, n))
+
+
+def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, str] = ("correct", "wrong"),
+                   n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> GroupComparison:
+    """Compare two groups of traces (StepSaliency results or LayerMetrics) measure by measure.
+
+    Each trace contributes one value per measure; differences are B - A. Confidence intervals are
+    percentile bootstraps over traces, resampled within each group.
+    """
+    metrics_a = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_a]
+    metrics_b = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_b]
+    if len(metrics_a) < 2 or len(metrics_b) < 2:
+        raise ValueError(f"each group needs at least 2 traces; got {len(metrics_a)} and {len(metrics_b)}.")
+    rng = np.random.default_rng(seed)
+    tail = (1 - confidence) / 2
+    rows = []
+    for measure in TRACE_MEASURES:
+        a_all = np.array([m.per_trace()[measure] for m in metrics_a])
+        b_all = np.array([m.per_trace()[measure] for m in metrics_b])
+        a, b = a_all[np.isfinite(a_all)], b_all[np.isfinite(b_all)]
+        dropped = len(a_all) - len(a) + len(b_all) - len(b)
+        if len(a) < 2 or len(b) < 2:
+            rows.append(Comparison(measure, len(a), len(b), float("nan"), float("nan"), float("nan"),
+                                   (float("nan"),) * 2, float("nan"), (float("nan"),) * 2, dropped))
+            continue
+        boot_a = a[_bootstrap_indices(rng, len(a), n_boot)]
+        boot_b = b[_bootstrap_indices(rng, len(b), n_boot)]
+        diffs = boot_b.mean(-1) - boot_a.mean(-1)
+        gs = hedges_g(boot_a, boot_b)
+        gs = gs[np.isfinite(gs)]
+        rows.append(Comparison(
+            measure, len(a), len(b), float(a.mean()), float(b.mean()), float(b.mean() - a.mean()),
+            tuple(np.quantile(diffs, [tail, 1 - tail]).tolist()), float(hedges_g(a, b)),
+            tuple(np.quantile(gs, [tail, 1 - tail]).tolist()) if gs.size else (float("nan"),) * 2, dropped))
+    result = GroupComparison(labels[0], labels[1], rows, confidence, n_boot)
+    if all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b):
+        for measure in LAYER_MEASURES:
+            a = np.stack([getattr(m, measure).numpy() for m in metrics_a])  # [trace, layer]
+            b = np.stack([getattr(m, measure).numpy() for m in metrics_b])
+            boot = (np.nanmean(b[_bootstrap_indices(rng, len(b), n_boot)], 1)
+                    - np.nanmean(a[_bootstrap_indices(rng, len(a), n_boot)], 1))
+            result.layer_diff[measure] = np.nanmean(b, 0) - np.nanmean(a, 0)
+            result.layer_diff_ci[measure] = np.nanquantile(boot, [tail, 1 - tail], axis=0)
+    return result

@@ -1,0 +1,324 @@
+"""Step-Saliency: attention x gradient on each layer's ``hook_pattern``, pooled into step maps.
+
+One forward and one backward pass. A forward hook on each layer's pattern registers a gradient hook
+on that tensor; when the backward pass reaches it, the layer's [H, T, T] saliency is computed and
+pooled at once (``P @ I @ P.T``), so at most one layer's saliency exists at any time.
+
+Long traces (``checkpoint=True``): the forward pass keeps only each block's input residual; the
+backward pass then recomputes one block at a time and pulls the gradient through it, so peak memory
+holds one layer's attention tensors plus O(L * T * d) residuals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import ModelMismatchError, NonFiniteGradientError
+from .models import backend_of, forward_kwargs, hook_name, model_label
+from .pooling import NORMS, normalize, pool
+from .targets import Target, make_target
+from .traces import StepLayout, Trace, tokenizer_fingerprint
+
+RULES = ("ag", "ag_signed", "g")
+
+
+def saliency_scores(pattern: Float[Tensor, "head query key"], grad: Float[Tensor, "head query key"],
+                    rule: str) -> Float[Tensor, "head query key"]:
+    """Token-level saliency per head: |A * dL/dA| ("ag"), A * dL/dA ("ag_signed") or |dL/dA| ("g")."""
+    if rule == "g":
+        return grad.abs()
+    scores = pattern * grad
+    return scores.abs_() if rule == "ag" else scores
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class StepSaliency:
+    """Step-Saliency of one trace.
+
+    ``sums`` holds the raw block sums; ``maps`` normalises them with ``norm`` (any other
+    normalisation is one call away: ``normalized("row")``). Shapes: maps [layer, step_q, step_k],
+    head_maps [layer, head, step_q, step_k] (when computed with ``per_head=True``).
+    """
+
+    sums: Float[Tensor, "layer step_q step_k"]
+    layout: StepLayout
+    layers: list[int]
+    norm: str = "causal"
+    rule: str = "ag"
+    target: str = "all"
+    model: str = ""
+    head_sums: Float[Tensor, "layer head step_q step_k"] | None = None
+    _members: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def members(self) -> Float[Tensor, "step token"]:
+        if self._members is None:
+            self._members = self.layout.membership(dtype=torch.float64)
+        return self._members
+
+    def normalized(self, norm: str) -> Float[Tensor, "layer step_q step_k"]:
+        return normalize(self.sums.double(), self.members, norm).float()
+
+    @property
+    def maps(self) -> Float[Tensor, "layer step_q step_k"]:
+        return self.normalized(self.norm)
+
+    @property
+    def head_maps(self) -> Float[Tensor, "layer head step_q step_k"]:
+        if self.head_sums is None:
+            raise ValueError("per-head maps were not computed: call step_saliency(..., per_head=True).")
+        return normalize(self.head_sums.double(), self.members, self.norm).float()
+
+    def metrics(self) -> "LayerMetrics":  # noqa: F821
+        """Per-layer Shallow Lock-in and Deep Decay measures (METHOD.md section 5)."""
+        from .metrics import layer_metrics
+        return layer_metrics(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file: the sums as tensors, everything else as JSON metadata."""
+        path = Path(path)
+        tensors = {"sums": self.sums.contiguous()}
+        if self.head_sums is not None:
+            tensors["head_sums"] = self.head_sums.contiguous()
+        meta = {"layers": self.layers, "norm": self.norm, "rule": self.rule, "target": self.target,
+                "model": self.model, "layout": self.layout.to_dict()}
+        save_file(tensors, str(path), metadata={"stepsal": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StepSaliency":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["stepsal"])
+        tensors = load_file(str(path))
+        return cls(tensors["sums"], StepLayout.from_dict(meta["layout"]), meta["layers"], meta["norm"],
+                   meta["rule"], meta["target"], meta["model"], tensors.get("head_sums"))
+
+
+# ---------------------------------------------------------------- pooling inside gradient hooks
+
+
+class _LayerPooler:
+    """Builds the forward hooks on ``hook_pattern``; pools each layer's saliency in its grad hook."""
+
+    def __init__(self, layers: list[int], members: Tensor, rule: str, per_head: bool, n_heads: int):
+        self.layers, self.members, self.rule, self.per_head = layers, members, rule, per_head
+        n_steps = members.shape[0]
+        self.sums = torch.zeros(len(layers), n_steps, n_steps, device=members.device)
+        self.head_sums = (torch.zeros(len(layers), n_heads, n_steps, n_steps, device=members.device)
+                          if per_head else None)
+        self.done: set[int] = set()
+        self.nonfinite: list[int] = []
+
+    def forward_hook(self, layer: int) -> Callable[[Tensor, Any], None]:
+        row = self.layers.index(layer)
+
+        def on_pattern(pattern: Tensor, hook: Any) -> None:
+            if pattern.requires_grad:
+                pattern.register_hook(lambda grad: self._pool(row, pattern, grad))
+
+        return on_pattern
+
+    @torch.no_grad()
+    def _pool(self, row: int, pattern: Tensor, grad: Tensor) -> None:
+        scores = saliency_scores(pattern[0], grad[0], self.rule)  # [H, T, T], this layer only
+        if not torch.isfinite(scores).all():
+            self.nonfinite.append(self.layers[row])
+            return
+        if self.per_head:
+            self.head_sums[row] = pool(scores.float(), self.members)
+            self.sums[row] = self.head_sums[row].mean(0)
+        else:
+            self.sums[row] = pool(scores.mean(0).float(), self.members)
+        self.done.add(self.layers[row])
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients (they are not needed); the previous flags come back afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _leaf_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], Tensor]:
+    """Replace an activation by a detached leaf that requires grad (the backward pass ends there)."""
+
+    def make_leaf(x: Tensor, hook: Any) -> Tensor:
+        store["leaf"] = x.detach().requires_grad_(True)
+        return store["leaf"]
+
+    return make_leaf
+
+
+# ---------------------------------------------------------------- the two modes
+
+
+def _backward_normal(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
+    store: dict[str, Tensor] = {}
+    hooks = [(hook_name(0, "resid_pre"), _leaf_hook(store))]
+    hooks += [(hook_name(layer, "pattern"), pooler.forward_hook(layer)) for layer in pooler.layers]
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(tokens[None], **forward_kwargs(model))
+        loss = _checked_loss(target_fn(logits[0]))
+        torch.autograd.grad(loss, store["leaf"])
+    return loss.detach()
+
+
+def _strip_caches(value: Any) -> Any:
+    """Drop KV-cache objects from captured block arguments (a recomputation must not append to them)."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(value, Cache):
+        return None
+    if isinstance(value, tuple):
+        return tuple(_strip_caches(v) for v in value)
+    if isinstance(value, dict):
+        return {k: (False if k == "use_cache" else _strip_caches(v)) for k, v in value.items()}
+    return value
+
+
+def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
+    n_layers = model.cfg.n_layers
+    block_inputs: list[Any] = [None] * n_layers
+    store: dict[str, Tensor] = {}
+
+    def capture(layer: int) -> Callable:
+        def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+            block_inputs[layer] = (_strip_caches(args), _strip_caches(kwargs))
+        return pre_hook
+
+    # 1. forward with no graph through the blocks: keep block inputs, a leaf after the last block
+    with ExitStack() as stack:
+        for layer, block in enumerate(model.blocks):
+            stack.callback(block.register_forward_pre_hook(capture(layer), with_kwargs=True).remove)
+        stack.enter_context(model.hooks(fwd_hooks=[(hook_name(n_layers - 1, "resid_post"), _leaf_hook(store))]))
+        logits = model(tokens[None], **forward_kwargs(model))
+    loss = _checked_loss(target_fn(logits[0]))
+    (grad,) = torch.autograd.grad(loss, store["leaf"])
+    del logits
+    # 2. backward one block at a time: recompute it from its input, pull the gradient through it
+    for layer in reversed(range(n_layers)):
+        args, kwargs = block_inputs[layer]
+        block_inputs[layer] = None
+        fwd_hooks = [(hook_name(layer, "pattern"), pooler.forward_hook(layer))] if layer in pooler.layers else []
+        with model.hooks(fwd_hooks=fwd_hooks):
+            if args:
+                resid = args[0].detach().requires_grad_(True)
+                out = model.blocks[layer](resid, *args[1:], **kwargs)
+            else:
+                resid = kwargs["hidden_states"].detach().requires_grad_(True)
+                out = model.blocks[layer](**{**kwargs, "hidden_states": resid})
+            out = out[0] if isinstance(out, tuple) else out
+            (grad,) = torch.autograd.grad(out, resid, grad)
+    return loss.detach()
+
+
+def _checked_loss(loss: Tensor) -> Tensor:
+    if loss.dim() != 0:
+        raise ValueError(f"the target must return a scalar; it returned shape {tuple(loss.shape)}.")
+    if not torch.isfinite(loss):
+        raise NonFiniteGradientError(
+            f"the target value is {loss.item()}; check the target, or run the model in float32.")
+    return loss
+
+
+def _normal_mode_fits(model: Any, n_tokens: int) -> bool:
+    """Whether autograd's saved patterns of all layers (about 2 x L x H x T^2) fit in a quarter of memory."""
+    param = next(model.parameters())
+    need = 2 * model.cfg.n_layers * model.cfg.n_heads * n_tokens ** 2 * param.element_size()
+    if param.device.type == "cuda":
+        available = torch.cuda.mem_get_info(param.device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need < available / 4
+
+
+# ---------------------------------------------------------------- public entry point
+
+
+def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = "ag",
+                  norm: str = "causal", per_head: bool = False, *,
+                  answer: str | tuple[int, int] | None = None, layers: list[int] | None = None,
+                  checkpoint: bool | None = None) -> StepSaliency:
+    """Step-Saliency of one trace: attention x gradient pooled into step -> step maps per layer.
+
+    Args:
+        model: a TransformerLens model from :func:`stepsal.load_model`.
+        trace: the scored sequence and its layout (:class:`stepsal.Trace`).
+        target: ``"all"`` (mean next-token loss, the reference), ``"summary"``, ``"answer"`` (with
+            ``answer=``), a token id (its logit at the last position) or a callable on logits [T, V].
+        rule: ``"ag"`` |A*g| (paper), ``"ag_signed"`` A*g, ``"g"`` |g|.
+        norm: ``"causal"`` (default), ``"block"`` (reference) or ``"row"``.
+        per_head: also keep [layer, head, step, step] maps.
+        layers: the layers to compute (default all).
+        checkpoint: recompute one block at a time in the backward pass (long traces); ``None``
+            chooses it when all layers' patterns would not fit in a quarter of memory.
+
+    Returns:
+        :class:`StepSaliency` with ``maps`` [layer, step_q, step_k] and per-layer ``metrics()``.
+    """
+    backend_of(model)
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}: use one of {RULES}.")
+    if norm not in NORMS:
+        raise ValueError(f"unknown normalisation {norm!r}: use one of {NORMS}.")
+    _check_fits(model, trace)
+    layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(layers))
+    if not layers or not all(0 <= layer < model.cfg.n_layers for layer in layers):
+        raise ValueError(f"layers must be a non-empty subset of 0..{model.cfg.n_layers - 1}; got {layers}.")
+    description, target_fn = make_target(target, trace, answer)
+    device = next(model.parameters()).device
+    tokens = trace.tokens.to(device)
+    pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads)
+    if checkpoint is None:
+        checkpoint = not _normal_mode_fits(model, len(trace))
+    run = _backward_checkpointed if checkpoint else _backward_normal
+    with frozen_parameters(model), torch.enable_grad():
+        run(model, tokens, target_fn, pooler)
+    if pooler.nonfinite:
+        raise NonFiniteGradientError(
+            f"NaN/inf saliency in layers {sorted(set(pooler.nonfinite))}. Run the model in float32 "
+            "(load_model(..., dtype=torch.float32)) or use a target with finite gradients.")
+    missing = sorted(set(layers) - pooler.done)
+    if missing:
+        raise RuntimeError(f"the gradient never reached hook_pattern in layers {missing}; the target "
+                           "does not depend on them (for example a callable that ignores the logits).")
+    return StepSaliency(pooler.sums.cpu(), trace.layout, layers, norm, rule, description, model_label(model),
+                        None if pooler.head_sums is None else pooler.head_sums.cpu())
+
+
+def _check_fits(model: Any, trace: Trace) -> None:
+    n_ctx = model.cfg.n_ctx
+    if n_ctx is not None and len(trace) > n_ctx:
+        raise ModelMismatchError(
+            f"the trace has {len(trace)} tokens but {model_label(model)} has a context of {n_ctx}. "
+            "Shorten the trace (keep the question, the steps of interest and the summary).")
+    if trace.tokenizer_fingerprint and model.tokenizer is not None:
+        if trace.tokenizer_fingerprint != tokenizer_fingerprint(model.tokenizer):
+            raise ModelMismatchError(
+                "the trace was tokenised with a different tokenizer than the model's. Rebuild it "
+                "with Trace.from_text(text, model) using this model.")
+    if int(trace.tokens.max()) >= model.cfg.d_vocab or int(trace.tokens.min()) < 0:
+        raise ModelMismatchError(
+            f"token ids reach {int(trace.tokens.max())} but the model's vocabulary has "
+            f"{model.cfg.d_vocab} entries; the trace does not belong to this model.")

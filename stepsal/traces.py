@@ -1,0 +1,360 @@
+"""Traces: the scored token sequence and its exact token -> step layout.
+
+Segmentation follows METHOD.md section 2. The question is one step, thinking is split into
+sentences (``\\.\\s+``), the summary into paragraphs (blank lines). Short pieces are not dropped
+with their tokens: they join the neighbouring step, so every token of a segment belongs to exactly
+one step. Tokens are placed by their first non-whitespace character in the decoded text of the
+exact sequence that is scored (character offsets), never by re-tokenising pieces.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int64
+from torch import Tensor
+
+from .errors import ModelMismatchError, TraceFormatError
+from .formats import TraceFormat, get_format
+
+QUESTION, THINKING, SUMMARY = 0, 1, 2
+SEGMENT_NAMES = ("question", "thinking", "summary")
+
+SENTENCE_END = re.compile(r"\.\s+")
+BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
+MIN_THINKING_CHARS = 15
+MIN_SUMMARY_CHARS = 10
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: its segment, its characters in the trace text and its tokens (end exclusive)."""
+
+    index: int
+    segment: int
+    char_span: tuple[int, int]
+    token_span: tuple[int, int]
+    text: str
+
+    @property
+    def kind(self) -> str:
+        return SEGMENT_NAMES[self.segment]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_span[1] - self.token_span[0]
+
+
+@dataclass
+class StepLayout:
+    """token -> step and token -> segment maps (-1 = no step), and the steps themselves."""
+
+    token_step: Int64[Tensor, " token"]
+    token_segment: Int64[Tensor, " token"]
+    steps: list[Step]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_step.shape[0])
+
+    @property
+    def step_segment(self) -> Int64[Tensor, " step"]:
+        return torch.tensor([s.segment for s in self.steps], dtype=torch.long)
+
+    def steps_of(self, segment: int) -> list[int]:
+        """Indices of the steps in a segment (QUESTION, THINKING or SUMMARY), in order."""
+        return [s.index for s in self.steps if s.segment == segment]
+
+    def membership(self, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> Float[Tensor, "step token"]:
+        """One-hot step membership P [S, T]: P[s, t] = 1 when token t belongs to step s."""
+        members = torch.zeros(self.n_steps, self.n_tokens, dtype=dtype, device=device)
+        inside = self.token_step >= 0
+        positions = torch.arange(self.n_tokens)[inside]
+        members[self.token_step[inside].to(members.device), positions.to(members.device)] = 1
+        return members
+
+    @classmethod
+    def from_token_step(cls, token_step: Sequence[int] | Tensor,
+                        step_segment: Sequence[int]) -> "StepLayout":
+        """A layout from a token -> step map (contiguous steps) and each step's segment."""
+        token_step = torch.as_tensor(token_step, dtype=torch.long)
+        steps = []
+        for index, segment in enumerate(step_segment):
+            where = (token_step == index).nonzero().flatten()
+            if where.numel() == 0:
+                raise ValueError(f"step {index} has no tokens")
+            start, end = int(where[0]), int(where[-1]) + 1
+            if end - start != where.numel():
+                raise ValueError(f"step {index} is not contiguous")
+            steps.append(Step(index, int(segment), (-1, -1), (start, end), ""))
+        segments = torch.tensor(list(step_segment), dtype=torch.long)
+        token_segment = torch.where(token_step >= 0, segments[token_step.clamp(min=0)], -1)
+        return cls(token_step, token_segment, steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token_step": self.token_step.tolist(),
+            "steps": [
+                {"index": s.index, "segment": s.segment, "char_span": list(s.char_span),
+                 "token_span": list(s.token_span), "text": s.text}
+                for s in self.steps
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StepLayout":
+        steps = [Step(d["index"], d["segment"], tuple(d["char_span"]), tuple(d["token_span"]), d["text"])
+                 for d in data["steps"]]
+        token_step = torch.tensor(data["token_step"], dtype=torch.long)
+        segments = torch.tensor([s.segment for s in steps], dtype=torch.long)
+        token_segment = torch.where(token_step >= 0, segments[token_step.clamp(min=0)], -1)
+        return cls(token_step, token_segment, steps)
+
+
+# ---------------------------------------------------------------- character-level segmentation
+
+
+def _is_table(piece: str) -> bool:
+    lines = [line.strip() for line in piece.strip().splitlines() if line.strip()]
+    return bool(lines) and all(
+        (line.startswith("|") and line.endswith("|"))
+        or ("-" in line and re.fullmatch(r"[|:\- ]+", line) is not None)
+        for line in lines
+    )
+
+
+def keep_thinking_piece(piece: str) -> bool:
+    """Reference rule: keep sentences of >= 15 characters that are not numbers or table rows."""
+    stripped = piece.strip()
+    if len(stripped) < MIN_THINKING_CHARS:
+        return False
+    if re.sub(r"[.,\-\s]", "", stripped).isdigit():
+        return False
+    return not _is_table(stripped)
+
+
+def keep_summary_piece(piece: str) -> bool:
+    """Reference rule: keep paragraphs of >= 10 characters that are not tables."""
+    stripped = piece.strip()
+    return len(stripped) >= MIN_SUMMARY_CHARS and not _is_table(stripped)
+
+
+def split_pieces(text: str, lo: int, hi: int, delimiter: re.Pattern[str]) -> list[tuple[int, int]]:
+    """Pieces of text[lo:hi] between delimiters, as (start, end) spans without the delimiter."""
+    pieces, position = [], lo
+    for match in delimiter.finditer(text, lo, hi):
+        pieces.append((position, match.start()))
+        position = match.end()
+    pieces.append((position, hi))
+    return pieces
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Character-level result: where each step starts, its segment, and the kept pieces."""
+
+    step_starts: list[int]
+    step_segments: list[int]
+    kept_pieces: list[tuple[int, int]]  # (start, end) of each kept sentence / paragraph
+    has_summary: bool
+
+
+def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool = False) -> Segmentation:
+    """Split a trace's text into steps: question, thinking sentences, summary paragraphs."""
+    fmt = get_format(fmt)
+    (think_start, think_content), summary_span = fmt.locate(text)
+    if summary_span is None and not allow_missing_summary:
+        raise TraceFormatError(
+            f"format {fmt.name!r}: summary marker /{fmt.summary_start}/ not found after the thinking "
+            "marker. Pass the complete trace, or allow_missing_summary=True for an unfinished one."
+        )
+    think_end = summary_span[0] if summary_span else len(text)
+    if not text[think_content:think_end].strip():
+        raise TraceFormatError(
+            f"format {fmt.name!r}: the thinking segment (characters {think_content}-{think_end}) is "
+            "empty. Step-Saliency needs a trace with reasoning between the markers."
+        )
+    starts, segments, kept = [0], [QUESTION], []
+
+    def add_segment(lo: int, content: int, hi: int, delimiter: re.Pattern[str], keep, segment: int) -> None:
+        pieces = [p for p in split_pieces(text, content, hi, delimiter) if keep(text[p[0]:p[1]])]
+        kept.extend(pieces)
+        starts.append(lo)  # the first step also holds the marker and any dropped leading pieces
+        segments.append(segment)
+        for piece_start, _ in pieces[1:]:
+            starts.append(piece_start)
+            segments.append(segment)
+
+    add_segment(think_start, think_content, think_end, SENTENCE_END, keep_thinking_piece, THINKING)
+    if summary_span is not None:
+        add_segment(summary_span[0], summary_span[1], len(text), BLANK_LINE, keep_summary_piece, SUMMARY)
+    return Segmentation(starts, segments, kept, summary_span is not None)
+
+
+# ---------------------------------------------------------------- token alignment
+
+
+def token_anchor(text: str, span: tuple[int, int]) -> int:
+    """The character that places a token: its first non-whitespace character (else its start)."""
+    start, end = span
+    for position in range(start, end):
+        if not text[position].isspace():
+            return position
+    return start
+
+
+def align_tokens(text: str, offsets: Sequence[tuple[int, int]], seg: Segmentation,
+                 ) -> tuple[Int64[Tensor, " token"], list[Step]]:
+    """Assign each token to the step containing its anchor; drop steps that got no token."""
+    raw = [bisect.bisect_right(seg.step_starts, token_anchor(text, span)) - 1 for span in offsets]
+    # anchors never decrease along the sequence, so each step's tokens form one run
+    runs: list[list[int]] = []  # [nominal step, first token, last token, last character]
+    for t, (nominal, span) in enumerate(zip(raw, offsets)):
+        if runs and runs[-1][0] == nominal:
+            runs[-1][2], runs[-1][3] = t, max(runs[-1][3], span[1])
+        else:
+            runs.append([nominal, t, t, span[1]])
+    token_step = torch.empty(len(raw), dtype=torch.long)
+    steps = []
+    for index, (nominal, first, last, char_end) in enumerate(runs):
+        token_step[first:last + 1] = index
+        char_span = (offsets[first][0], char_end)
+        steps.append(Step(index, seg.step_segments[nominal], char_span, (first, last + 1),
+                          text[char_span[0]:char_span[1]]))
+    return token_step, steps
+
+
+def offsets_for_ids(tokenizer: Any, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text of exactly these ids and each id's character span in it."""
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    if list(encoded["input_ids"]) == list(ids):
+        return text, [tuple(o) for o in encoded["offset_mapping"]]
+    # The ids are not the canonical tokenisation of their text: measure each id by prefix decoding.
+    offsets, previous = [], 0
+    for i in range(len(ids)):
+        length = len(tokenizer.decode(ids[: i + 1], clean_up_tokenization_spaces=False))
+        current = min(max(previous, length), len(text))
+        offsets.append((previous, current))
+        previous = current
+    return text, offsets
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary (size and 64 tokens spread over it)."""
+    size = len(tokenizer)
+    ids = sorted({round(i * (size - 1) / 63) for i in range(64)})
+    payload = json.dumps([size, tokenizer.convert_ids_to_tokens(ids)])
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def resolve_tokenizer(model_or_tokenizer: Any) -> Any:
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if tokenizer is None or not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
+        raise ModelMismatchError(
+            "expected a TransformerLens model with a tokenizer, or a transformers tokenizer; got "
+            f"{type(model_or_tokenizer).__name__}. Load models with stepsal.load_model(...)."
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelMismatchError(
+            f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; "
+            "load the fast one (AutoTokenizer.from_pretrained(..., use_fast=True))."
+        )
+    return tokenizer
+
+
+# ---------------------------------------------------------------- traces
+
+
+@dataclass
+class Trace:
+    """A scored token sequence with its step layout.
+
+    Build one with :meth:`from_text` or :meth:`from_tokens`; ``tokens`` is exactly what is scored.
+    """
+
+    text: str
+    tokens: Int64[Tensor, " token"]
+    offsets: list[tuple[int, int]]
+    layout: StepLayout
+    fmt: str = "think"
+    tokenizer_fingerprint: str = ""
+    has_summary: bool = True
+    kept_pieces: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_text(cls, text: str, model_or_tokenizer: Any, fmt: str | TraceFormat = "think", *,
+                  add_special_tokens: bool = False, min_thinking_steps: int = 2,
+                  allow_missing_summary: bool = False) -> "Trace":
+        """Tokenise ``text`` (chat template included, as generated) and segment it."""
+        tokenizer = resolve_tokenizer(model_or_tokenizer)
+        encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+        ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+        return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary)
+
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[int] | Tensor, model_or_tokenizer: Any,
+                    fmt: str | TraceFormat = "think", *, min_thinking_steps: int = 2,
+                    allow_missing_summary: bool = False) -> "Trace":
+        """Segment an exact token sequence (for example a generated one) via its decoded text."""
+        tokenizer = resolve_tokenizer(model_or_tokenizer)
+        ids = torch.as_tensor(tokens).flatten().tolist()
+        text, offsets = offsets_for_ids(tokenizer, ids)
+        return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary)
+
+    @classmethod
+    def _build(cls, text: str, ids: list[int], offsets: list[tuple[int, int]], tokenizer: Any,
+               fmt: str | TraceFormat, min_thinking_steps: int, allow_missing_summary: bool) -> "Trace":
+        fmt = get_format(fmt)
+        if not ids:
+            raise TraceFormatError("the trace has no tokens.")
+        seg = segment_text(text, fmt, allow_missing_summary)
+        token_step, steps = align_tokens(text, offsets, seg)
+        segments = torch.tensor([s.segment for s in steps], dtype=torch.long)
+        layout = StepLayout(token_step, segments[token_step], steps)
+        n_thinking = len(layout.steps_of(THINKING))
+        if n_thinking < min_thinking_steps:
+            raise TraceFormatError(
+                f"the thinking segment has {n_thinking} step(s), fewer than min_thinking_steps="
+                f"{min_thinking_steps}. Steps are sentences ending in '. ' of at least "
+                f"{MIN_THINKING_CHARS} characters; pass a longer trace or lower min_thinking_steps."
+            )
+        return cls(text, torch.tensor(ids, dtype=torch.long), offsets, layout, fmt.name,
+                   tokenizer_fingerprint(tokenizer), seg.has_summary, seg.kept_pieces)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def describe(self, width: int = 70) -> str:
+        """One line per step: index, kind, token span and the start of its text."""
+        lines = [f"Trace: {len(self)} tokens, {self.layout.n_steps} steps, format {self.fmt!r}"]
+        for s in self.layout.steps:
+            snippet = " ".join(s.text.split())
+            snippet = snippet if len(snippet) <= width else snippet[: width - 3] + "..."
+            lines.append(f"  {s.index:3d} {s.kind:<8} tokens {s.token_span[0]:5d}-{s.token_span[1]:<5d} {snippet}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "tokens": self.tokens.tolist(), "offsets": [list(o) for o in self.offsets],
+                "layout": self.layout.to_dict(), "fmt": self.fmt,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint, "has_summary": self.has_summary}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Trace":
+        return cls(data["text"], torch.tensor(data["tokens"], dtype=torch.long),
+                   [tuple(o) for o in data["offsets"]], StepLayout.from_dict(data["layout"]),
+                   data["fmt"], data["tokenizer_fingerprint"], data["has_summary"])
