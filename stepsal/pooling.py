@@ -17,8 +17,8 @@ from torch import Tensor
 NORMS = ("block", "causal", "row")
 
 
-def pool(scores: Float[Tensor, "*head query key"], members: Float[Tensor, "step token"],
-         ) -> Float[Tensor, "*head step_q step_k"]:
+def pool(scores: Float[Tensor, "*head token token"], members: Float[Tensor, "step token"],
+         ) -> Float[Tensor, "*head step step"]:
     """Block sums: sum of scores[t, k] over t in step i and k in step j."""
     return members @ scores @ members.transpose(0, 1)
 

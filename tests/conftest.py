@@ -1,0 +1,47 @@
+import os
+
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled"}.items():
+    os.environ[key] = value
+
+import warnings  # noqa: E402
+
+from jaxtyping import install_import_hook  # noqa: E402
+
+# every stepsal module is imported here, under the hook: jaxtyping shapes are checked at runtime
+with install_import_hook("stepsal", "beartype.beartype"):
+    import stepsal  # noqa: F401
+    import stepsal.cli  # noqa: F401
+    import stepsal.embedded  # noqa: F401
+    import stepsal.metrics  # noqa: F401
+    import stepsal.pooling  # noqa: F401
+    import stepsal.saliency  # noqa: F401
+    import stepsal.targets  # noqa: F401
+    import stepsal.traces  # noqa: F401
+    import stepsal.vis.figures  # noqa: F401
+
+import pytest  # noqa: E402
+
+from tiny import make_hf_model, make_tokenizer  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "gpt2")
+BACKENDS = ("hooked", "bridge")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def hf_models(tokenizer):
+    return {arch: make_hf_model(arch, len(tokenizer)) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tl_models(hf_models, tokenizer):
+    """(arch, backend) -> TransformerLens model, loaded once per session."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {(arch, backend): stepsal.load_model(hf_models[arch], tokenizer, backend=backend)
+                for arch in ARCHS for backend in BACKENDS}
