@@ -106,7 +106,7 @@ def layer_metrics(result) -> LayerMetrics:
 # ---------------------------------------------------------------- group comparison
 
 
-def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray | np.floating:
     """Hedges' g of b - a along the last axis (bias-corrected standardised mean difference)."""
     na, nb = a.shape[-1], b.shape[-1]
     pooled = np.sqrt(((na - 1) * a.var(-1, ddof=1) + (nb - 1) * b.var(-1, ddof=1)) / (na + nb - 2))
