@@ -49,6 +49,7 @@ def synthetic_trace(model, n_tokens: int, n_steps: int = 40):
 
     generator = torch.Generator().manual_seed(n_tokens)
     tokens = torch.randint(100, model.cfg.d_vocab, (n_tokens,), generator=generator)
+    n_steps = min(n_steps, n_tokens // 4)
     token_step = torch.arange(n_tokens) * n_steps // n_tokens
     segments = [0] + [1] * (n_steps - 3) + [2, 2]
     return stepsal.Trace("", tokens, [(0, 0)] * n_tokens, stepsal.StepLayout.from_token_step(token_step, segments))
@@ -143,6 +144,7 @@ def bench_pooling(n_steps: int = 60, n_tokens: int = 2000) -> None:
 
     torch.manual_seed(0)
     scores = torch.rand(n_tokens, n_tokens).tril()
+    n_steps = min(n_steps, n_tokens // 4)
     token_step = torch.arange(n_tokens) * n_steps // n_tokens
     members = torch.nn.functional.one_hot(token_step, n_steps).T.float()
 

@@ -136,14 +136,14 @@ class _LayerPooler:
     @torch.no_grad()
     def _pool(self, row: int, pattern: Tensor, grad: Tensor) -> None:
         scores = saliency_scores(pattern[0], grad[0], self.rule)  # [H, T, T], this layer only
-        if not torch.isfinite(scores).all():
-            self.nonfinite.append(self.layers[row])
-            return
         if self.per_head:
             self.head_sums[row] = pool(scores.float(), self.members)
             self.sums[row] = self.head_sums[row].mean(0)
         else:
             self.sums[row] = pool(scores.mean(0).float(), self.members)
+        # NaN and inf survive the pooling product (0 * NaN = NaN), so checking [S, S] is enough
+        if not torch.isfinite(self.sums[row]).all():
+            self.nonfinite.append(self.layers[row])
         self.done.add(self.layers[row])
 
 

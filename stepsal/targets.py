@@ -16,12 +16,15 @@ Target = str | int | TargetFn
 TARGET_NAMES = ("all", "summary", "answer")
 
 
-def next_token_loss(logits: Float[Tensor, "token vocab"], tokens: Tensor, predicted: Tensor) -> Tensor:
-    """Mean cross-entropy of predicting ``tokens[p]`` from position p - 1, for p in ``predicted``."""
-    return F.cross_entropy(logits[predicted - 1].float(), tokens[predicted])
+def next_token_loss(logits: Float[Tensor, "token vocab"], tokens: Tensor, start: int, end: int) -> Tensor:
+    """Mean cross-entropy of predicting ``tokens[p]`` from position p - 1, for start <= p < end.
+
+    Slices, not index lists: no [T, V] copy in the forward pass or scatter in the backward pass.
+    """
+    return F.cross_entropy(logits[start - 1:end - 1].float(), tokens[start:end].to(logits.device))
 
 
-def answer_token_positions(trace: Trace, answer: str | tuple[int, int]) -> Tensor:
+def answer_token_span(trace: Trace, answer: str | tuple[int, int]) -> tuple[int, int]:
     """Token positions of the answer: a token span (start, end), or the last occurrence of a string."""
     if isinstance(answer, tuple):
         start, end = answer
@@ -34,7 +37,7 @@ def answer_token_positions(trace: Trace, answer: str | tuple[int, int]) -> Tenso
         start, end = overlapping[0], overlapping[-1] + 1
     if not 1 <= start < end <= len(trace):
         raise ValueError(f"answer token span ({start}, {end}) must satisfy 1 <= start < end <= {len(trace)}.")
-    return torch.arange(start, end)
+    return start, end
 
 
 def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None,
@@ -46,18 +49,17 @@ def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | No
     if isinstance(target, int) and not isinstance(target, bool):
         return f"logit[{target}]@last", lambda logits: logits[-1, target].float()
     if target == "all":
-        return "all", lambda logits: next_token_loss(logits, tokens.to(logits.device),
-                                                     torch.arange(1, len(tokens), device=logits.device))
+        return "all", lambda logits: next_token_loss(logits, tokens, 1, len(tokens))
     if target == "summary":
-        positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
-        positions = positions[positions > 0]
-        if positions.numel() == 0:
+        positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()  # one contiguous run
+        if positions.numel() == 0 or positions[-1] == 0:
             raise ValueError("target='summary' needs summary tokens; this trace has none. Use target='all'.")
-        return "summary", lambda logits: next_token_loss(logits, tokens.to(logits.device), positions.to(logits.device))
+        start, end = max(1, int(positions[0])), int(positions[-1]) + 1
+        return "summary", lambda logits: next_token_loss(logits, tokens, start, end)
     if target == "answer":
         if answer is None:
             raise ValueError("target='answer' needs answer='...' (text in the summary) or answer=(start, end).")
-        positions = answer_token_positions(trace, answer)
-        return "answer", lambda logits: next_token_loss(logits, tokens.to(logits.device), positions.to(logits.device))
+        start, end = answer_token_span(trace, answer)
+        return "answer", lambda logits: next_token_loss(logits, tokens, start, end)
     raise ValueError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id (its logit at "
                      "the last position) or a callable on the logits [T, V].")
