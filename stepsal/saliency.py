@@ -175,7 +175,8 @@ def _leaf_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], Tensor]:
 
 def _backward_normal(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
     store: dict[str, Tensor] = {}
-    hooks = [(hook_name(0, "resid_pre"), _leaf_hook(store))]
+    # the backward pass needs to go no deeper than the lowest requested layer
+    hooks = [(hook_name(pooler.layers[0], "resid_pre"), _leaf_hook(store))]
     hooks += [(hook_name(layer, "pattern"), pooler.forward_hook(layer)) for layer in pooler.layers]
     with model.hooks(fwd_hooks=hooks):
         logits = model(tokens[None], **forward_kwargs(model))
@@ -217,7 +218,7 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
     (grad,) = torch.autograd.grad(loss, store["leaf"])
     del logits
     # 2. backward one block at a time: recompute it from its input, pull the gradient through it
-    for layer in reversed(range(n_layers)):
+    for layer in reversed(range(pooler.layers[0], n_layers)):
         args, kwargs = block_inputs[layer]
         block_inputs[layer] = None
         fwd_hooks = [(hook_name(layer, "pattern"), pooler.forward_hook(layer))] if layer in pooler.layers else []

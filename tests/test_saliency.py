@@ -109,9 +109,10 @@ def test_head_maps_average_to_layer_maps_and_layers_subset(tl_models, trace):
     full = step_saliency(model, trace, per_head=True)
     assert full.head_maps.shape == (2, 4, trace.layout.n_steps, trace.layout.n_steps)
     torch.testing.assert_close(full.head_maps.mean(1), full.maps, rtol=1e-5, atol=1e-12)
-    second = step_saliency(model, trace, layers=[1])
-    assert second.layers == [1]
-    torch.testing.assert_close(second.sums[0], full.sums[1])
+    for checkpoint in (False, True):  # the backward pass stops at the lowest requested layer
+        second = step_saliency(model, trace, layers=[1], checkpoint=checkpoint)
+        assert second.layers == [1]
+        torch.testing.assert_close(second.sums[0], full.sums[1])
 
 
 def test_save_and_load_round_trip(tl_models, trace, tmp_path):
