@@ -15,6 +15,7 @@ import json
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -113,7 +114,12 @@ class StepSaliency:
 
 
 class _LayerPooler:
-    """Builds the forward hooks on ``hook_pattern``; pools each layer's saliency in its grad hook."""
+    """Builds the forward hooks on ``hook_pattern``; pools each layer's saliency in its grad hook.
+
+    A pattern waits in ``pending`` until its gradient arrives. The gradient hook must not close
+    over the pattern tensor itself: tensor -> autograd node -> hook -> tensor is a cycle through
+    C++ that Python's garbage collector cannot break, and every layer's pattern would leak.
+    """
 
     def __init__(self, layers: list[int], members: Tensor, rule: str, per_head: bool, n_heads: int):
         self.layers, self.members, self.rule, self.per_head = layers, members, rule, per_head
@@ -121,6 +127,7 @@ class _LayerPooler:
         self.sums = torch.zeros(len(layers), n_steps, n_steps, device=members.device)
         self.head_sums = (torch.zeros(len(layers), n_heads, n_steps, n_steps, device=members.device)
                           if per_head else None)
+        self.pending: dict[int, Tensor] = {}
         self.done: set[int] = set()
         self.nonfinite: list[int] = []
 
@@ -129,13 +136,16 @@ class _LayerPooler:
 
         def on_pattern(pattern: Tensor, hook: Any) -> None:
             if pattern.requires_grad:
-                pattern.register_hook(lambda grad: self._pool(row, pattern, grad))
+                self.pending[row] = pattern
+                pattern.register_hook(partial(self._pool, row))
 
         return on_pattern
 
     @torch.no_grad()
-    def _pool(self, row: int, pattern: Tensor, grad: Tensor) -> None:
+    def _pool(self, row: int, grad: Tensor) -> None:
+        pattern = self.pending.pop(row)
         scores = saliency_scores(pattern[0], grad[0], self.rule)  # [H, T, T], this layer only
+        del pattern
         if self.per_head:
             self.head_sums[row] = pool(scores.float(), self.members)
             self.sums[row] = self.head_sums[row].mean(0)
@@ -294,8 +304,11 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
     if checkpoint is None:
         checkpoint = not _normal_mode_fits(model, len(trace))
     run = _backward_checkpointed if checkpoint else _backward_normal
-    with frozen_parameters(model), torch.enable_grad():
-        run(model, tokens, target_fn, pooler)
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            run(model, tokens, target_fn, pooler)
+    finally:
+        pooler.pending.clear()  # patterns whose gradient never came (an exception, an unused layer)
     if pooler.nonfinite:
         raise NonFiniteGradientError(
             f"NaN/inf saliency in layers {sorted(set(pooler.nonfinite))}. Run the model in float32 "

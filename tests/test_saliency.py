@@ -224,3 +224,21 @@ def test_result_metrics_and_figure(tl_models, trace, tmp_path):
     assert (tmp_path / "maps.png").stat().st_size > 10_000 and len(figure.axes) >= 2
     with pytest.raises(ValueError, match="were not computed"):
         plot_step_maps(result, layers=[7])
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_no_attention_sized_tensor_outlives_the_call(tl_models, trace, checkpoint):
+    """A gradient hook that closes over its own tensor leaks it through a C++ reference cycle."""
+    import gc
+
+    model = tl_models[("qwen2", "hooked")]
+    T = len(trace)
+
+    def live_patterns():
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-2:] == (T, T)]
+
+    before = len(live_patterns())
+    step_saliency(model, trace, checkpoint=checkpoint)
+    step_saliency(model, trace, checkpoint=checkpoint, target=lambda lg: lg[-1, 3])
+    assert len(live_patterns()) == before
