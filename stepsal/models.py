@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +188,16 @@ def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype) -> Any:
     return model
 
 
+_HONOURS_PATTERN_EDITS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
 def check_pattern_edits_honoured(model: Any) -> None:
-    """Refuse adapters that silently discard edits to ``hook_pattern`` (OPT, GPT-J, ... on the bridge)."""
+    """Refuse adapters that silently discard edits to ``hook_pattern`` (OPT, GPT-J, ... on the bridge).
+
+    Checked once per model object by an edit that must change the logits of a 4-token input.
+    """
+    if model in _HONOURS_PATTERN_EDITS:
+        return
     tokens = torch.arange(1, 5, device=next(model.parameters()).device)[None] % model.cfg.d_vocab
 
     def uniform(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -206,3 +215,4 @@ def check_pattern_edits_honoured(model: Any) -> None:
             "would be silent no-ops. Use backend='hooked' if HookedTransformer supports the "
             "architecture, or a model family whose bridge adapter honours hook_pattern."
         )
+    _HONOURS_PATTERN_EDITS.add(model)

@@ -6,12 +6,9 @@ import math
 import os
 from typing import Sequence
 
-import matplotlib
+from matplotlib.figure import Figure  # object-oriented: no pyplot state, no backend switch
 
-matplotlib.use("Agg")  # files only; notebooks get widgets from stepsal.vis.widgets
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..traces import QUESTION, SUMMARY, THINKING, StepLayout  # noqa: E402
+from ..traces import QUESTION, SUMMARY, THINKING, StepLayout
 
 PREFIX = {QUESTION: "Q", THINKING: "T", SUMMARY: "S"}
 
@@ -62,7 +59,8 @@ def plot_step_maps(result, layers: Sequence[int] | None = None, norm: str | None
     cols = min(columns, len(chosen))
     rows = math.ceil(len(chosen) / cols)
     size = 2.2 + 0.12 * len(labels)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    fig = Figure(figsize=(size * cols, size * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(chosen):]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, chosen):
