@@ -13,9 +13,15 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal  # noqa: F401
     import stepsal.cli  # noqa: F401
     import stepsal.embedded  # noqa: F401
+    import stepsal.generate  # noqa: F401
     import stepsal.metrics  # noqa: F401
     import stepsal.pooling  # noqa: F401
     import stepsal.saliency  # noqa: F401
+    import stepsal.stepflow.check  # noqa: F401
+    import stepsal.stepflow.config  # noqa: F401
+    import stepsal.stepflow.hooks  # noqa: F401
+    import stepsal.stepflow.oeb  # noqa: F401
+    import stepsal.stepflow.tracker  # noqa: F401
     import stepsal.targets  # noqa: F401
     import stepsal.traces  # noqa: F401
     import stepsal.vis.figures  # noqa: F401

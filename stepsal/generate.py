@@ -1,0 +1,235 @@
+"""Generation with a KV cache on either backend, with StepFlow hooks attached.
+
+The loop is ours (not TransformerLens's ``generate``): it feeds the hooks absolute positions,
+tracks phases and steps per row as tokens arrive (one host transfer of the sampled ids per step),
+and supports left-padded batches. See docs/performance.md for speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import StepsalError, TraceFormatError
+from .formats import TraceFormat, get_format
+from .models import backend_of
+from .stepflow.config import StepFlow, check_model
+from .stepflow.hooks import FlowRun, FlowStats
+from .stepflow.tracker import PhaseTracker
+from .traces import Trace
+
+Prompt = str | Sequence[dict] | Tensor
+
+
+@dataclass
+class Generation:
+    """Result of :func:`generate`: one entry per row."""
+
+    texts: list[str]  # the generated continuation of each row
+    tokens: list[Tensor]  # prompt + continuation of each row, without padding
+    prompt_lengths: list[int]
+    traces: list[Trace | None]  # segmented full sequences, ready for step_saliency
+    trace_errors: list[str | None]  # why a row has no trace (e.g. it never reached thinking)
+    stats: FlowStats | None = None
+    flow: StepFlow | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    @property
+    def trace(self) -> Trace:
+        if self.traces[0] is None:
+            raise TraceFormatError(f"the generated sequence has no trace: {self.trace_errors[0]}")
+        return self.traces[0]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[list[int]]:
+    """Token ids per row from text, chat messages, token tensors or lists of these."""
+    if isinstance(prompt, Tensor):
+        rows = prompt[None] if prompt.dim() == 1 else prompt
+        return [row.tolist() for row in rows]
+    if isinstance(prompt, str):
+        return [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        return [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if isinstance(prompt, Sequence) and prompt:
+        return [ids for one in prompt for ids in _encode_prompts(tokenizer, one)]
+    raise StepsalError("prompt must be text, chat messages (a list of {'role', 'content'}), token ids, "
+                       "or a list of these for a batch; got an empty or unknown value.")
+
+
+# ---------------------------------------------------------------- one cached forward per backend
+
+
+class _Decoder:
+    """Runs the model on new tokens, with or without a KV cache, for either backend."""
+
+    def __init__(self, model: Any, batch: int, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.backend = backend_of(model)
+        self.device = next(model.parameters()).device
+        self.cache: Any = None
+        if use_cache and self.backend == "hooked":
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+            self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch)
+        elif use_cache:
+            from transformers.cache_utils import DynamicCache
+
+            self.cache = DynamicCache(config=model.original_model.config)
+
+    def __call__(self, tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
+        """Logits [batch, n_new, vocab] for the last ``n_new`` of ``tokens`` [batch, k] (mask: 1 = real)."""
+        if self.backend == "hooked":
+            if self.use_cache:
+                return self.model(tokens[:, -n_new:], past_kv_cache=self.cache, attention_mask=mask[:, -n_new:])
+            return self.model(tokens, attention_mask=mask)[:, -n_new:]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.use_cache:
+            return self.model(tokens[:, -n_new:], attention_mask=mask, position_ids=positions[:, -n_new:],
+                              past_key_values=self.cache, use_cache=True)
+        return self.model(tokens, attention_mask=mask, position_ids=positions, use_cache=False)[:, -n_new:]
+
+
+def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> Tensor:
+    """Next token per row from the last logits [batch, vocab]."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _stop_ids(tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return ids
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow: StepFlow | None = None, *,
+             max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             seed: int | None = None, fmt: str | TraceFormat = "think", use_cache: bool = True,
+             stop_at_eos: bool = True, marker_in_output: bool = False) -> Generation:
+    """Generate with the KV cache on and, optionally, StepFlow attached.
+
+    Args:
+        model: a TransformerLens model from :func:`stepsal.load_model` (either backend).
+        prompt_or_messages: text (used as is: include the chat template), chat messages (the
+            template is applied with the generation prompt), token ids, or a list of these (a
+            left-padded batch; each row tracks its own phases).
+        stepflow: a :class:`StepFlow`, or None for plain generation.
+        max_new_tokens, do_sample, temperature, top_p, seed: decoding; greedy by default.
+        fmt: the trace format whose markers delimit thinking and summary.
+        use_cache: KV cache (default); False recomputes the whole sequence every step (for checks).
+        stop_at_eos: a row stops at the tokenizer's EOS token.
+        marker_in_output: with StepFlow, allow prompts without the thinking marker (the model is
+            expected to write it); by default such a prompt is refused, since StepFlow would do nothing.
+
+    Returns:
+        :class:`Generation`: texts, token sequences, traces and StepFlow statistics.
+    """
+    if max_new_tokens < 1:
+        raise StepsalError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise StepsalError(f"sampling needs temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}.")
+    fmt = get_format(fmt)
+    tokenizer = model.tokenizer
+    rows = _encode_prompts(tokenizer, prompt_or_messages)
+    if any(len(r) == 0 for r in rows):
+        raise StepsalError("a prompt has no tokens.")
+    if stepflow is not None:
+        check_model(model)
+        if not marker_in_output:
+            _require_thinking_marker(tokenizer, rows, fmt)
+    batch, prompt_length = len(rows), max(len(r) for r in rows)
+    n_ctx = model.cfg.n_ctx
+    if n_ctx is not None and prompt_length + max_new_tokens > n_ctx:
+        raise StepsalError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                           f"context of {n_ctx}; lower max_new_tokens.")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    tokens = torch.full((batch, prompt_length), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, prompt_length), dtype=torch.long)
+    for b, ids in enumerate(rows):  # left padding: every row ends at the same position
+        tokens[b, prompt_length - len(ids):] = torch.tensor(ids)
+        mask[b, prompt_length - len(ids):] = 1
+    tokens, mask = tokens.to(device), mask.to(device)
+
+    run, tracker = None, None
+    if stepflow is not None:
+        run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens)
+        tracker = PhaseTracker(tokenizer, fmt, batch)
+        for position in range(prompt_length):
+            pads = [len(ids) < prompt_length - position for ids in rows]
+            ids = [r[position - (prompt_length - len(r))] if not pad else pad_id for r, pad in zip(rows, pads)]
+            run.label(tracker.push(ids, pads))
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    decoder = _Decoder(model, batch, use_cache)
+    stop_ids = _stop_ids(tokenizer) if stop_at_eos else set()
+    finished = [False] * batch
+    hooks = run.hooks() if run is not None else []
+    with model.hooks(fwd_hooks=hooks):
+        n_new = prompt_length
+        for _ in range(max_new_tokens):
+            if run is not None:
+                run.begin_forward(tokens.shape[1] - n_new if use_cache else 0, n_new if use_cache else tokens.shape[1])
+            logits = decoder(tokens, mask, n_new if use_cache else tokens.shape[1])
+            chosen = _sample(logits[:, -1], do_sample, temperature, top_p, generator)
+            chosen_ids = chosen.tolist()  # the one host transfer per step
+            pads = list(finished)
+            chosen_ids = [pad_id if pad else t for t, pad in zip(chosen_ids, pads)]
+            tokens = torch.cat([tokens, torch.tensor(chosen_ids, device=device)[:, None]], dim=1)
+            mask = torch.cat([mask, torch.tensor([0 if p else 1 for p in pads], device=device)[:, None]], dim=1)
+            if run is not None:
+                run.label(tracker.push(chosen_ids, pads))
+            finished = [f or t in stop_ids for f, t in zip(finished, chosen_ids)]
+            n_new = 1
+            if all(finished):
+                break
+    return _collect(model, tokens, mask, rows, prompt_length, fmt, run, stepflow)
+
+
+def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFormat) -> None:
+    import re
+
+    for ids in rows:
+        if not re.search(fmt.thinking_start, tokenizer.decode(ids)):
+            raise TraceFormatError(
+                f"StepFlow acts on thinking and summary tokens, but the prompt has no thinking marker "
+                f"/{fmt.thinking_start}/ (format {fmt.name!r}). End the prompt with it (R1-style chat "
+                "templates do: '...<|im_start|>assistant\\n<think>\\n'), pass the format that matches "
+                "the model, or marker_in_output=True if the model writes the marker itself.")
+
+
+def _collect(model: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]], prompt_length: int,
+             fmt: TraceFormat, run: FlowRun | None, flow: StepFlow | None) -> Generation:
+    tokenizer = model.tokenizer
+    full, texts, traces, errors = [], [], [], []
+    for b, ids in enumerate(rows):
+        row = tokens[b][mask[b].bool()].cpu()
+        full.append(row)
+        texts.append(tokenizer.decode(row[len(ids):]))
+        try:
+            traces.append(Trace.from_tokens(row, tokenizer, fmt, min_thinking_steps=1, allow_missing_summary=True))
+            errors.append(None)
+        except TraceFormatError as error:
+            traces.append(None)
+            errors.append(str(error))
+    return Generation(texts, full, [len(r) for r in rows], traces, errors,
+                      run.stats if run is not None else None, flow)

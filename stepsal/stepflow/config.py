@@ -1,0 +1,87 @@
+"""StepFlow configuration: which layers get the Odds-Equal Bridge and Step Momentum Injection."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from ..errors import StepsalError, UnsupportedModelError
+from ..models import backend_of, check_pattern_edits_honoured
+
+SMI_SITES = ("resid_post", "z")
+
+
+@dataclass(frozen=True)
+class StepFlow:
+    """Test-time repair of step flow (METHOD.md sections 6-8).
+
+    Args:
+        oeb_layers: layers for the Odds-Equal Bridge; None = the bottom quarter, [] = off.
+        smi_layers: layers for Step Momentum Injection; None = the top quarter, [] = off.
+        tau_max: cap of the bridge target tau_B, in (0, 1).
+        alpha: SMI strength, >= 0.
+        smi_window: "step" (mean over the whole previous step, paper) or an int w (its last w tokens;
+            the reference used 4).
+        smi_site: "resid_post" (alpha * sum_h m_h W_O after the layer) or "z" (per head, reference).
+        smi_at_summary: also inject the last thinking step's momentum at the summary start.
+    """
+
+    oeb_layers: Sequence[int] | None = None
+    smi_layers: Sequence[int] | None = None
+    tau_max: float = 0.15
+    alpha: float = 0.06
+    smi_window: str | int = "step"
+    smi_site: str = "resid_post"
+    smi_at_summary: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tau_max < 1:
+            raise StepsalError(f"tau_max must lie in (0, 1); got {self.tau_max}. The paper uses 0.15.")
+        if self.alpha < 0:
+            raise StepsalError(f"alpha must be >= 0; got {self.alpha}. The paper uses 0.06.")
+        if self.smi_site not in SMI_SITES:
+            raise StepsalError(f"smi_site must be one of {SMI_SITES}; got {self.smi_site!r}.")
+        window = self.smi_window
+        if not (window == "step" or (isinstance(window, int) and not isinstance(window, bool) and window >= 1)):
+            raise StepsalError(f"smi_window must be 'step' or a positive int; got {window!r}.")
+
+    def layers(self, n_layers: int) -> tuple[list[int], list[int]]:
+        """(OEB layers, SMI layers) for a model with ``n_layers`` layers, validated."""
+        quarter = max(1, n_layers // 4)
+        oeb = list(range(quarter)) if self.oeb_layers is None else sorted(set(self.oeb_layers))
+        smi = list(range(n_layers - quarter, n_layers)) if self.smi_layers is None else sorted(set(self.smi_layers))
+        for name, chosen in (("oeb_layers", oeb), ("smi_layers", smi)):
+            bad = [layer for layer in chosen if not (isinstance(layer, int) and 0 <= layer < n_layers)]
+            if bad:
+                raise StepsalError(f"{name} {bad} out of range: the model has layers 0..{n_layers - 1}.")
+        return oeb, smi
+
+    def describe(self, n_layers: int) -> str:
+        oeb, smi = self.layers(n_layers)
+        return (f"StepFlow(OEB layers {oeb or 'off'}, tau_max={self.tau_max}; SMI layers {smi or 'off'}, "
+                f"alpha={self.alpha}, window={self.smi_window}, site={self.smi_site}, "
+                f"at_summary={self.smi_at_summary})")
+
+    @contextmanager
+    def attached(self, model: Any, trace: Any) -> Iterator["FlowRun"]:  # noqa: F821
+        """Attach StepFlow for teacher-forced forwards over ``trace`` (full sequence, no cache).
+
+        Yields the :class:`FlowRun` whose ``stats`` fill as forwards run. Hooks are removed on
+        exit, also when an exception escapes.
+        """
+        from .hooks import FlowRun
+
+        check_model(model)
+        run = FlowRun.for_trace(self, model, trace)
+        with model.hooks(fwd_hooks=run.hooks()):
+            yield run
+
+
+def check_model(model: Any) -> None:
+    """StepFlow edits hook_pattern: refuse a model whose adapter would ignore the edits."""
+    backend_of(model)
+    try:
+        check_pattern_edits_honoured(model)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"StepFlow cannot run: {error}") from None

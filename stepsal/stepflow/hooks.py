@@ -1,0 +1,244 @@
+"""StepFlow as TransformerLens hook functions over a shared per-run state.
+
+A :class:`FlowRun` holds, for every row and absolute position, the segment, the thinking step,
+whether SMI acts there and which earlier step it draws from. Hooks are plain ``fn(tensor, hook)``
+closures bound to a layer: OEB on ``hook_pattern``, SMI on ``hook_v`` (to remember values) and on
+``hook_resid_post`` or ``hook_z`` (to inject). The forward being run covers positions
+``[offset, offset + q)``; the pattern hook checks that against its own shape (k - q = offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import StepsalError
+from ..models import hook_name
+from ..traces import SUMMARY, THINKING, Trace
+from .config import StepFlow
+from .oeb import odds_equal_bridge
+from .tracker import TokenLabel
+
+
+@dataclass
+class FlowStats:
+    """Per-layer counters, kept on the model's device (no host syncs while generating)."""
+
+    oeb_layers: list[int]
+    smi_layers: list[int]
+    oeb_rows: Tensor  # eligible (query, head) rows seen, per OEB layer
+    oeb_changed: Tensor  # rows OEB changed
+    oeb_before: Tensor  # sum of bridge mass before, over changed rows
+    oeb_after: Tensor  # sum of bridge mass after, over changed rows
+    smi_count: Tensor  # injections (row, position), per SMI layer
+    smi_norm: Tensor  # sum of injected vector norms
+
+    @classmethod
+    def zeros(cls, oeb_layers: list[int], smi_layers: list[int], device: torch.device) -> "FlowStats":
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(oeb_layers, smi_layers, z(len(oeb_layers)), z(len(oeb_layers)), z(len(oeb_layers)),
+                   z(len(oeb_layers)), z(len(smi_layers)), z(len(smi_layers)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers per layer (one host transfer)."""
+        changed = self.oeb_changed.cpu()
+        safe = changed.clamp(min=1)
+        return {
+            "oeb": {layer: {"rows": int(self.oeb_rows[i]), "changed": int(changed[i]),
+                            "mass_before": float(self.oeb_before[i] / safe[i]) if changed[i] else None,
+                            "mass_after": float(self.oeb_after[i] / safe[i]) if changed[i] else None}
+                    for i, layer in enumerate(self.oeb_layers)},
+            "smi": {layer: {"injections": int(self.smi_count[i]),
+                            "mean_norm": float(self.smi_norm[i] / max(1, int(self.smi_count[i])))
+                            if self.smi_count[i] else None}
+                    for i, layer in enumerate(self.smi_layers)},
+        }
+
+    def table(self) -> str:
+        data = self.to_dict()
+        lines = ["OEB  layer   rows  changed  bridge mass before -> after"]
+        for layer, d in data["oeb"].items():
+            masses = f"{d['mass_before']:.4f} -> {d['mass_after']:.4f}" if d["changed"] else "-"
+            lines.append(f"     {layer:5d} {d['rows']:6d} {d['changed']:8d}  {masses}")
+        lines.append("SMI  layer  injections  mean norm")
+        for layer, d in data["smi"].items():
+            norm = f"{d['mean_norm']:.4f}" if d["injections"] else "-"
+            lines.append(f"     {layer:5d} {d['injections']:11d}  {norm}")
+        return "\n".join(lines)
+
+
+class FlowRun:
+    """State and hooks of one StepFlow run (a generation, or teacher-forced forwards over a trace)."""
+
+    def __init__(self, flow: StepFlow, model: Any, batch: int, capacity: int):
+        self.flow, self.model = flow, model
+        self.oeb_layers, self.smi_layers = flow.layers(model.cfg.n_layers)
+        device = next(model.parameters()).device
+        self.batch, self.capacity, self.device = batch, capacity, device
+        full = lambda value, dtype: torch.full((batch, capacity), value, dtype=dtype, device=device)  # noqa: E731
+        self.segment = full(-1, torch.long)
+        self.step = full(-1, torch.long)
+        self.source = full(-1, torch.long)  # the step whose mean SMI injects here (-1: none)
+        self.inject = full(False, torch.bool)
+        self.offset = 0
+        self.any_active = False  # some query of the current forward is in thinking or summary
+        self.any_inject = False  # SMI acts somewhere in the current forward
+        self.values: dict[int, Tensor] = {}
+        self.stats = FlowStats.zeros(self.oeb_layers, self.smi_layers, device)
+        self._host_segments: list[list[int]] = [[] for _ in range(batch)]
+        self._host_inject: list[list[bool]] = [[] for _ in range(batch)]
+        self._last_step = [-1] * batch
+
+    # ------------------------------------------------------------ labels
+
+    @classmethod
+    def for_trace(cls, flow: StepFlow, model: Any, trace: Trace) -> "FlowRun":
+        """Labels from a trace's layout, for teacher-forced full-sequence forwards."""
+        run = cls(flow, model, 1, len(trace))
+        thinking = [s for s in trace.layout.steps if s.segment == THINKING]
+        labels = []
+        for position, segment in enumerate(trace.layout.token_segment.tolist()):
+            labels.append(TokenLabel(position, segment, -1, False))
+        for index, step in enumerate(thinking):
+            for position in range(*step.token_span):
+                labels[position].step = index
+            labels[step.token_span[0]].inject = index >= 1
+        summary = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
+        if flow.smi_at_summary and summary.numel() and thinking:
+            labels[int(summary[0])].inject = True
+        run.label([labels])
+        run.begin_forward(0, len(trace))
+        return run
+
+    def label(self, rows: list[list[TokenLabel]]) -> None:
+        """Record labels (new tokens, or relabelled marker tokens) for each row."""
+        updates = [(b, lab) for b, labels in enumerate(rows) for lab in labels]
+        if not updates:
+            return
+        if max(lab.position for _, lab in updates) >= self.capacity:
+            raise StepsalError(f"position beyond the run's capacity {self.capacity}; allocate a larger run.")
+        for b, lab in updates:
+            if lab.segment == THINKING and lab.step >= 0:
+                self._last_step[b] = max(self._last_step[b], lab.step)
+        source = [(lab.step - 1 if lab.segment == THINKING else self._last_step[b]) if lab.inject else -1
+                  for b, lab in updates]
+        rows_index = torch.tensor([b for b, _ in updates], device=self.device)
+        cols = torch.tensor([lab.position for _, lab in updates], device=self.device)
+        values = torch.tensor([[lab.segment, lab.step, src, int(lab.inject and src >= 0)]
+                               for (_, lab), src in zip(updates, source)], device=self.device)
+        self.segment[rows_index, cols] = values[:, 0]
+        self.step[rows_index, cols] = values[:, 1]
+        self.source[rows_index, cols] = values[:, 2]
+        self.inject[rows_index, cols] = values[:, 3].bool()
+        for (b, lab), src in zip(updates, source):
+            segs, injs = self._host_segments[b], self._host_inject[b]
+            while len(segs) <= lab.position:
+                segs.append(-1)
+                injs.append(False)
+            segs[lab.position], injs[lab.position] = lab.segment, lab.inject and src >= 0
+
+    def begin_forward(self, offset: int, n_new: int) -> None:
+        """The next forward runs positions [offset, offset + n_new) of every row."""
+        self.offset, self.n_new = offset, n_new
+        window = [(segs[offset:offset + n_new], injs[offset:offset + n_new])
+                  for segs, injs in zip(self._host_segments, self._host_inject)]
+        self.any_active = any(s in (THINKING, SUMMARY) for segs, _ in window for s in segs)
+        self.any_inject = any(any(injs) for _, injs in window)
+
+    # ------------------------------------------------------------ hooks
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """(hook name, function) pairs; order does not matter (each hook point gets one function)."""
+        hooks = [(hook_name(layer, "pattern"), self._oeb_hook(i)) for i, layer in enumerate(self.oeb_layers)]
+        if self.flow.alpha > 0:
+            for i, layer in enumerate(self.smi_layers):
+                hooks.append((hook_name(layer, "v"), self._remember_values(layer)))
+                hooks.append((hook_name(layer, self.flow.smi_site), self._smi_hook(i, layer)))
+        return hooks
+
+    def _check_window(self, batch: int, q: int, k: int | None = None) -> None:
+        if batch != self.batch or q != self.n_new or (k is not None and k - q != self.offset):
+            raise StepsalError(
+                f"StepFlow expected a forward over positions [{self.offset}, {self.offset + self.n_new}) "
+                f"of {self.batch} row(s); the model ran {batch} row(s), {q} new of {k or q} positions. "
+                "Run the forward over the trace's tokens, or use stepsal.generate for generation.")
+
+    def _oeb_hook(self, index: int) -> Callable:
+        def odds_equal_bridge_hook(pattern: Float[Tensor, "batch head query key"], hook: Any) -> Tensor | None:
+            batch, heads, q, k = pattern.shape
+            self._check_window(batch, q, k)
+            if not self.any_active:
+                return None
+            query_segment = self.segment[:, k - q:k]
+            edit = odds_equal_bridge(pattern, query_segment, self.segment[:, :k],
+                                     torch.arange(k - q, k, device=pattern.device), self.flow.tau_max)
+            with torch.no_grad():
+                eligible = ((query_segment == THINKING) | (query_segment == SUMMARY)).sum() * heads
+                stats = self.stats
+                stats.oeb_rows[index] += eligible
+                stats.oeb_changed[index] += edit.changed.sum()
+                stats.oeb_before[index] += edit.mass_before[edit.changed].double().sum()
+                stats.oeb_after[index] += edit.mass_after[edit.changed].double().sum()
+            return edit.pattern
+
+        return odds_equal_bridge_hook
+
+    def _remember_values(self, layer: int) -> Callable:
+        def remember_values(v: Float[Tensor, "batch pos kv_head d_head"], hook: Any) -> None:
+            self._check_window(v.shape[0], v.shape[1])
+            if layer not in self.values:
+                self.values[layer] = v.new_zeros(self.batch, self.capacity, *v.shape[2:])
+            self.values[layer][:, self.offset:self.offset + v.shape[1]] = v.detach()
+
+        return remember_values
+
+    def momentum(self, layer: int, q: int, n_heads: int) -> tuple[Tensor, Tensor]:
+        """Mean value vector [batch, q, head, d_head] of each injection's source step, and where to inject."""
+        start, end = self.offset, self.offset + q
+        source = self.source[:, start:end]  # [b, q]
+        keys = torch.arange(end, device=self.device)
+        earlier = keys[None, :] < torch.arange(start, end, device=self.device)[:, None]  # [q, k]
+        members = (self.step[:, None, :end] == source[:, :, None]) & earlier & (source[:, :, None] >= 0)
+        if self.flow.smi_window != "step":  # only the last w tokens of the source step
+            from_end = members.flip(-1).cumsum(-1).flip(-1)
+            members &= from_end <= self.flow.smi_window
+        counts = members.sum(-1)
+        values = self.values[layer][:, :end]  # [b, k, kv_head, d]
+        mean = torch.einsum("bqk,bknd->bqnd", members.to(values.dtype), values)
+        mean = mean / counts.clamp(min=1)[..., None, None].to(values.dtype)
+        mean = mean.repeat_interleave(n_heads // values.shape[2], dim=2)  # grouped KV heads -> query heads
+        return mean, self.inject[:, start:end] & (counts > 0)
+
+    def _smi_hook(self, index: int, layer: int) -> Callable:
+        alpha, site = self.flow.alpha, self.flow.smi_site
+        n_heads = self.model.cfg.n_heads
+
+        def step_momentum_injection(x: Tensor, hook: Any) -> Tensor | None:
+            self._check_window(x.shape[0], x.shape[1])
+            if not self.any_inject:
+                return None
+            mean, where = self.momentum(layer, x.shape[1], n_heads)
+            if site == "z":
+                added = alpha * mean.to(x.dtype)  # [b, q, head, d_head]
+                norms = added.flatten(2).norm(dim=-1)
+                mask = where[..., None, None]
+            else:
+                w_o = output_weights(self.model, layer).to(x.dtype)  # [head, d_head, d_model]
+                added = alpha * torch.einsum("bqhd,hdm->bqm", mean.to(x.dtype), w_o)
+                norms = added.norm(dim=-1)
+                mask = where[..., None]
+            with torch.no_grad():
+                self.stats.smi_count[index] += where.sum()
+                self.stats.smi_norm[index] += norms[where].double().sum()
+            return torch.where(mask, x + added, x)
+
+        return step_momentum_injection
+
+
+def output_weights(model: Any, layer: int) -> Float[Tensor, "head d_head d_model"]:
+    """W_O of one layer as [head, d_head, d_model] on either backend."""
+    return model.blocks[layer].attn.W_O

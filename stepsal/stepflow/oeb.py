@@ -1,0 +1,68 @@
+"""Odds-Equal Bridge (METHOD.md section 6): give the bridge segment at least tau_B of each head's attention.
+
+For a query in thinking, S = thinking keys, B = question keys, O = the rest; for a query in the
+summary, S = summary, B = thinking, O = question. Question-phase queries are left alone. In
+probability space the KL projection onto {q(B) = tau_B, q(S) = tau_S, q(O) = p(O)} rescales the
+groups: A'[k] = A[k] * tau_g / p(g), O untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int64
+from torch import Tensor
+
+from ..traces import QUESTION, SUMMARY, THINKING
+
+EPS = 1e-12
+
+
+@dataclass
+class BridgeEdit:
+    """What one application changed: the new pattern and, per (batch, head, query), the masses."""
+
+    pattern: Float[Tensor, "batch head query key"]
+    changed: Bool[Tensor, "batch head query"]
+    mass_before: Float[Tensor, "batch head query"]
+    mass_after: Float[Tensor, "batch head query"]
+
+
+def bridge_groups(query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch key"],
+                  query_position: Int64[Tensor, " query"],
+                  ) -> tuple[Bool[Tensor, "batch query key"], Bool[Tensor, "batch query key"]]:
+    """Masks of the current segment S and the bridge B for each query (causal keys only)."""
+    n_keys = key_segment.shape[1]
+    causal = torch.arange(n_keys, device=key_segment.device)[None, :] <= query_position[:, None]  # [q, k]
+    bridge_of = torch.where(query_segment == THINKING, QUESTION,
+                            torch.where(query_segment == SUMMARY, THINKING, -2))
+    own = torch.where((query_segment == THINKING) | (query_segment == SUMMARY), query_segment, -2)
+    keys = key_segment[:, None, :]
+    same = (keys == own[:, :, None]) & causal
+    bridge = (keys == bridge_of[:, :, None]) & causal
+    return same, bridge
+
+
+def odds_equal_bridge(pattern: Float[Tensor, "batch head query key"],
+                      query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch key"],
+                      query_position: Int64[Tensor, " query"], tau_max: float) -> BridgeEdit:
+    """Apply OEB to every query row; rows that do not qualify stay bit-identical."""
+    same, bridge = bridge_groups(query_segment, key_segment, query_position)
+    n_same, n_bridge = same.sum(-1), bridge.sum(-1)  # [batch, query]
+    tau = torch.sqrt(n_bridge / (n_bridge + n_same).clamp(min=1)).clamp(max=tau_max)[:, None]  # [b, 1, q]
+    work = pattern.float()
+    p_bridge = (work * bridge[:, None]).sum(-1)
+    p_same = (work * same[:, None]).sum(-1)
+    p_other = work.sum(-1) - p_bridge - p_same
+    free = 1.0 - p_other  # mass that S and B may share
+    tau_bridge = torch.minimum(tau.expand_as(p_bridge), free)
+    act = ((n_bridge > 0) & (n_same > 0))[:, None] & (p_bridge < tau_bridge) & (p_bridge > EPS) \
+        & (p_same > EPS) & (free > EPS)
+    tau_same = free - tau_bridge
+    scale_bridge = torch.where(act, tau_bridge / p_bridge.clamp(min=EPS), 1.0)[..., None]
+    scale_same = torch.where(act, tau_same / p_same.clamp(min=EPS), 1.0)[..., None]
+    scale = torch.where(bridge[:, None], scale_bridge, torch.where(same[:, None], scale_same, 1.0))
+    edited = torch.where(act[..., None], (work * scale).to(pattern.dtype), pattern)
+    p_after = (edited.float() * bridge[:, None]).sum(-1)  # measured, not assumed
+    return BridgeEdit(edited, act, p_bridge, p_after)

@@ -1,0 +1,162 @@
+"""Incremental phase and step tracking during generation: O(1) work per token and row.
+
+Each token's text comes from a table built once per tokenizer (no per-token decode). A bounded
+window of recent text finds markers, also when split across tokens; marker tokens belong to the
+segment they open and are relabelled when the marker completes. A thinking step ends at a sentence
+end (a period followed by whitespace, the step at least ``min_step_chars`` long); the next token
+with non-whitespace text opens the next step, as in :mod:`stepsal.traces`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..formats import TraceFormat
+from ..traces import MIN_THINKING_CHARS, QUESTION, SUMMARY, THINKING
+
+WINDOW_CHARS = 96
+_TOKEN_TEXT_CACHE: dict[str, list[str]] = {}
+
+
+def token_texts(tokenizer: Any) -> list[str]:
+    """Text of every token id, decoded once per tokenizer (the decode path never calls the tokenizer)."""
+    from ..traces import tokenizer_fingerprint
+
+    key = tokenizer_fingerprint(tokenizer)
+    if key not in _TOKEN_TEXT_CACHE:
+        ids = [[i] for i in range(len(tokenizer))]
+        _TOKEN_TEXT_CACHE[key] = tokenizer.batch_decode(ids, clean_up_tokenization_spaces=False)
+    return _TOKEN_TEXT_CACHE[key]
+
+
+@dataclass
+class TokenLabel:
+    """What the tracker decided for one token (absolute position ``position`` in its row)."""
+
+    position: int
+    segment: int
+    step: int  # thinking step index, -1 outside thinking
+    inject: bool  # SMI acts here: first token of a thinking step after the first, or summary start
+
+
+@dataclass
+class RowTracker:
+    """Phase and step state of one sequence."""
+
+    fmt: TraceFormat
+    min_step_chars: int = MIN_THINKING_CHARS
+    phase: int = QUESTION
+    position: int = 0
+    window: str = ""
+    window_starts: list[int] = field(default_factory=list)  # window offset of each recent token
+    window_positions: list[int] = field(default_factory=list)
+    step: int = -1
+    step_chars: int = 0
+    sentence_closed: bool = False
+    previous_ends_with_period: bool = False
+
+    def push(self, text: str) -> list[TokenLabel]:
+        """Consume one token's text. Returns its label, plus relabels of earlier marker tokens."""
+        position = self.position
+        self.position += 1
+        self._append(text, position)
+        labels: list[TokenLabel] = []
+        marker = self._completed_marker(len(text))
+        if marker is not None:
+            labels = self._enter_next_phase(marker, position)
+            if labels:
+                return labels
+        label = TokenLabel(position, self.phase, -1, False)
+        if self.phase == THINKING:
+            label = self._thinking_token(text, position)
+        return [label]
+
+    def pad(self) -> TokenLabel:
+        """A padding position (outside every segment)."""
+        self.position += 1
+        return TokenLabel(self.position - 1, -1, -1, False)
+
+    # ------------------------------------------------------------ internals
+
+    def _append(self, text: str, position: int) -> None:
+        self.window_starts.append(len(self.window))
+        self.window_positions.append(position)
+        self.window += text
+        excess = len(self.window) - WINDOW_CHARS
+        if excess > 0:
+            self.window = self.window[excess:]
+            self.window_starts = [s - excess for s in self.window_starts]
+            while len(self.window_starts) > 1 and self.window_starts[1] <= 0:
+                self.window_starts.pop(0)
+                self.window_positions.pop(0)
+
+    def _completed_marker(self, new_chars: int) -> re.Match[str] | None:
+        """A match of the next phase's marker that ends inside the newest token's text."""
+        if self.phase == SUMMARY:
+            return None
+        pattern = self.fmt.thinking_start if self.phase == QUESTION else self.fmt.summary_start
+        fresh_from = len(self.window) - new_chars
+        for match in re.finditer(pattern, self.window):
+            if match.end() > fresh_from and match.end() > 0:
+                return match
+        return None
+
+    def _enter_next_phase(self, marker: re.Match[str], position: int) -> list[TokenLabel]:
+        """Switch phase; relabel the tokens from the marker's first character to this token."""
+        first = max(i for i, start in enumerate(self.window_starts) if start <= max(marker.start(), 0))
+        self.phase = THINKING if self.phase == QUESTION else SUMMARY
+        self.sentence_closed = False
+        self.previous_ends_with_period = False
+        if self.phase == THINKING:
+            self.step, self.step_chars = 0, len(self.window) - marker.end()
+            return [TokenLabel(p, THINKING, 0, False) for p in self.window_positions[first:]]
+        inject = self.step >= 0
+        self.step = -1
+        labels = [TokenLabel(p, SUMMARY, -1, False) for p in self.window_positions[first:]]
+        labels[-1].inject = inject  # the summary starts; act at the token that completed the marker
+        return labels
+
+    def _thinking_token(self, text: str, position: int) -> TokenLabel:
+        inject = False
+        if self.sentence_closed and text.strip():
+            self.step += 1
+            self.step_chars = 0
+            self.sentence_closed = False
+            inject = True
+        if self.step_chars == 0:
+            text_in_step = text.lstrip()  # as in traces: pieces are measured without surrounding space
+        else:
+            text_in_step = text
+        end = _sentence_end(text, self.previous_ends_with_period)
+        if end is not None and self.step_chars + end - (len(text) - len(text_in_step)) >= self.min_step_chars:
+            self.sentence_closed = True
+        self.step_chars += len(text_in_step)
+        self.previous_ends_with_period = text.endswith(".")
+        return TokenLabel(position, THINKING, self.step, inject)
+
+
+def _sentence_end(text: str, previous_ends_with_period: bool) -> int | None:
+    """Characters of ``text`` before the period of a '.' + whitespace sentence end, if any.
+
+    -1 when the period ended the previous token and this one starts with whitespace.
+    """
+    if previous_ends_with_period and text[:1].isspace():
+        return -1
+    match = re.search(r"\.\s", text)
+    return match.start() if match else None
+
+
+class PhaseTracker:
+    """One :class:`RowTracker` per row of a batch, fed token ids."""
+
+    def __init__(self, tokenizer: Any, fmt: TraceFormat, batch: int, min_step_chars: int = MIN_THINKING_CHARS):
+        self.texts = token_texts(tokenizer)
+        self.rows = [RowTracker(fmt, min_step_chars) for _ in range(batch)]
+
+    def push(self, token_ids: Sequence[int], is_pad: Sequence[bool] | None = None) -> list[list[TokenLabel]]:
+        """One token per row; returns each row's labels (one, or several after a marker)."""
+        is_pad = is_pad or [False] * len(token_ids)
+        return [[row.pad()] if pad else row.push(self.texts[token])
+                for row, token, pad in zip(self.rows, token_ids, is_pad)]

@@ -1,0 +1,359 @@
+import math
+
+import pytest
+import torch
+from conftest import ARCHS, BACKENDS
+from tiny import THINK_TRACE
+
+import stepsal
+from stepsal import StepFlow, Trace, generate
+from stepsal.errors import StepsalError, TraceFormatError, UnsupportedModelError
+from stepsal.stepflow.hooks import FlowRun, output_weights
+from stepsal.stepflow.oeb import odds_equal_bridge
+from stepsal.stepflow.tracker import WINDOW_CHARS, PhaseTracker
+from stepsal.traces import QUESTION, SUMMARY, THINKING
+
+PROMPT = ("<|im_start|>user\nWhat is 2+2 and then times 3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+          "First, we add the two numbers together. The sum of 2 and 2 is 4. Then")
+
+
+def naive_bridge(pattern, query_segment, key_segment, query_position, tau_max):
+    """METHOD.md section 6 written out row by row in float64: the probability-space projection."""
+    out = pattern.clone().double()
+    batch, heads, n_query, n_key = pattern.shape
+    changed = torch.zeros(batch, heads, n_query, dtype=torch.bool)
+    targets = torch.zeros(batch, heads, n_query, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(n_query):
+            t, segment = int(query_position[i]), int(query_segment[b, i])
+            if segment not in (THINKING, SUMMARY):
+                continue
+            own, bridge = (THINKING, QUESTION) if segment == THINKING else (SUMMARY, THINKING)
+            S = [k for k in range(n_key) if k <= t and key_segment[b, k] == own]
+            B = [k for k in range(n_key) if k <= t and key_segment[b, k] == bridge]
+            if not S or not B:
+                continue
+            for h in range(heads):
+                row = pattern[b, h, i].double()
+                p_s, p_b = row[S].sum(), row[B].sum()
+                p_o = row.sum() - p_s - p_b
+                tau_b = min(math.sqrt(len(B) / (len(B) + len(S))), tau_max, 1 - p_o)
+                if not (1e-12 < p_b < tau_b) or p_s <= 1e-12:
+                    continue
+                new = row.clone()
+                new[B] *= tau_b / p_b
+                new[S] *= (1 - p_o - tau_b) / p_s
+                out[b, h, i] = new
+                changed[b, h, i] = True
+                targets[b, h, i] = tau_b
+    return out, changed, targets
+
+
+def random_case(seed, batch=2, heads=3, n_key=12, n_query=12):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, heads, n_query, n_key, generator=generator) * 2
+    positions = torch.arange(n_key - n_query, n_key)
+    causal = torch.arange(n_key)[None, :] <= positions[:, None]
+    pattern = torch.softmax(scores.masked_fill(~causal, -torch.inf), -1)
+    segments = []
+    for _ in range(batch):  # Q -> T -> S with random boundaries, some rows without a summary
+        a = int(torch.randint(1, n_key // 2, (1,), generator=generator))
+        c = int(torch.randint(a + 1, n_key + 1, (1,), generator=generator))
+        segments.append([QUESTION] * a + [THINKING] * (c - a) + [SUMMARY] * (n_key - c))
+    key_segment = torch.tensor(segments)
+    return pattern, key_segment[:, n_key - n_query:], key_segment, positions
+
+
+@pytest.mark.parametrize("tau_max", [0.15, 0.6, 0.95])
+@pytest.mark.parametrize("n_query", [12, 1, 5])  # prefill, one decode step, a chunk
+def test_oeb_equals_the_probability_space_projection(tau_max, n_query):
+    for seed in range(8):
+        pattern, query_segment, key_segment, positions = random_case(seed, n_query=n_query)
+        edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, tau_max)
+        expected, changed, targets = naive_bridge(pattern, query_segment, key_segment, positions, tau_max)
+        torch.testing.assert_close(edit.pattern.double(), expected, atol=1e-6, rtol=1e-5)
+        # unchanged rows are bit-identical; rows still sum to 1; masked keys stay 0
+        assert torch.equal(edit.pattern[~changed], pattern[~changed])
+        torch.testing.assert_close(edit.pattern.sum(-1), pattern.sum(-1), atol=1e-5, rtol=0)
+        assert (edit.pattern[..., positions[:, None] < torch.arange(pattern.shape[-1])] == 0).all()
+        assert torch.isfinite(edit.pattern).all()
+        # after the edit the bridge mass equals tau_B in every changed row (measured on the new pattern)
+        assert torch.equal(edit.changed, changed)
+        torch.testing.assert_close(edit.mass_after[changed].double(), targets[changed], atol=1e-5, rtol=0)
+
+
+def test_oeb_leaves_question_rows_and_empty_groups_alone():
+    pattern = torch.softmax(torch.randn(1, 2, 4, 4).masked_fill(torch.ones(4, 4).triu(1).bool(), -torch.inf), -1)
+    question_only = torch.tensor([[QUESTION] * 4])
+    edit = odds_equal_bridge(pattern, question_only, question_only, torch.arange(4), 0.9)
+    assert not edit.changed.any() and torch.equal(edit.pattern, pattern)
+    thinking_only = torch.tensor([[THINKING] * 4])  # bridge (question) empty: nothing to do, no NaN
+    edit = odds_equal_bridge(pattern, thinking_only, thinking_only, torch.arange(4), 0.9)
+    assert not edit.changed.any() and torch.equal(edit.pattern, pattern)
+
+
+# ---------------------------------------------------------------- hooks in real models
+
+
+@pytest.fixture(scope="module")
+def trace(tokenizer):
+    return Trace.from_text(THINK_TRACE, tokenizer)
+
+
+def capture(model, names, tokens):
+    """Activations by the names asked for (the bridge reports canonical names inside hooks)."""
+    seen = {}
+
+    def keeper(name):
+        def keep(x, hook):
+            seen[name] = x.detach().clone()
+        return keep
+
+    model.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in names])
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oeb_hook_edits_every_query_row_exactly(tl_models, trace, backend):
+    model = tl_models[("llama", backend)]
+    flow = StepFlow(oeb_layers=[1], smi_layers=[], tau_max=0.9)
+    name = "blocks.1.attn.hook_pattern"
+    before = capture(model, [name], trace.tokens[None])[name]
+    with flow.attached(model, trace) as run:
+        after = capture(model, [name], trace.tokens[None])[name]
+    segments = trace.layout.token_segment[None]
+    expected, changed, _ = naive_bridge(before, segments, segments, torch.arange(len(trace)), 0.9)
+    assert changed.sum() > 10
+    torch.testing.assert_close(after.double(), expected, atol=1e-6, rtol=1e-5)
+    stats = run.stats.to_dict()["oeb"][1]
+    assert stats["changed"] == int(changed.sum())
+    assert stats["rows"] == int(((segments == THINKING) | (segments == SUMMARY)).sum()) * model.cfg.n_heads
+    assert stats["mass_after"] > stats["mass_before"]
+
+
+def expected_momentum(model, trace, layer, window="step"):
+    """alpha-free injected vectors at each step start, from a plain run's values (independent of FlowRun)."""
+    values = capture(model, [f"blocks.{layer}.attn.hook_v"], trace.tokens[None])[f"blocks.{layer}.attn.hook_v"][0]
+    thinking = [s for s in trace.layout.steps if s.segment == THINKING]
+    vectors = {}
+    for previous, step in zip(thinking, thinking[1:]):
+        span = list(range(*previous.token_span))
+        span = span if window == "step" else span[-window:]
+        mean = values[span].mean(0)  # [kv_head, d_head]
+        mean = mean.repeat_interleave(model.cfg.n_heads // mean.shape[0], dim=0)
+        vectors[step.token_span[0]] = mean
+    return vectors
+
+
+@pytest.mark.parametrize("window", ["step", 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smi_residual_diff_is_exactly_the_injected_vector(tl_models, trace, arch, backend, window):
+    model = tl_models[(arch, backend)]
+    alpha = 0.5
+    flow = StepFlow(oeb_layers=[], smi_layers=[1], alpha=alpha, smi_window=window)
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    plain = capture(model, names, trace.tokens[None])
+    with flow.attached(model, trace) as run:
+        steered = capture(model, names, trace.tokens[None])
+    assert torch.equal(plain[names[0]], steered[names[0]]), "nothing changes before the SMI layer"
+    diff = (steered[names[1]] - plain[names[1]])[0]
+    vectors = expected_momentum(model, trace, 1, window)
+    w_o = output_weights(model, 1)
+    expected = torch.zeros_like(diff)
+    for position, mean in vectors.items():
+        expected[position] = alpha * torch.einsum("hd,hdm->m", mean, w_o)
+    assert len(vectors) == 3
+    torch.testing.assert_close(diff, expected, atol=1e-5, rtol=1e-4)
+    assert (diff[[p for p in range(len(trace)) if p not in vectors]] == 0).all(), "only step starts change"
+    assert run.stats.to_dict()["smi"][1]["injections"] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smi_on_hook_z_adds_the_mean_value_per_head(tl_models, trace, backend):
+    model = tl_models[("qwen2", backend)]
+    flow = StepFlow(oeb_layers=[], smi_layers=[1], alpha=0.3, smi_site="z")
+    name = "blocks.1.attn.hook_z"
+    plain = capture(model, [name], trace.tokens[None])[name][0]
+    with flow.attached(model, trace):
+        steered = capture(model, [name], trace.tokens[None])[name][0]
+    expected = torch.zeros_like(plain)
+    for position, mean in expected_momentum(model, trace, 1).items():
+        expected[position] = 0.3 * mean
+    torch.testing.assert_close(steered - plain, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_smi_acts_in_every_layer_of_the_band_and_at_the_summary(tl_models, trace):
+    model = tl_models[("llama", "hooked")]
+    flow = StepFlow(oeb_layers=[], smi_layers=[0, 1], alpha=0.2, smi_at_summary=True)
+    with flow.attached(model, trace) as run:
+        model(trace.tokens[None])
+    smi = run.stats.to_dict()["smi"]
+    assert smi[0]["injections"] == smi[1]["injections"] == 4  # 3 step starts + the summary start
+    summary_start = int((trace.layout.token_segment == SUMMARY).nonzero()[0])
+    assert bool(run.inject[0, summary_start]) and int(run.source[0, summary_start]) == 3  # the last thinking step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oeb_and_smi_give_the_same_result_in_either_registration_order(tl_models, trace, backend):
+    model = tl_models[("qwen2", backend)]
+    flow = StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9, alpha=0.5)
+    results = []
+    for order in (1, -1):
+        run = FlowRun.for_trace(flow, model, trace)
+        with model.hooks(fwd_hooks=run.hooks()[::order]):
+            results.append(model(trace.tokens[None]))
+        assert run.stats.to_dict()["oeb"][0]["changed"] > 0 and run.stats.to_dict()["smi"][1]["injections"] == 3
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], model(trace.tokens[None])), "StepFlow changed the logits"
+
+
+def test_mechanistic_check_in_one_call(tl_models, trace):
+    model = tl_models[("llama", "hooked")]
+    flow = StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9, alpha=0.5)
+    effect = stepsal.saliency_change(model, trace, flow)
+    plain = stepsal.step_saliency(model, trace)
+    torch.testing.assert_close(effect.without.sums, plain.sums)
+    with flow.attached(model, trace):
+        steered = stepsal.step_saliency(model, trace)
+    torch.testing.assert_close(effect.with_flow.sums, steered.sums)
+    expected = steered.metrics().question_share - plain.metrics().question_share
+    torch.testing.assert_close(effect.delta["question_share"], expected)
+    assert effect.delta["question_share"][0] > 0, "the bridge raises the question's share in the OEB layer"
+    assert "d question_share" in effect.table()
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_stepflow_generation_is_the_same_with_and_without_kv_cache(tl_models, arch, backend):
+    model = tl_models[(arch, backend)]
+    flow = StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9, alpha=2.0)
+    cached = generate(model, PROMPT, flow, max_new_tokens=16)
+    uncached = generate(model, PROMPT, flow, max_new_tokens=16, use_cache=False)
+    assert torch.equal(cached.tokens[0], uncached.tokens[0])
+    assert cached.stats.to_dict()["oeb"][0]["changed"] > 0
+    plain = generate(model, PROMPT, None, max_new_tokens=16)
+    assert cached.stats.to_dict()["oeb"][0]["rows"] > 0 and plain.stats is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_equals_single_runs(tl_models, backend):
+    model = tl_models[("qwen2", backend)]
+    flow = StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9, alpha=2.0)
+    prompts = [PROMPT, "<think>Short one. But we add the sums of it all now. Yes", PROMPT + " we multiply"]
+    batch = generate(model, prompts, flow, max_new_tokens=10)
+    for row, prompt in enumerate(prompts):
+        single = generate(model, prompt, flow, max_new_tokens=10)
+        assert torch.equal(batch.tokens[row], single.tokens[0])
+        assert batch.texts[row] == single.text
+
+
+def test_generation_returns_a_trace_ready_for_saliency(tl_models):
+    model = tl_models[("llama", "hooked")]
+    out = generate(model, PROMPT, StepFlow(tau_max=0.9), max_new_tokens=12)
+    assert torch.equal(out.tokens[0][:out.prompt_lengths[0]], torch.tensor(model.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]))
+    assert out.trace.text == model.tokenizer.decode(out.tokens[0])
+    result = stepsal.step_saliency(model, out.trace)
+    assert result.maps.shape[0] == model.cfg.n_layers
+
+
+def all_hooks(model):
+    return sum(len(h._forward_hooks) + len(h._backward_hooks) for h in model.hook_dict.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooks_removed_after_an_exception_mid_generation(tl_models, backend, monkeypatch):
+    model = tl_models[("llama", backend)]
+    import stepsal.stepflow.hooks as hooks_module
+
+    calls = {"n": 0}
+    original = hooks_module.odds_equal_bridge
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the prefill, two decode steps, then fail on the third
+            raise RuntimeError("boom in the middle")
+        return original(*args)
+
+    monkeypatch.setattr(hooks_module, "odds_equal_bridge", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(model, PROMPT, StepFlow(oeb_layers=[0], smi_layers=[1]), max_new_tokens=30)
+    assert calls["n"] == 4 and all_hooks(model) == 0
+
+
+# ---------------------------------------------------------------- tracker
+
+
+def test_tracker_agrees_with_trace_segmentation(tokenizer, trace):
+    tracker = PhaseTracker(tokenizer, stepsal.FORMATS["think"], 1)
+    segments, steps, injects = {}, {}, []
+    for token in trace.tokens.tolist():
+        for label in tracker.push([token])[0]:
+            segments[label.position], steps[label.position] = label.segment, label.step
+            if label.inject:
+                injects.append(label.position)
+    assert [segments[p] for p in range(len(trace))] == trace.layout.token_segment.tolist()
+    thinking = [s for s in trace.layout.steps if s.segment == THINKING]
+    for index, step in enumerate(thinking):
+        assert all(steps[p] == index for p in range(*step.token_span))
+    summary_start = int((trace.layout.token_segment == SUMMARY).nonzero()[0])
+    assert injects == [s.token_span[0] for s in thinking[1:]] + [summary_start]
+    assert len(tracker.rows[0].window) <= WINDOW_CHARS
+
+
+def test_tracker_relabels_markers_split_across_tokens(tokenizer):
+    fmt = stepsal.custom_format("[[BEGIN]]", "[[END]]")
+    text = "Q: why? [[BEGIN]] First long reasoning sentence. Second long reasoning sentence. [[END]] Final answer."
+    trace = Trace.from_text(text, tokenizer, fmt=fmt)
+    tracker = PhaseTracker(tokenizer, fmt, 1)
+    segments = {}
+    for token in trace.tokens.tolist():
+        for label in tracker.push([token])[0]:
+            segments[label.position] = label.segment
+    assert len(tokenizer("[[END]]", add_special_tokens=False)["input_ids"]) > 1
+    assert [segments[p] for p in range(len(trace))] == trace.layout.token_segment.tolist()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_configuration_is_refused(tl_models):
+    model = tl_models[("llama", "hooked")]
+    with pytest.raises(StepsalError, match=r"tau_max must lie in \(0, 1\)"):
+        StepFlow(tau_max=1.0)
+    with pytest.raises(StepsalError, match="alpha must be >= 0"):
+        StepFlow(alpha=-0.1)
+    with pytest.raises(StepsalError, match="smi_window"):
+        StepFlow(smi_window=0)
+    with pytest.raises(StepsalError, match="smi_site"):
+        StepFlow(smi_site="mlp")
+    with pytest.raises(StepsalError, match=r"oeb_layers \[7\] out of range.*0\.\.1"):
+        generate(model, PROMPT, StepFlow(oeb_layers=[7]), max_new_tokens=2)
+    with pytest.raises(StepsalError, match="smi_layers"):
+        StepFlow(smi_layers=[-1]).layers(2)
+
+
+def test_prompt_without_thinking_marker_is_refused(tl_models):
+    model = tl_models[("llama", "hooked")]
+    with pytest.raises(TraceFormatError, match="no thinking marker"):
+        generate(model, "Question: what is 2+2?", StepFlow(), max_new_tokens=2)
+    out = generate(model, "Question: what is 2+2?", StepFlow(), max_new_tokens=2, marker_in_output=True)
+    assert out.stats.to_dict()["oeb"][0]["rows"] == 0  # reported, not hidden: it had nothing to act on
+
+
+def test_model_that_ignores_pattern_edits_is_refused(tokenizer):
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
+    with pytest.raises(UnsupportedModelError, match="StepFlow cannot run.*discards edits"):
+        generate(bridge, PROMPT, StepFlow(), max_new_tokens=2)
