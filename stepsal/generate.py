@@ -7,6 +7,8 @@ and supports left-padded batches. See docs/performance.md for speed.
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from .errors import StepsalError, TraceFormatError
 from .formats import TraceFormat, get_format
-from .models import backend_of
+from .models import backend_of, load_model
 from .stepflow.config import StepFlow, check_model
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
@@ -121,6 +123,12 @@ def _stop_ids(tokenizer: Any) -> set[int]:
 # ---------------------------------------------------------------- the loop
 
 
+HOOKED_DECODE_WARNING = (
+    "generating with HookedTransformer: on this TransformerLens it copies the unembedding and every gated-MLP "
+    "weight matrix on each forward (W.T.contiguous()), which makes token-by-token decoding several times "
+    "slower than TransformerBridge (docs/performance.md). Load the model with backend='bridge' to generate.")
+
+
 @torch.no_grad()
 def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow: StepFlow | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -129,7 +137,9 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     """Generate with the KV cache on and, optionally, StepFlow attached.
 
     Args:
-        model: a TransformerLens model from :func:`stepsal.load_model` (either backend).
+        model: a TransformerLens model from :func:`stepsal.load_model` (either backend), or a name or
+            folder for :func:`stepsal.load_model`, then loaded with ``backend="bridge"`` (the faster
+            one for decoding; see docs/performance.md).
         prompt_or_messages: text (used as is: include the chat template), chat messages (the
             template is applied with the generation prompt), token ids, or a list of these (a
             left-padded batch; each row tracks its own phases).
@@ -149,6 +159,10 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise StepsalError(f"sampling needs temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}.")
     fmt = get_format(fmt)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, backend="bridge")
+    elif backend_of(model) == "hooked":
+        warnings.warn(HOOKED_DECODE_WARNING, stacklevel=2)
     tokenizer = model.tokenizer
     rows = _encode_prompts(tokenizer, prompt_or_messages)
     if any(len(r) == 0 for r in rows):

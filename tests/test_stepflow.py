@@ -357,3 +357,19 @@ def test_model_that_ignores_pattern_edits_is_refused(tokenizer):
         bridge = TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
     with pytest.raises(UnsupportedModelError, match="StepFlow cannot run.*discards edits"):
         generate(bridge, PROMPT, StepFlow(), max_new_tokens=2)
+
+
+def test_generate_prefers_the_bridge(tl_models, hf_models, tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="backend='bridge'"):
+        generate(tl_models[("llama", "hooked")], PROMPT, None, max_new_tokens=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        generate(tl_models[("llama", "bridge")], PROMPT, None, max_new_tokens=2)
+    folder = tmp_path / "saved"
+    hf_models["llama"].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    from_name = generate(str(folder), PROMPT, StepFlow(tau_max=0.9), max_new_tokens=6)
+    loaded = generate(tl_models[("llama", "bridge")], PROMPT, StepFlow(tau_max=0.9), max_new_tokens=6)
+    assert torch.equal(from_name.tokens[0], loaded.tokens[0])

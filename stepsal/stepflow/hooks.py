@@ -20,7 +20,7 @@ from ..errors import StepsalError
 from ..models import hook_name
 from ..traces import SUMMARY, THINKING, Trace
 from .config import StepFlow
-from .oeb import odds_equal_bridge
+from .oeb import bridge_groups, odds_equal_bridge
 from .tracker import TokenLabel
 
 
@@ -84,7 +84,8 @@ class FlowRun:
         self.step = full(-1, torch.long)
         self.source = full(-1, torch.long)  # the step whose mean SMI injects here (-1: none)
         self.inject = full(False, torch.bool)
-        self.offset = 0
+        self.offset, self.n_new = 0, 0
+        self._groups: tuple[Tensor, Tensor] | None = None
         self.any_active = False  # some query of the current forward is in thinking or summary
         self.any_inject = False  # SMI acts somewhere in the current forward
         self.values: dict[int, Tensor] = {}
@@ -144,6 +145,7 @@ class FlowRun:
     def begin_forward(self, offset: int, n_new: int) -> None:
         """The next forward runs positions [offset, offset + n_new) of every row."""
         self.offset, self.n_new = offset, n_new
+        self._groups = None
         window = [(segs[offset:offset + n_new], injs[offset:offset + n_new])
                   for segs, injs in zip(self._host_segments, self._host_inject)]
         self.any_active = any(s in (THINKING, SUMMARY) for segs, _ in window for s in segs)
@@ -174,8 +176,11 @@ class FlowRun:
             if not self.any_active:
                 return None
             query_segment = self.segment[:, k - q:k]
-            edit = odds_equal_bridge(pattern, query_segment, self.segment[:, :k],
-                                     torch.arange(k - q, k, device=pattern.device), self.flow.tau_max)
+            positions = torch.arange(k - q, k, device=pattern.device)
+            if self._groups is None or self._groups[0].shape[1:] != (q, k):  # shared by this forward's layers
+                self._groups = bridge_groups(query_segment, self.segment[:, :k], positions)
+            edit = odds_equal_bridge(pattern, query_segment, self.segment[:, :k], positions, self.flow.tau_max,
+                                     self._groups)
             with torch.no_grad():
                 eligible = ((query_segment == THINKING) | (query_segment == SUMMARY)).sum() * heads
                 stats = self.stats

@@ -46,23 +46,25 @@ def bridge_groups(query_segment: Int64[Tensor, "batch query"], key_segment: Int6
 
 def odds_equal_bridge(pattern: Float[Tensor, "batch head query key"],
                       query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch key"],
-                      query_position: Int64[Tensor, " query"], tau_max: float) -> BridgeEdit:
-    """Apply OEB to every query row; rows that do not qualify stay bit-identical."""
-    same, bridge = bridge_groups(query_segment, key_segment, query_position)
+                      query_position: Int64[Tensor, " query"], tau_max: float,
+                      groups: tuple[Tensor, Tensor] | None = None) -> BridgeEdit:
+    """Apply OEB to every query row; rows that do not qualify stay bit-identical.
+
+    ``groups`` may pass precomputed :func:`bridge_groups` (they are the same for every layer).
+    """
+    same, bridge = groups if groups is not None else bridge_groups(query_segment, key_segment, query_position)
     n_same, n_bridge = same.sum(-1), bridge.sum(-1)  # [batch, query]
     tau = torch.sqrt(n_bridge / (n_bridge + n_same).clamp(min=1)).clamp(max=tau_max)[:, None]  # [b, 1, q]
     work = pattern.float()
-    p_bridge = (work * bridge[:, None]).sum(-1)
-    p_same = (work * same[:, None]).sum(-1)
-    p_other = work.sum(-1) - p_bridge - p_same
-    free = 1.0 - p_other  # mass that S and B may share
+    masks = torch.stack([bridge, same], 1).to(work.dtype)  # [b, 2, q, k]
+    p_bridge, p_same = torch.einsum("bhqk,bgqk->gbhq", work, masks)
+    free = 1.0 - (work.sum(-1) - p_bridge - p_same)  # 1 - p(O): the mass S and B may share
     tau_bridge = torch.minimum(tau.expand_as(p_bridge), free)
     act = ((n_bridge > 0) & (n_same > 0))[:, None] & (p_bridge < tau_bridge) & (p_bridge > EPS) \
         & (p_same > EPS) & (free > EPS)
-    tau_same = free - tau_bridge
     scale_bridge = torch.where(act, tau_bridge / p_bridge.clamp(min=EPS), 1.0)[..., None]
-    scale_same = torch.where(act, tau_same / p_same.clamp(min=EPS), 1.0)[..., None]
+    scale_same = torch.where(act, (free - tau_bridge) / p_same.clamp(min=EPS), 1.0)[..., None]
     scale = torch.where(bridge[:, None], scale_bridge, torch.where(same[:, None], scale_same, 1.0))
     edited = torch.where(act[..., None], (work * scale).to(pattern.dtype), pattern)
-    p_after = (edited.float() * bridge[:, None]).sum(-1)  # measured, not assumed
+    p_after = torch.einsum("bhqk,bqk->bhq", edited.float(), masks[:, 0])  # measured, not assumed
     return BridgeEdit(edited, act, p_bridge, p_after)
