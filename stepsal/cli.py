@@ -1,4 +1,4 @@
-"""Command line: ``stepsal analyze`` runs Step-Saliency on a trace and writes a report folder."""
+"""Command line: ``stepsal analyze`` (Step-Saliency of a trace) and ``stepsal generate`` (with StepFlow)."""
 
 from __future__ import annotations
 
@@ -20,19 +20,13 @@ def example_trace_text() -> str:
 
 
 def analyze(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import Trace, load_model, step_saliency
+    from . import Trace, step_saliency
     from .vis.figures import plot_step_maps
 
     if args.example == bool(args.trace):
         raise SystemExit("stepsal analyze: pass either --example or --trace FILE.")
     text = example_trace_text() if args.example else Path(args.trace).read_text()
-    started = time.perf_counter()
-    model = load_model(args.model, backend=args.backend, device=args.device,
-                       dtype=getattr(torch, args.dtype))
-    print(f"model {args.model} ({type(model).__name__}, {model.cfg.n_layers} layers, "
-          f"{model.cfg.n_heads} heads) loaded in {time.perf_counter() - started:.1f} s")
+    model = load_for_cli(args)
     trace = Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=args.min_steps)
     print(trace.describe())
     started = time.perf_counter()
@@ -56,14 +50,80 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    """'0,1,2' -> [0, 1, 2]; 'off' -> []; None -> None (the paper's band)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "off":
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"stepsal: layers must look like '0,1,2' or 'off'; got {text!r}.") from None
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from . import StepFlow, generate
+
+    if bool(args.prompt) == bool(args.message):
+        raise SystemExit("stepsal generate: pass either --prompt TEXT (used as is) or --message TEXT (chat).")
+    model = load_for_cli(args)
+    prompt = args.prompt
+    if args.message:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": args.message}], tokenize=False,
+                                                     add_generation_prompt=True)
+        prompt += "<think>\n" if args.start_thinking else ""
+    flow = None
+    if args.stepflow:
+        flow = StepFlow(oeb_layers=parse_layers(args.oeb_layers), smi_layers=parse_layers(args.smi_layers),
+                        tau_max=args.tau_max, alpha=args.alpha)
+        print(flow.describe(model.cfg.n_layers))
+    started = time.perf_counter()
+    out = generate(model, prompt, flow, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, fmt=args.fmt,
+                   marker_in_output=args.marker_in_output)
+    seconds = time.perf_counter() - started
+    n_new = len(out.tokens[0]) - out.prompt_lengths[0]
+    print(f"--- {n_new} new tokens in {seconds:.1f} s ({n_new / seconds:.1f} tok/s) ---")
+    print(out.text)
+    if out.stats is not None:
+        print("\n" + out.stats.table())
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"prompt": prompt, "text": out.text, "tokens": out.tokens[0].tolist(),
+              "stepflow": None if flow is None else flow.describe(model.cfg.n_layers),
+              "stats": None if out.stats is None else out.stats.to_dict(), "trace_error": out.trace_errors[0]}
+    (out_dir / "generation.json").write_text(json.dumps(record, indent=2))
+    if out.traces[0] is not None:
+        (out_dir / "trace.json").write_text(json.dumps(out.traces[0].to_dict()))
+    print(f"\nwrote {out_dir}/generation.json" + (", trace.json" if out.traces[0] is not None else ""))
+    return 0
+
+
+def load_for_cli(args: argparse.Namespace):
+    import torch
+
+    from . import load_model
+
+    started = time.perf_counter()
+    model = load_model(args.model, backend=args.backend, device=args.device, dtype=getattr(torch, args.dtype))
+    print(f"model {args.model} ({type(model).__name__}, {model.cfg.n_layers} layers, "
+          f"{model.cfg.n_heads} heads) loaded in {time.perf_counter() - started:.1f} s")
+    return model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | None) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name or a save_pretrained folder")
+    parser.add_argument("--backend", choices=["hooked", "bridge"], default=default_backend)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="Step-Saliency of one trace: metrics, heatmap, saved result")
-    a.add_argument("--model", default="smollm2-135m", help="embedded name or a save_pretrained folder")
-    a.add_argument("--backend", choices=["hooked", "bridge"], default=None)
-    a.add_argument("--device", default=None)
-    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_model_arguments(a, default_backend=None)
     a.add_argument("--trace", help="a text file holding the full trace (chat template included)")
     a.add_argument("--example", action="store_true", help="use the example trace shipped with stepsal")
     a.add_argument("--fmt", default="think", choices=["think", "harmony", "plain"])
@@ -77,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute one block at a time (long traces)")
     a.add_argument("--out", default="stepsal-out", help="output folder")
     a.set_defaults(func=analyze)
+
+    g = sub.add_parser("generate", help="generate with the KV cache, optionally with StepFlow")
+    add_model_arguments(g, default_backend="bridge")  # the faster backend for decoding
+    g.add_argument("--prompt", help="prompt text, used as is (include the chat template)")
+    g.add_argument("--message", help="a user message; the chat template is applied")
+    g.add_argument("--start-thinking", action="store_true", help="with --message: append '<think>\\n'")
+    g.add_argument("--fmt", default="think", choices=["think", "harmony", "plain"])
+    g.add_argument("--stepflow", action="store_true", help="attach StepFlow (paper defaults)")
+    g.add_argument("--oeb-layers", help="e.g. '0,1,2', or 'off' (default: bottom quarter)")
+    g.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
+    g.add_argument("--tau-max", type=float, default=0.15)
+    g.add_argument("--alpha", type=float, default=0.06)
+    g.add_argument("--marker-in-output", action="store_true", help="the model writes the thinking marker")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--out", default="stepsal-out", help="output folder")
+    g.set_defaults(func=generate_command)
     return parser
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import StepsalError, TraceFormatError
 from .formats import TraceFormat, get_format
-from .models import backend_of, load_model
+from .models import backend_of, hooks_attached, load_model
 from .stepflow.config import StepFlow, check_model
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
@@ -198,7 +198,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     stop_ids = _stop_ids(tokenizer) if stop_at_eos else set()
     finished = [False] * batch
     hooks = run.hooks() if run is not None else []
-    with model.hooks(fwd_hooks=hooks):
+    with hooks_attached(model, hooks):
         n_new = prompt_length
         for _ in range(max_new_tokens):
             if run is not None:

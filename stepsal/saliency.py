@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import ModelMismatchError, NonFiniteGradientError
-from .models import backend_of, forward_kwargs, hook_name, model_label
+from .models import backend_of, forward_kwargs, hook_name, hooks_attached, model_label
 from .pooling import NORMS, normalize, pool
 from .targets import Target, make_target
 from .traces import StepLayout, Trace, tokenizer_fingerprint
@@ -188,7 +188,7 @@ def _backward_normal(model: Any, tokens: Tensor, target_fn: Callable, pooler: _L
     # the backward pass needs to go no deeper than the lowest requested layer
     hooks = [(hook_name(pooler.layers[0], "resid_pre"), _leaf_hook(store))]
     hooks += [(hook_name(layer, "pattern"), pooler.forward_hook(layer)) for layer in pooler.layers]
-    with model.hooks(fwd_hooks=hooks):
+    with hooks_attached(model, hooks):
         logits = model(tokens[None], **forward_kwargs(model))
         loss = _checked_loss(target_fn(logits[0]))
         torch.autograd.grad(loss, store["leaf"])
@@ -222,7 +222,7 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
     with ExitStack() as stack:
         for layer, block in enumerate(model.blocks):
             stack.callback(block.register_forward_pre_hook(capture(layer), with_kwargs=True).remove)
-        stack.enter_context(model.hooks(fwd_hooks=[(hook_name(n_layers - 1, "resid_post"), _leaf_hook(store))]))
+        stack.enter_context(hooks_attached(model, [(hook_name(n_layers - 1, "resid_post"), _leaf_hook(store))]))
         logits = model(tokens[None], **forward_kwargs(model))
     loss = _checked_loss(target_fn(logits[0]))
     (grad,) = torch.autograd.grad(loss, store["leaf"])
@@ -232,7 +232,7 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
         args, kwargs = block_inputs[layer]
         block_inputs[layer] = None
         fwd_hooks = [(hook_name(layer, "pattern"), pooler.forward_hook(layer))] if layer in pooler.layers else []
-        with model.hooks(fwd_hooks=fwd_hooks):
+        with hooks_attached(model, fwd_hooks):
             if args:
                 resid = args[0].detach().requires_grad_(True)
                 out = model.blocks[layer](resid, *args[1:], **kwargs)

@@ -373,3 +373,35 @@ def test_generate_prefers_the_bridge(tl_models, hf_models, tokenizer, tmp_path):
     from_name = generate(str(folder), PROMPT, StepFlow(tau_max=0.9), max_new_tokens=6)
     loaded = generate(tl_models[("llama", "bridge")], PROMPT, StepFlow(tau_max=0.9), max_new_tokens=6)
     assert torch.equal(from_name.tokens[0], loaded.tokens[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oeb_during_cached_generation_on_prefill_and_decode_rows(tl_models, backend):
+    """The prompt already holds the thinking marker (prefill q > 1), then single-token decode steps:
+    the attention output equals the naively bridged pattern times the values, for every query row."""
+    model = tl_models[("qwen2", backend)]
+    calls = []
+
+    def keep(kind):
+        def hook(x, hook):
+            calls.append((kind, x.detach().clone()))
+        return hook
+
+    names = {"pattern": "blocks.0.attn.hook_pattern", "v": "blocks.0.attn.hook_v", "z": "blocks.0.attn.hook_z"}
+    with model.hooks(fwd_hooks=[(name, keep(kind)) for kind, name in names.items()]):  # registered first: sees A
+        out = generate(model, PROMPT, StepFlow(oeb_layers=[0], smi_layers=[], tau_max=0.9), max_new_tokens=6)
+    segments = out.trace.layout.token_segment[None]
+    patterns = [x for kind, x in calls if kind == "pattern"]
+    values = [x for kind, x in calls if kind == "v"]
+    outputs = [x for kind, x in calls if kind == "z"]
+    assert [p.shape[2] for p in patterns] == [out.prompt_lengths[0]] + [1] * 5
+    cache = torch.cat(values, dim=1)  # every position's values, in order
+    n_changed = 0
+    for pattern, z in zip(patterns, outputs):
+        q, k = pattern.shape[2], pattern.shape[3]
+        bridged, changed, _ = naive_bridge(pattern, segments[:, k - q:k], segments[:, :k], torch.arange(k - q, k), 0.9)
+        v = cache[:, :k].repeat_interleave(model.cfg.n_heads // cache.shape[2], dim=2).double()
+        expected = torch.einsum("bhqk,bkhd->bqhd", bridged, v)
+        torch.testing.assert_close(z.double(), expected, atol=1e-5, rtol=1e-4)
+        n_changed += int(changed.sum())
+    assert n_changed > 20

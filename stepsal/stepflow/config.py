@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from ..errors import StepsalError, UnsupportedModelError
-from ..models import backend_of, check_pattern_edits_honoured
+from ..models import backend_of, check_pattern_edits_honoured, hooks_attached
 
 SMI_SITES = ("resid_post", "z")
 
@@ -74,7 +74,7 @@ class StepFlow:
 
         check_model(model)
         run = FlowRun.for_trace(self, model, trace)
-        with model.hooks(fwd_hooks=run.hooks()):
+        with hooks_attached(model, run.hooks()):
             yield run
 
 
