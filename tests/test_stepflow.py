@@ -405,3 +405,42 @@ def test_oeb_during_cached_generation_on_prefill_and_decode_rows(tl_models, back
         torch.testing.assert_close(z.double(), expected, atol=1e-5, rtol=1e-4)
         n_changed += int(changed.sum())
     assert n_changed > 20
+
+
+def forced_decode_logits(model, flow, fmt, ids, prompt_length, use_cache):
+    """generate()'s loop with the continuation forced: last-position logits at every step."""
+    from stepsal.generate import _Decoder
+    from stepsal.models import hooks_attached
+
+    run, tracker = FlowRun(flow, model, 1, len(ids)), PhaseTracker(model.tokenizer, fmt, 1)
+    for token in ids[:prompt_length]:
+        run.label(tracker.push([token]))
+    decoder, steps, n_new = _Decoder(model, 1, use_cache), [], prompt_length
+    with torch.no_grad(), hooks_attached(model, run.hooks()):
+        for length in range(prompt_length, len(ids) + 1):
+            tokens = torch.tensor([ids[:length]])
+            q = n_new if use_cache else length
+            run.begin_forward(length - q, q)
+            steps.append(decoder(tokens, torch.ones_like(tokens), q)[0, -1])
+            if length < len(ids):
+                run.label(tracker.push([ids[length]]))
+            n_new = 1
+    return torch.stack(steps), run
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_and_uncached_decoding_agree_across_a_split_marker(tl_models, tokenizer, backend):
+    """A summary marker spelled over several tokens is relabelled when it completes; queries keep the
+    labels they were processed with, so recomputing everything without a cache gives the same logits."""
+    model = tl_models[("qwen2", backend)]
+    fmt = stepsal.custom_format("[[BEGIN]]", "[[END]]")
+    text = ("Q: why is that so? [[BEGIN]] First long reasoning sentence here. Second long reasoning "
+            "sentence here. Third one. [[END]] The final answer is here.")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(tokenizer("[[END]]", add_special_tokens=False)["input_ids"]) > 1
+    prompt_length = len(tokenizer("Q: why is that so? [[BEGIN]] First", add_special_tokens=False)["input_ids"])
+    flow = StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9, alpha=1.0, smi_at_summary=True)
+    cached, run = forced_decode_logits(model, flow, fmt, ids, prompt_length, True)
+    uncached, _ = forced_decode_logits(model, flow, fmt, ids, prompt_length, False)
+    assert run.any_relabel and run.stats.to_dict()["smi"][1]["injections"] == 3  # 2 step starts + summary
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)

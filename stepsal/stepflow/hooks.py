@@ -80,10 +80,17 @@ class FlowRun:
         device = next(model.parameters()).device
         self.batch, self.capacity, self.device = batch, capacity, device
         full = lambda value, dtype: torch.full((batch, capacity), value, dtype=dtype, device=device)  # noqa: E731
+        # Labels as first given (= as seen when the position was processed), the current ones (a
+        # marker split across tokens relabels its earlier tokens when it completes), and when the
+        # relabel happened: a query at position t sees a key's current label iff t >= relabel time.
+        self.first_segment = full(-1, torch.long)
+        self.first_step = full(-1, torch.long)
         self.segment = full(-1, torch.long)
         self.step = full(-1, torch.long)
+        self.relabel_time = full(torch.iinfo(torch.long).max, torch.long)
         self.source = full(-1, torch.long)  # the step whose mean SMI injects here (-1: none)
         self.inject = full(False, torch.bool)
+        self.any_relabel = False
         self.offset, self.n_new = 0, 0
         self._groups: tuple[Tensor, Tensor] | None = None
         self.any_active = False  # some query of the current forward is in thinking or summary
@@ -116,37 +123,54 @@ class FlowRun:
         return run
 
     def label(self, rows: list[list[TokenLabel]]) -> None:
-        """Record labels (new tokens, or relabelled marker tokens) for each row."""
-        updates = [(b, lab) for b, labels in enumerate(rows) for lab in labels]
-        if not updates:
-            return
-        if max(lab.position for _, lab in updates) >= self.capacity:
-            raise StepsalError(f"position beyond the run's capacity {self.capacity}; allocate a larger run.")
-        for b, lab in updates:
-            if lab.segment == THINKING and lab.step >= 0:
-                self._last_step[b] = max(self._last_step[b], lab.step)
-        source = [(lab.step - 1 if lab.segment == THINKING else self._last_step[b]) if lab.inject else -1
-                  for b, lab in updates]
-        rows_index = torch.tensor([b for b, _ in updates], device=self.device)
-        cols = torch.tensor([lab.position for _, lab in updates], device=self.device)
-        values = torch.tensor([[lab.segment, lab.step, src, int(lab.inject and src >= 0)]
-                               for (_, lab), src in zip(updates, source)], device=self.device)
-        self.segment[rows_index, cols] = values[:, 0]
-        self.step[rows_index, cols] = values[:, 1]
-        self.source[rows_index, cols] = values[:, 2]
-        self.inject[rows_index, cols] = values[:, 3].bool()
-        for (b, lab), src in zip(updates, source):
-            segs, injs = self._host_segments[b], self._host_inject[b]
-            while len(segs) <= lab.position:
-                segs.append(-1)
-                injs.append(False)
-            segs[lab.position], injs[lab.position] = lab.segment, lab.inject and src >= 0
+        """Record labels for each row: the newest token's, and relabels of earlier marker tokens."""
+        fresh, relabels = [], []
+        for b, labels in enumerate(rows):
+            now = max((lab.position for lab in labels), default=-1)
+            for lab in labels:
+                if lab.position >= self.capacity:
+                    raise StepsalError(f"position {lab.position} beyond the run's capacity {self.capacity}.")
+                known = lab.position < len(self._host_segments[b])
+                (relabels if known else fresh).append((b, lab, now))
+                if lab.segment == THINKING and lab.step >= 0:
+                    self._last_step[b] = max(self._last_step[b], lab.step)
+        if fresh:
+            source = [(lab.step - 1 if lab.segment == THINKING else self._last_step[b]) if lab.inject else -1
+                      for b, lab, _ in fresh]
+            rows_index, cols = self._index(fresh)
+            values = torch.tensor([[lab.segment, lab.step, src, int(lab.inject and src >= 0)]
+                                   for (_, lab, _), src in zip(fresh, source)], device=self.device)
+            for tensor, column in ((self.first_segment, 0), (self.segment, 0), (self.first_step, 1),
+                                   (self.step, 1), (self.source, 2)):
+                tensor[rows_index, cols] = values[:, column]
+            self.inject[rows_index, cols] = values[:, 3].bool()
+            for (b, lab, _), src in zip(fresh, source):
+                self._host_segments[b].append(lab.segment)
+                self._host_inject[b].append(lab.inject and src >= 0)
+        if relabels:  # processing-time labels, injections and sources stay as they were
+            rows_index, cols = self._index(relabels)
+            values = torch.tensor([[lab.segment, lab.step, now] for _, lab, now in relabels], device=self.device)
+            self.segment[rows_index, cols] = values[:, 0]
+            self.step[rows_index, cols] = values[:, 1]
+            self.relabel_time[rows_index, cols] = values[:, 2]
+            self.any_relabel = True
+
+    def _index(self, entries: list) -> tuple[Tensor, Tensor]:
+        rows_index = torch.tensor([b for b, _, _ in entries], device=self.device)
+        return rows_index, torch.tensor([lab.position for _, lab, _ in entries], device=self.device)
+
+    def seen(self, current: Tensor, first: Tensor, q: int, k: int) -> Tensor:
+        """Labels of keys [0, k) as the queries [k - q, k) saw them: [batch, key] or [batch, query, key]."""
+        if not self.any_relabel:
+            return current[:, :k]
+        times = torch.arange(k - q, k, device=self.device)[None, :, None]
+        return torch.where(times >= self.relabel_time[:, None, :k], current[:, None, :k], first[:, None, :k])
 
     def begin_forward(self, offset: int, n_new: int) -> None:
         """The next forward runs positions [offset, offset + n_new) of every row."""
         self.offset, self.n_new = offset, n_new
         self._groups = None
-        window = [(segs[offset:offset + n_new], injs[offset:offset + n_new])
+        window = [(segs[offset:offset + n_new], injs[offset:offset + n_new])  # processing-time labels
                   for segs, injs in zip(self._host_segments, self._host_inject)]
         self.any_active = any(s in (THINKING, SUMMARY) for segs, _ in window for s in segs)
         self.any_inject = any(any(injs) for _, injs in window)
@@ -175,11 +199,12 @@ class FlowRun:
             self._check_window(batch, q, k)
             if not self.any_active:
                 return None
-            query_segment = self.segment[:, k - q:k]
+            query_segment = self.first_segment[:, k - q:k]  # a query's label when it was processed
+            key_segment = self.seen(self.segment, self.first_segment, q, k)
             positions = torch.arange(k - q, k, device=pattern.device)
             if self._groups is None or self._groups[0].shape[1:] != (q, k):  # shared by this forward's layers
-                self._groups = bridge_groups(query_segment, self.segment[:, :k], positions)
-            edit = odds_equal_bridge(pattern, query_segment, self.segment[:, :k], positions, self.flow.tau_max,
+                self._groups = bridge_groups(query_segment, key_segment, positions)
+            edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max,
                                      self._groups)
             with torch.no_grad():
                 eligible = ((query_segment == THINKING) | (query_segment == SUMMARY)).sum() * heads
@@ -207,7 +232,9 @@ class FlowRun:
         source = self.source[:, start:end]  # [b, q]
         keys = torch.arange(end, device=self.device)
         earlier = keys[None, :] < torch.arange(start, end, device=self.device)[:, None]  # [q, k]
-        members = (self.step[:, None, :end] == source[:, :, None]) & earlier & (source[:, :, None] >= 0)
+        steps = self.seen(self.step, self.first_step, q, end)
+        steps = steps if steps.dim() == 3 else steps[:, None, :]
+        members = (steps == source[:, :, None]) & earlier & (source[:, :, None] >= 0)
         if self.flow.smi_window != "step":  # only the last w tokens of the source step
             from_end = members.flip(-1).cumsum(-1).flip(-1)
             members &= from_end <= self.flow.smi_window

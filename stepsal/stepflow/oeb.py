@@ -29,23 +29,26 @@ class BridgeEdit:
     mass_after: Float[Tensor, "batch head query"]
 
 
-def bridge_groups(query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch key"],
+def bridge_groups(query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch *qdim key"],
                   query_position: Int64[Tensor, " query"],
                   ) -> tuple[Bool[Tensor, "batch query key"], Bool[Tensor, "batch query key"]]:
-    """Masks of the current segment S and the bridge B for each query (causal keys only)."""
-    n_keys = key_segment.shape[1]
+    """Masks of the current segment S and the bridge B for each query (causal keys only).
+
+    ``key_segment`` is [batch, key], or [batch, query, key] when queries see different key labels.
+    """
+    n_keys = key_segment.shape[-1]
     causal = torch.arange(n_keys, device=key_segment.device)[None, :] <= query_position[:, None]  # [q, k]
     bridge_of = torch.where(query_segment == THINKING, QUESTION,
                             torch.where(query_segment == SUMMARY, THINKING, -2))
     own = torch.where((query_segment == THINKING) | (query_segment == SUMMARY), query_segment, -2)
-    keys = key_segment[:, None, :]
+    keys = key_segment if key_segment.dim() == 3 else key_segment[:, None, :]
     same = (keys == own[:, :, None]) & causal
     bridge = (keys == bridge_of[:, :, None]) & causal
     return same, bridge
 
 
 def odds_equal_bridge(pattern: Float[Tensor, "batch head query key"],
-                      query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch key"],
+                      query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch *qdim key"],
                       query_position: Int64[Tensor, " query"], tau_max: float,
                       groups: tuple[Tensor, Tensor] | None = None) -> BridgeEdit:
     """Apply OEB to every query row; rows that do not qualify stay bit-identical.
