@@ -67,6 +67,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
     if bool(args.prompt) == bool(args.message):
         raise SystemExit("stepsal generate: pass either --prompt TEXT (used as is) or --message TEXT (chat).")
+    oeb_layers, smi_layers = parse_layers(args.oeb_layers), parse_layers(args.smi_layers)
     model = load_for_cli(args)
     prompt = args.prompt
     if args.message:
@@ -75,8 +76,7 @@ def generate_command(args: argparse.Namespace) -> int:
         prompt += "<think>\n" if args.start_thinking else ""
     flow = None
     if args.stepflow:
-        flow = StepFlow(oeb_layers=parse_layers(args.oeb_layers), smi_layers=parse_layers(args.smi_layers),
-                        tau_max=args.tau_max, alpha=args.alpha)
+        flow = StepFlow(oeb_layers=oeb_layers, smi_layers=smi_layers, tau_max=args.tau_max, alpha=args.alpha)
         print(flow.describe(model.cfg.n_layers))
     started = time.perf_counter()
     out = generate(model, prompt, flow, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

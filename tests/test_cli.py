@@ -46,3 +46,26 @@ def test_demo_on_the_embedded_model(tmp_path, capsys):
     kinds = [s.kind for s in result.layout.steps]
     assert kinds == ["question"] + ["thinking"] * 7 + ["summary"] * 2
     assert "Step-Saliency (ag, target all)" in capsys.readouterr().out
+
+
+def test_generate_command_with_stepflow(tmp_path, hf_models, tokenizer, capsys):
+    folder = tmp_path / "tiny-model"
+    hf_models["qwen2"].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nFirst, we add them. Then"
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(folder), "--prompt", prompt, "--stepflow", "--tau-max", "0.9",
+                 "--oeb-layers", "0", "--smi-layers", "1", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "StepFlow(OEB layers [0]" in printed and "TransformerBridge" in printed and "OEB  layer" in printed
+    record = json.loads((out / "generation.json").read_text())
+    model = stepsal.load_model(str(folder), backend="bridge")
+    expected = stepsal.generate(model, prompt, stepsal.StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9),
+                                max_new_tokens=8)
+    assert record["tokens"] == expected.tokens[0].tolist() and record["text"] == expected.text
+    assert record["stats"]["oeb"]["0"]["changed"] == expected.stats.to_dict()["oeb"][0]["changed"] > 0
+
+
+def test_generate_command_bad_layers(tmp_path):
+    with pytest.raises(SystemExit, match="layers must look like"):
+        main(["generate", "--prompt", "x", "--stepflow", "--oeb-layers", "a,b", "--out", str(tmp_path)])

@@ -211,8 +211,8 @@ class FlowRun:
                 stats = self.stats
                 stats.oeb_rows[index] += eligible
                 stats.oeb_changed[index] += edit.changed.sum()
-                stats.oeb_before[index] += edit.mass_before[edit.changed].double().sum()
-                stats.oeb_after[index] += edit.mass_after[edit.changed].double().sum()
+                stats.oeb_before[index] += (edit.mass_before * edit.changed).sum()  # masks, not indexing:
+                stats.oeb_after[index] += (edit.mass_after * edit.changed).sum()    # no device sync
             return edit.pattern
 
         return odds_equal_bridge_hook
@@ -265,7 +265,7 @@ class FlowRun:
                 mask = where[..., None]
             with torch.no_grad():
                 self.stats.smi_count[index] += where.sum()
-                self.stats.smi_norm[index] += norms[where].double().sum()
+                self.stats.smi_norm[index] += (norms * where).sum()
             return torch.where(mask, x + added, x)
 
         return step_momentum_injection
