@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export WANDB_MODE=disabled
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-generate clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,9 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/bench_saliency.py
+
+bench-generate: venv
+	$(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV) stepsal-out .pytest_cache
