@@ -1,10 +1,12 @@
 """Traces: the scored token sequence and its exact token -> step layout.
 
 Segmentation follows METHOD.md section 2. The question is one step, thinking is split into
-sentences (``\\.\\s+``), the summary into paragraphs (blank lines). Short pieces are not dropped
-with their tokens: they join the neighbouring step, so every token of a segment belongs to exactly
-one step. Tokens are placed by their first non-whitespace character in the decoded text of the
-exact sequence that is scored (character offsets), never by re-tokenising pieces.
+sentences (``\\.\\s+``), the summary into paragraphs (blank lines). A step ends after each kept
+piece (long enough, not a number or a table) and the text after it opens the next step, so short
+pieces are not dropped with their tokens: they join the step they start or lie in. Every token of
+a segment belongs to exactly one step, and generation places the same boundaries token by token
+(:mod:`stepsal.stepflow.tracker`). Tokens are placed by their first non-whitespace character in
+the decoded text of the exact sequence that is scored (character offsets), never by re-tokenising pieces.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class Segmentation:
     step_segments: list[int]
     kept_pieces: list[tuple[int, int]]  # (start, end) of each kept sentence / paragraph
     has_summary: bool
+    markers: tuple[tuple[int, int], tuple[int, int] | None]  # character spans: thinking, summary marker
 
 
 def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool = False) -> Segmentation:
@@ -191,18 +194,20 @@ def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool 
     starts, segments, kept = [0], [QUESTION], []
 
     def add_segment(lo: int, content: int, hi: int, delimiter: re.Pattern[str], keep, segment: int) -> None:
-        pieces = [p for p in split_pieces(text, content, hi, delimiter) if keep(text[p[0]:p[1]])]
-        kept.extend(pieces)
-        starts.append(lo)  # the first step also holds the marker and any dropped leading pieces
+        """A step ends after each kept piece; the text that follows (if any) opens the next step."""
+        pieces = split_pieces(text, content, hi, delimiter)
+        kept.extend(p for p in pieces if keep(text[p[0]:p[1]]))
+        starts.append(lo)  # the first step also holds the marker
         segments.append(segment)
-        for piece_start, _ in pieces[1:]:
-            starts.append(piece_start)
-            segments.append(segment)
+        for (start, end), (following, _) in zip(pieces, pieces[1:]):
+            if keep(text[start:end]) and text[following:hi].strip():
+                starts.append(following)
+                segments.append(segment)
 
     add_segment(think_start, think_content, think_end, SENTENCE_END, keep_thinking_piece, THINKING)
     if summary_span is not None:
         add_segment(summary_span[0], summary_span[1], len(text), BLANK_LINE, keep_summary_piece, SUMMARY)
-    return Segmentation(starts, segments, kept, summary_span is not None)
+    return Segmentation(starts, segments, kept, summary_span is not None, ((think_start, think_content), summary_span))
 
 
 # ---------------------------------------------------------------- token alignment
@@ -295,6 +300,14 @@ class Trace:
     tokenizer_fingerprint: str = ""
     has_summary: bool = True
     kept_pieces: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    markers: tuple[tuple[int, int], tuple[int, int] | None] | None = None  # character spans of the markers
+
+    def marker_end_token(self, segment: int) -> int | None:
+        """Position of the token that completes the marker opening THINKING or SUMMARY (None if absent)."""
+        if self.markers is None or self.markers[segment - 1] is None:
+            return None
+        last_char = self.markers[segment - 1][1] - 1
+        return next((t for t, (s, e) in enumerate(self.offsets) if s <= last_char < e), None)
 
     @classmethod
     def from_text(cls, text: str, model_or_tokenizer: Any, fmt: str | TraceFormat = "think", *,
@@ -334,7 +347,7 @@ class Trace:
                 f"{MIN_THINKING_CHARS} characters; pass a longer trace or lower min_thinking_steps."
             )
         return cls(text, torch.tensor(ids, dtype=torch.long), offsets, layout, fmt.name,
-                   tokenizer_fingerprint(tokenizer), seg.has_summary, seg.kept_pieces)
+                   tokenizer_fingerprint(tokenizer), seg.has_summary, seg.kept_pieces, seg.markers)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -351,10 +364,19 @@ class Trace:
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens.tolist(), "offsets": [list(o) for o in self.offsets],
                 "layout": self.layout.to_dict(), "fmt": self.fmt,
-                "tokenizer_fingerprint": self.tokenizer_fingerprint, "has_summary": self.has_summary}
+                "tokenizer_fingerprint": self.tokenizer_fingerprint, "has_summary": self.has_summary,
+                "markers": self.markers}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Trace":
         return cls(data["text"], torch.tensor(data["tokens"], dtype=torch.long),
                    [tuple(o) for o in data["offsets"]], StepLayout.from_dict(data["layout"]),
-                   data["fmt"], data["tokenizer_fingerprint"], data["has_summary"])
+                   data["fmt"], data["tokenizer_fingerprint"], data["has_summary"],
+                   markers=_markers_from_json(data.get("markers")))
+
+
+def _markers_from_json(value: Any) -> tuple[tuple[int, int], tuple[int, int] | None] | None:
+    if value is None:
+        return None
+    thinking, summary = value
+    return tuple(thinking), (tuple(summary) if summary is not None else None)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -444,3 +445,55 @@ def test_cached_and_uncached_decoding_agree_across_a_split_marker(tl_models, tok
     uncached, _ = forced_decode_logits(model, flow, fmt, ids, prompt_length, False)
     assert run.any_relabel and run.stats.to_dict()["smi"][1]["injections"] == 3  # 2 step starts + summary
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+
+
+def track(tokenizer, fmt, ids):
+    """Tracker labels per position after the whole sequence (relabels applied)."""
+    tracker = PhaseTracker(tokenizer, fmt, 1)
+    segments, steps, injects = {}, {}, []
+    for token in ids:
+        for label in tracker.push([token])[0]:
+            segments[label.position], steps[label.position] = label.segment, label.step
+            if label.inject:
+                injects.append(label.position)
+    return [segments[p] for p in range(len(ids))], [steps[p] for p in range(len(ids))], injects
+
+
+def char_level_ids(tokenizer, text):
+    """One id per byte (special tokens kept whole): splits '.' from ' The' and the like."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    ids = []
+    for piece in re.split(r"(<think>|</think>)", text):
+        if piece in ("<think>", "</think>"):
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        else:
+            ids.extend(tokenizer.convert_tokens_to_ids(byte_chars[b]) for b in piece.encode())
+    return ids
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+WORDS = st.sampled_from(["add", "the", "sum", "of", "two", "numbers", "then", "check", "it", "again", "The",
+                         "carefully", "12", "4.5", "x=3", "(a+b)", "so", "we", "get", "So", "Ok"])
+SENTENCE = st.lists(WORDS, min_size=1, max_size=8).map(" ".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sentences=st.lists(SENTENCE, min_size=1, max_size=8), separator=st.sampled_from([". ", ".\n", ".  \n"]),
+       char_level=st.booleans())
+def test_tracker_places_the_same_step_boundaries_as_traces(tokenizer, sentences, separator, char_level):
+    text = "Question: why?\n<think>\n" + separator.join(sentences) + ".\n</think>\nThe answer is here."
+    ids = char_level_ids(tokenizer, text) if char_level else tokenizer(text, add_special_tokens=False)["input_ids"]
+    trace = Trace.from_tokens(ids, tokenizer, min_thinking_steps=1)
+    segments, steps, injects = track(tokenizer, stepsal.FORMATS["think"], ids)
+    assert segments == trace.layout.token_segment.tolist()
+    thinking = [s for s in trace.layout.steps if s.segment == THINKING]
+    expected_steps = [-1] * len(ids)
+    for index, step in enumerate(thinking):
+        expected_steps[step.token_span[0]:step.token_span[1]] = [index] * step.n_tokens
+    assert steps == expected_steps
+    summary_start = trace.marker_end_token(SUMMARY)
+    assert injects == [s.token_span[0] for s in thinking[1:]] + [summary_start]

@@ -81,14 +81,15 @@ def test_custom_format_strings_and_regex(tokenizer):
         assert [s.kind for s in trace.layout.steps] == ["question", "thinking", "thinking", "summary"]
 
 
-def test_short_pieces_numbers_and_tables_join_a_neighbour(tokenizer):
+def test_short_pieces_numbers_and_tables_join_the_following_step(tokenizer):
     text = ("Question? <think>Ok. 12. First real sentence is here. | a | b |. "
             "Second real sentence is here. 3.5 - 7. Third one is long enough.</think> Done and dusted, all good.")
     trace = Trace.from_text(text, tokenizer)
     check_layout(trace)
     thinking = [s.text for s in trace.layout.steps if s.segment == THINKING]
-    assert thinking == ["<think>Ok. 12. First real sentence is here. | a | b |. ",
-                        "Second real sentence is here. 3.5 - 7. ", "Third one is long enough."]
+    # a step ends after each kept sentence; short pieces, numbers and table rows ride with the next one
+    assert thinking == ["<think>Ok. 12. First real sentence is here.", " | a | b |. Second real sentence is here.",
+                        " 3.5 - 7. Third one is long enough."]
     assert not keep_thinking_piece("| a | b |") and not keep_thinking_piece("12, 345.6")
 
 

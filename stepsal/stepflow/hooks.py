@@ -115,9 +115,9 @@ class FlowRun:
             for position in range(*step.token_span):
                 labels[position].step = index
             labels[step.token_span[0]].inject = index >= 1
-        summary = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
-        if flow.smi_at_summary and summary.numel() and thinking:
-            labels[int(summary[0])].inject = True
+        marker_end = trace.marker_end_token(SUMMARY)  # generation acts where the marker completes
+        if flow.smi_at_summary and marker_end is not None and thinking:
+            labels[marker_end].inject = True
         run.label([labels])
         run.begin_forward(0, len(trace))
         return run
@@ -135,10 +135,11 @@ class FlowRun:
                 if lab.segment == THINKING and lab.step >= 0:
                     self._last_step[b] = max(self._last_step[b], lab.step)
         if fresh:
-            source = [(lab.step - 1 if lab.segment == THINKING else self._last_step[b]) if lab.inject else -1
-                      for b, lab, _ in fresh]
+            wanted = [lab.inject and (lab.segment == THINKING or self.flow.smi_at_summary) for _, lab, _ in fresh]
+            source = [(lab.step - 1 if lab.segment == THINKING else self._last_step[b]) if inject else -1
+                      for (b, lab, _), inject in zip(fresh, wanted)]
             rows_index, cols = self._index(fresh)
-            values = torch.tensor([[lab.segment, lab.step, src, int(lab.inject and src >= 0)]
+            values = torch.tensor([[lab.segment, lab.step, src, int(src >= 0)]
                                    for (_, lab, _), src in zip(fresh, source)], device=self.device)
             for tensor, column in ((self.first_segment, 0), (self.segment, 0), (self.first_step, 1),
                                    (self.step, 1), (self.source, 2)):
@@ -146,7 +147,7 @@ class FlowRun:
             self.inject[rows_index, cols] = values[:, 3].bool()
             for (b, lab, _), src in zip(fresh, source):
                 self._host_segments[b].append(lab.segment)
-                self._host_inject[b].append(lab.inject and src >= 0)
+                self._host_inject[b].append(src >= 0)
         if relabels:  # processing-time labels, injections and sources stay as they were
             rows_index, cols = self._index(relabels)
             values = torch.tensor([[lab.segment, lab.step, now] for _, lab, now in relabels], device=self.device)

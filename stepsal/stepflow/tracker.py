@@ -3,8 +3,8 @@
 Each token's text comes from a table built once per tokenizer (no per-token decode). A bounded
 window of recent text finds markers, also when split across tokens; marker tokens belong to the
 segment they open and are relabelled when the marker completes. A thinking step ends at a sentence
-end (a period followed by whitespace, the step at least ``min_step_chars`` long); the next token
-with non-whitespace text opens the next step, as in :mod:`stepsal.traces`.
+end (a period followed by whitespace) of a kept sentence (at least ``min_step_chars`` long, not a
+number); the next token with non-whitespace text opens the next step, as in :mod:`stepsal.traces`.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ class RowTracker:
     window_starts: list[int] = field(default_factory=list)  # window offset of each recent token
     window_positions: list[int] = field(default_factory=list)
     step: int = -1
-    step_chars: int = 0
-    sentence_closed: bool = False
+    sentence_chars: int = 0  # characters of the current sentence after its first non-whitespace one
+    sentence_is_number: bool = True  # only digits, '.', ',', '-' and spaces so far
+    sentence_closed: bool = False  # a kept sentence ended: the next non-whitespace text opens a step
     previous_ends_with_period: bool = False
 
     def push(self, text: str) -> list[TokenLabel]:
@@ -110,7 +111,8 @@ class RowTracker:
         self.sentence_closed = False
         self.previous_ends_with_period = False
         if self.phase == THINKING:
-            self.step, self.step_chars = 0, len(self.window) - marker.end()
+            self.step = 0
+            self._new_sentence(self.window[marker.end():])
             return [TokenLabel(p, THINKING, 0, False) for p in self.window_positions[first:]]
         inject = self.step >= 0
         self.step = -1
@@ -119,22 +121,41 @@ class RowTracker:
         return labels
 
     def _thinking_token(self, text: str, position: int) -> TokenLabel:
+        """Sentence ends as in traces: a kept sentence (>= min_step_chars, not a number) followed by
+        whitespace closes the step; the first token with non-whitespace text after it opens the next."""
+        end = _sentence_end(text, self.previous_ends_with_period)
+        self.previous_ends_with_period = text.endswith(".")
+        rest = text
+        if end == -1:  # the period closed the previous token (and was counted); this one starts with whitespace
+            self.sentence_closed = self.sentence_closed or self._sentence_kept(period_counted=True)
+            self._new_sentence("")
         inject = False
         if self.sentence_closed and text.strip():
             self.step += 1
-            self.step_chars = 0
             self.sentence_closed = False
             inject = True
-        if self.step_chars == 0:
-            text_in_step = text.lstrip()  # as in traces: pieces are measured without surrounding space
-        else:
-            text_in_step = text
-        end = _sentence_end(text, self.previous_ends_with_period)
-        if end is not None and self.step_chars + end - (len(text) - len(text_in_step)) >= self.min_step_chars:
-            self.sentence_closed = True
-        self.step_chars += len(text_in_step)
-        self.previous_ends_with_period = text.endswith(".")
+        if end is not None and end >= 0:  # '.' + whitespace inside this token
+            self._add_to_sentence(text[:end])
+            self.sentence_closed = self._sentence_kept()
+            rest = re.sub(r"^\.\s+", "", text[end:])
+            self._new_sentence("")
+        self._add_to_sentence(rest)
         return TokenLabel(position, THINKING, self.step, inject)
+
+    def _new_sentence(self, text: str) -> None:
+        self.sentence_chars, self.sentence_is_number = 0, True
+        self._add_to_sentence(text)
+
+    def _add_to_sentence(self, text: str) -> None:
+        if self.sentence_chars == 0:
+            text = text.lstrip()
+        self.sentence_chars += len(text)
+        if self.sentence_is_number and text and re.sub(r"[\d.,\-\s]", "", text):
+            self.sentence_is_number = False
+
+    def _sentence_kept(self, period_counted: bool = False) -> bool:
+        length = self.sentence_chars - (1 if period_counted else 0)  # traces measure without the period
+        return length >= self.min_step_chars and not self.sentence_is_number
 
 
 def _sentence_end(text: str, previous_ends_with_period: bool) -> int | None:
