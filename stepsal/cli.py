@@ -68,6 +68,9 @@ def generate_command(args: argparse.Namespace) -> int:
     if bool(args.prompt) == bool(args.message):
         raise SystemExit("stepsal generate: pass either --prompt TEXT (used as is) or --message TEXT (chat).")
     oeb_layers, smi_layers = parse_layers(args.oeb_layers), parse_layers(args.smi_layers)
+    flow_options = [args.oeb_layers, args.smi_layers, args.tau_max, args.alpha]
+    if not args.stepflow and any(option is not None for option in flow_options):
+        raise SystemExit("stepsal generate: --oeb-layers/--smi-layers/--tau-max/--alpha need --stepflow.")
     model = load_for_cli(args)
     prompt = args.prompt
     if args.message:
@@ -76,7 +79,10 @@ def generate_command(args: argparse.Namespace) -> int:
         prompt += "<think>\n" if args.start_thinking else ""
     flow = None
     if args.stepflow:
-        flow = StepFlow(oeb_layers=oeb_layers, smi_layers=smi_layers, tau_max=args.tau_max, alpha=args.alpha)
+        defaults = StepFlow()
+        flow = StepFlow(oeb_layers=oeb_layers, smi_layers=smi_layers,
+                        tau_max=defaults.tau_max if args.tau_max is None else args.tau_max,
+                        alpha=defaults.alpha if args.alpha is None else args.alpha)
         print(flow.describe(model.cfg.n_layers))
     started = time.perf_counter()
     out = generate(model, prompt, flow, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -147,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stepflow", action="store_true", help="attach StepFlow (paper defaults)")
     g.add_argument("--oeb-layers", help="e.g. '0,1,2', or 'off' (default: bottom quarter)")
     g.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
-    g.add_argument("--tau-max", type=float, default=0.15)
-    g.add_argument("--alpha", type=float, default=0.06)
+    g.add_argument("--tau-max", type=float, default=None, help="default 0.15")
+    g.add_argument("--alpha", type=float, default=None, help="default 0.06")
     g.add_argument("--marker-in-output", action="store_true", help="the model writes the thinking marker")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

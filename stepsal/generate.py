@@ -86,7 +86,9 @@ class _Decoder:
         elif use_cache:
             from transformers.cache_utils import DynamicCache
 
-            self.cache = DynamicCache(config=model.original_model.config)
+            # no config: a sliding-window layer would then trim its keys and the hooks' positions
+            # (k - q) would no longer be absolute; the model still applies its window through the mask
+            self.cache = DynamicCache()
 
     def __call__(self, tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
         """Logits [batch, n_new, vocab] for the last ``n_new`` of ``tokens`` [batch, k] (mask: 1 = real)."""

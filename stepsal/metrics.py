@@ -89,9 +89,13 @@ def layer_metrics(result) -> LayerMetrics:
     think_idx = torch.tensor(thinking, dtype=torch.long)
     # thinking rows: self + previous step, and the question column
     own = rows[:, think_idx, think_idx]
-    previous = rows[:, think_idx, (think_idx - 1).clamp(min=0)]
+    has_previous = think_idx >= 1  # a trace without question tokens starts with a thinking step
+    previous = rows[:, think_idx, (think_idx - 1).clamp(min=0)] * has_previous
     local = _mean_rows(own + previous)
-    q_share = _mean_rows(rows[:, think_idx][:, :, question].sum(-1))
+    if question:
+        q_share = _mean_rows(rows[:, think_idx][:, :, question].sum(-1))
+    else:
+        q_share = torch.full(local.shape, float("nan"), dtype=rows.dtype)
     # summary rows
     sum_idx = torch.tensor(summary, dtype=torch.long)
     summary_rows = rows[:, sum_idx]  # [L, n_summary, S]

@@ -69,3 +69,8 @@ def test_generate_command_with_stepflow(tmp_path, hf_models, tokenizer, capsys):
 def test_generate_command_bad_layers(tmp_path):
     with pytest.raises(SystemExit, match="layers must look like"):
         main(["generate", "--prompt", "x", "--stepflow", "--oeb-layers", "a,b", "--out", str(tmp_path)])
+
+
+def test_generate_command_flow_options_need_stepflow(tmp_path):
+    with pytest.raises(SystemExit, match="need --stepflow"):
+        main(["generate", "--prompt", "x", "--oeb-layers", "0,1", "--out", str(tmp_path)])

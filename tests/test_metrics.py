@@ -87,3 +87,12 @@ def test_traces_without_summary_are_counted_not_silently_lost():
 def test_groups_need_two_traces_each():
     with pytest.raises(ValueError, match="at least 2 traces"):
         compare_groups([random_result(0)], [random_result(1), random_result(2)])
+
+
+def test_trace_without_question_tokens():
+    """A trace that starts with the thinking marker has no question step: no double counting, NaN share."""
+    layout = StepLayout.from_token_step(torch.arange(8) // 2, [1, 1, 2, 2])
+    sums = torch.rand(2, 4, 4).tril() + 0.1 * torch.eye(4)
+    metrics = StepSaliency(sums, layout, [0, 1]).metrics()
+    assert (metrics.local_share <= 1 + 1e-6).all()
+    assert torch.isnan(metrics.question_share).all()

@@ -39,7 +39,8 @@ def naive_bridge(pattern, query_segment, key_segment, query_position, tau_max):
                 p_s, p_b = row[S].sum(), row[B].sum()
                 p_o = row.sum() - p_s - p_b
                 tau_b = min(math.sqrt(len(B) / (len(B) + len(S))), tau_max, 1 - p_o)
-                if not (1e-12 < p_b < tau_b) or p_s <= 1e-12:
+                smallest = torch.finfo(torch.float32).tiny
+                if not (smallest < p_b < tau_b) or p_s <= smallest:
                     continue
                 new = row.clone()
                 new[B] *= tau_b / p_b
@@ -497,3 +498,30 @@ def test_tracker_places_the_same_step_boundaries_as_traces(tokenizer, sentences,
     assert steps == expected_steps
     summary_start = trace.marker_end_token(SUMMARY)
     assert injects == [s.token_span[0] for s in thinking[1:]] + [summary_start]
+
+
+def test_token_texts_keep_sentencepiece_leading_spaces(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from stepsal.stepflow.tracker import token_texts
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    raw.train_from_iterator(["The sum is four. The product is twelve."] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path)
+    sentencepiece_like = AutoTokenizer.from_pretrained(tmp_path)
+    texts = token_texts(sentencepiece_like)
+    the = sentencepiece_like.convert_tokens_to_ids("\u2581The")
+    assert sentencepiece_like.decode([the]) == "The"  # the decoder strips a first token's space...
+    assert texts[the] == " The"  # ...which the tracker needs to see a sentence end before it
+
+
+def test_layers_accept_numpy_integers_and_refuse_other_types():
+    import numpy as np
+
+    assert StepFlow(oeb_layers=np.arange(2), smi_layers=[np.int64(3)]).layers(4) == ([0, 1], [3])
+    with pytest.raises(StepsalError, match="whole layer numbers"):
+        StepFlow(oeb_layers=[0.5])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from ..errors import StepsalError, UnsupportedModelError
 from ..models import backend_of, check_pattern_edits_honoured, hooks_attached
@@ -27,8 +28,8 @@ class StepFlow:
         smi_at_summary: also inject the last thinking step's momentum at the summary start.
     """
 
-    oeb_layers: Sequence[int] | None = None
-    smi_layers: Sequence[int] | None = None
+    oeb_layers: Iterable | None = None  # of ints (numpy and torch integers too)
+    smi_layers: Iterable | None = None
     tau_max: float = 0.15
     alpha: float = 0.06
     smi_window: str | int = "step"
@@ -36,6 +37,13 @@ class StepFlow:
     smi_at_summary: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("oeb_layers", "smi_layers"):  # any iterable of integers (numpy, torch) -> tuple
+            given = getattr(self, name)
+            if given is not None:
+                try:
+                    object.__setattr__(self, name, tuple(sorted({operator.index(layer) for layer in given})))
+                except TypeError:
+                    raise StepsalError(f"{name} must be whole layer numbers; got {given!r}.") from None
         if not 0 < self.tau_max < 1:
             raise StepsalError(f"tau_max must lie in (0, 1); got {self.tau_max}. The paper uses 0.15.")
         if self.alpha < 0:
@@ -49,13 +57,16 @@ class StepFlow:
     def layers(self, n_layers: int) -> tuple[list[int], list[int]]:
         """(OEB layers, SMI layers) for a model with ``n_layers`` layers, validated."""
         quarter = max(1, n_layers // 4)
-        oeb = list(range(quarter)) if self.oeb_layers is None else sorted(set(self.oeb_layers))
-        smi = list(range(n_layers - quarter, n_layers)) if self.smi_layers is None else sorted(set(self.smi_layers))
-        for name, chosen in (("oeb_layers", oeb), ("smi_layers", smi)):
-            bad = [layer for layer in chosen if not (isinstance(layer, int) and 0 <= layer < n_layers)]
+        bands = {"oeb_layers": (self.oeb_layers, range(quarter)),
+                 "smi_layers": (self.smi_layers, range(n_layers - quarter, n_layers))}
+        chosen = []
+        for name, (given, default) in bands.items():
+            layers = list(default if given is None else given)
+            bad = [layer for layer in layers if not 0 <= layer < n_layers]
             if bad:
                 raise StepsalError(f"{name} {bad} out of range: the model has layers 0..{n_layers - 1}.")
-        return oeb, smi
+            chosen.append(layers)
+        return chosen[0], chosen[1]
 
     def describe(self, n_layers: int) -> str:
         oeb, smi = self.layers(n_layers)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..traces import QUESTION, SUMMARY, THINKING
 
-EPS = 1e-12
+EPS = 1e-12  # guard for 1 - p(O) ~ 0 (METHOD.md section 6)
 
 
 @dataclass
@@ -63,10 +63,11 @@ def odds_equal_bridge(pattern: Float[Tensor, "batch head query key"],
     p_bridge, p_same = torch.einsum("bhqk,bgqk->gbhq", work, masks)
     free = 1.0 - (work.sum(-1) - p_bridge - p_same)  # 1 - p(O): the mass S and B may share
     tau_bridge = torch.minimum(tau.expand_as(p_bridge), free)
-    act = ((n_bridge > 0) & (n_same > 0))[:, None] & (p_bridge < tau_bridge) & (p_bridge > EPS) \
-        & (p_same > EPS) & (free > EPS)
-    scale_bridge = torch.where(act, tau_bridge / p_bridge.clamp(min=EPS), 1.0)[..., None]
-    scale_same = torch.where(act, (free - tau_bridge) / p_same.clamp(min=EPS), 1.0)[..., None]
+    tiny = torch.finfo(torch.float32).tiny  # any positive mass can be rescaled in float32
+    act = ((n_bridge > 0) & (n_same > 0))[:, None] & (p_bridge < tau_bridge) & (p_bridge > tiny) \
+        & (p_same > tiny) & (free > EPS)
+    scale_bridge = torch.where(act, tau_bridge / p_bridge.clamp(min=tiny), 1.0)[..., None]
+    scale_same = torch.where(act, (free - tau_bridge) / p_same.clamp(min=tiny), 1.0)[..., None]
     scale = torch.where(bridge[:, None], scale_bridge, torch.where(same[:, None], scale_same, 1.0))
     edited = torch.where(act[..., None], (work * scale).to(pattern.dtype), pattern)
     p_after = torch.einsum("bhqk,bqk->bhq", edited.float(), masks[:, 0])  # measured, not assumed

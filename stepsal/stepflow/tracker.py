@@ -26,8 +26,15 @@ def token_texts(tokenizer: Any) -> list[str]:
 
     key = tokenizer_fingerprint(tokenizer)
     if key not in _TOKEN_TEXT_CACHE:
-        ids = [[i] for i in range(len(tokenizer))]
-        _TOKEN_TEXT_CACHE[key] = tokenizer.batch_decode(ids, clean_up_tokenization_spaces=False)
+        # decode each token after a reference token and cut the reference off: SentencePiece
+        # decoders strip a leading space from a sequence's first token ('▁The' alone gives 'The')
+        reference = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+        prefix = tokenizer.decode(reference, clean_up_tokenization_spaces=False)
+        pairs = tokenizer.batch_decode([reference + [i] for i in range(len(tokenizer))],
+                                       clean_up_tokenization_spaces=False)
+        singles = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+        _TOKEN_TEXT_CACHE[key] = [pair[len(prefix):] if reference and pair.startswith(prefix) else single
+                                  for pair, single in zip(pairs, singles)]
     return _TOKEN_TEXT_CACHE[key]
 
 
