@@ -117,11 +117,6 @@ def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    return ids
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -197,7 +192,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
             run.label(tracker.push(ids, pads))
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     decoder = _Decoder(model, batch, use_cache)
-    stop_ids = _stop_ids(tokenizer) if stop_at_eos else set()
+    stop_ids = {tokenizer.eos_token_id} - {None} if stop_at_eos else set()
     finished = [False] * batch
     hooks = run.hooks() if run is not None else []
     with hooks_attached(model, hooks):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
 import tempfile
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

@@ -44,17 +44,15 @@ class FlowStats:
                    z(len(oeb_layers)), z(len(smi_layers)), z(len(smi_layers)))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain numbers per layer (one host transfer)."""
-        changed = self.oeb_changed.cpu()
-        safe = changed.clamp(min=1)
+        """Plain numbers per layer (one host transfer per counter)."""
+        rows, changed, before, after, count, norm = (t.tolist() for t in (
+            self.oeb_rows, self.oeb_changed, self.oeb_before, self.oeb_after, self.smi_count, self.smi_norm))
         return {
-            "oeb": {layer: {"rows": int(self.oeb_rows[i]), "changed": int(changed[i]),
-                            "mass_before": float(self.oeb_before[i] / safe[i]) if changed[i] else None,
-                            "mass_after": float(self.oeb_after[i] / safe[i]) if changed[i] else None}
+            "oeb": {layer: {"rows": int(rows[i]), "changed": int(changed[i]),
+                            "mass_before": before[i] / changed[i] if changed[i] else None,
+                            "mass_after": after[i] / changed[i] if changed[i] else None}
                     for i, layer in enumerate(self.oeb_layers)},
-            "smi": {layer: {"injections": int(self.smi_count[i]),
-                            "mean_norm": float(self.smi_norm[i] / max(1, int(self.smi_count[i])))
-                            if self.smi_count[i] else None}
+            "smi": {layer: {"injections": int(count[i]), "mean_norm": norm[i] / count[i] if count[i] else None}
                     for i, layer in enumerate(self.smi_layers)},
         }
 
@@ -92,7 +90,7 @@ class FlowRun:
         self.inject = full(False, torch.bool)
         self.any_relabel = False
         self.offset, self.n_new = 0, 0
-        self._groups: tuple[Tensor, Tensor] | None = None
+        self._groups: tuple | None = None  # per-forward OEB inputs, see _forward_groups
         self.any_active = False  # some query of the current forward is in thinking or summary
         self.any_inject = False  # SMI acts somewhere in the current forward
         self.values: dict[int, Tensor] = {}
@@ -200,23 +198,28 @@ class FlowRun:
             self._check_window(batch, q, k)
             if not self.any_active:
                 return None
-            query_segment = self.first_segment[:, k - q:k]  # a query's label when it was processed
-            key_segment = self.seen(self.segment, self.first_segment, q, k)
-            positions = torch.arange(k - q, k, device=pattern.device)
-            if self._groups is None or self._groups[0].shape[1:] != (q, k):  # shared by this forward's layers
-                self._groups = bridge_groups(query_segment, key_segment, positions)
-            edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max,
-                                     self._groups)
+            query_segment, key_segment, positions, groups = self._forward_groups(q, k)
+            edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max, groups)
             with torch.no_grad():
-                eligible = ((query_segment == THINKING) | (query_segment == SUMMARY)).sum() * heads
                 stats = self.stats
-                stats.oeb_rows[index] += eligible
+                stats.oeb_rows[index] += ((query_segment == THINKING) | (query_segment == SUMMARY)).sum() * heads
                 stats.oeb_changed[index] += edit.changed.sum()
                 stats.oeb_before[index] += (edit.mass_before * edit.changed).sum()  # masks, not indexing:
                 stats.oeb_after[index] += (edit.mass_after * edit.changed).sum()    # no device sync
             return edit.pattern
 
         return odds_equal_bridge_hook
+
+    def _forward_groups(self, q: int, k: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Query labels (as processed), key labels (as seen), query positions and the S/B masks of
+        the current forward: the same for every OEB layer, so computed once per forward."""
+        if self._groups is None or self._groups[1].shape[-1] != k or self._groups[2].shape[0] != q:
+            query_segment = self.first_segment[:, k - q:k]
+            key_segment = self.seen(self.segment, self.first_segment, q, k)
+            positions = torch.arange(k - q, k, device=self.device)
+            self._groups = (query_segment, key_segment, positions,
+                            bridge_groups(query_segment, key_segment, positions))
+        return self._groups
 
     def _remember_values(self, layer: int) -> Callable:
         def remember_values(v: Float[Tensor, "batch pos kv_head d_head"], hook: Any) -> None:

@@ -32,9 +32,10 @@ def token_texts(tokenizer: Any) -> list[str]:
         prefix = tokenizer.decode(reference, clean_up_tokenization_spaces=False)
         pairs = tokenizer.batch_decode([reference + [i] for i in range(len(tokenizer))],
                                        clean_up_tokenization_spaces=False)
-        singles = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
-        _TOKEN_TEXT_CACHE[key] = [pair[len(prefix):] if reference and pair.startswith(prefix) else single
-                                  for pair, single in zip(pairs, singles)]
+        _TOKEN_TEXT_CACHE[key] = [
+            pair[len(prefix):] if reference and pair.startswith(prefix)
+            else tokenizer.decode([i], clean_up_tokenization_spaces=False)  # rare: decode alone
+            for i, pair in enumerate(pairs)]
     return _TOKEN_TEXT_CACHE[key]
 
 
@@ -70,16 +71,12 @@ class RowTracker:
         position = self.position
         self.position += 1
         self._append(text, position)
-        labels: list[TokenLabel] = []
         marker = self._completed_marker(len(text))
         if marker is not None:
-            labels = self._enter_next_phase(marker, position)
-            if labels:
-                return labels
-        label = TokenLabel(position, self.phase, -1, False)
+            return self._enter_next_phase(marker, position)
         if self.phase == THINKING:
-            label = self._thinking_token(text, position)
-        return [label]
+            return [self._thinking_token(text, position)]
+        return [TokenLabel(position, self.phase, -1, False)]
 
     def pad(self) -> TokenLabel:
         """A padding position (outside every segment)."""
