@@ -18,6 +18,7 @@ from torch import Tensor
 from .errors import StepsalError, TraceFormatError
 from .formats import TraceFormat, get_format
 from .models import backend_of, hooks_attached, load_model
+from .sites import first_device
 from .stepflow.config import StepFlow, check_model
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
@@ -77,7 +78,7 @@ class _Decoder:
     def __init__(self, model: Any, batch: int, use_cache: bool):
         self.model, self.use_cache = model, use_cache
         self.backend = backend_of(model)
-        self.device = next(model.parameters()).device
+        self.device = first_device(model)
         self.cache: Any = None
         if use_cache and self.backend == "hooked":
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -165,7 +166,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     if any(len(r) == 0 for r in rows):
         raise StepsalError("a prompt has no tokens.")
     if stepflow is not None:
-        check_model(model)
+        check_model(model, stepflow)
         if not marker_in_output:
             _require_thinking_marker(tokenizer, rows, fmt)
     batch, prompt_length = len(rows), max(len(r) for r in rows)
@@ -173,7 +174,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     if n_ctx is not None and prompt_length + max_new_tokens > n_ctx:
         raise StepsalError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                            f"context of {n_ctx}; lower max_new_tokens.")
-    device = next(model.parameters()).device
+    device = first_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tokens = torch.full((batch, prompt_length), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, prompt_length), dtype=torch.long)
@@ -185,12 +186,12 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     run, tracker = None, None
     if stepflow is not None:
         run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens)
-        tracker = PhaseTracker(tokenizer, fmt, batch)
+        tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=model.cfg.d_vocab)
         for position in range(prompt_length):
             pads = [len(ids) < prompt_length - position for ids in rows]
             ids = [r[position - (prompt_length - len(r))] if not pad else pad_id for r, pad in zip(rows, pads)]
             run.label(tracker.push(ids, pads))
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = None  # made on the logits' device (the last GPU of a split model)
     decoder = _Decoder(model, batch, use_cache)
     stop_ids = {tokenizer.eos_token_id} - {None} if stop_at_eos else set()
     finished = [False] * batch
@@ -201,6 +202,8 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
             if run is not None:
                 run.begin_forward(tokens.shape[1] - n_new if use_cache else 0, n_new if use_cache else tokens.shape[1])
             logits = decoder(tokens, mask, n_new if use_cache else tokens.shape[1])
+            if seed is not None and generator is None:
+                generator = torch.Generator(device=logits.device).manual_seed(seed)
             chosen = _sample(logits[:, -1], do_sample, temperature, top_p, generator)
             chosen_ids = chosen.tolist()  # the one host transfer per step
             pads = list(finished)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -102,9 +102,14 @@ def hooks_attached(model: Any, fwd_hooks: list[tuple[str, Callable[[Any, Any], A
 
 # ---------------------------------------------------------------- loading
 
+# logits of the loaded model may differ from transformers' by op order only: max |diff| relative
+# to the largest logit, per dtype (a real adapter bug, Cohere2 on TL 3.9, gave 5e-3 in float32)
+LOGIT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
 
 def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+               n_devices: int = 1, device_map: str | dict | None = None,
                allow_download: bool = False) -> Any:
     """A TransformerLens model from an embedded name, a local folder, a transformers model or a hub name.
 
@@ -114,27 +119,117 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
             or a hub name (only with ``allow_download=True`` and ``HF_HUB_OFFLINE=0``).
         tokenizer: the tokenizer of an in-memory model (a folder brings its own).
         backend: ``"hooked"`` (HookedTransformer, default where it exists) or ``"bridge"``.
-        device, dtype: where and how to hold the weights.
+        device, dtype: where and how to hold the weights (default: CPU, float32). Checked after loading.
+        n_devices: split the layers over this many GPUs (HookedTransformer's own model parallelism;
+            on the bridge, a balanced accelerate device map over the first ``n_devices`` GPUs).
+        device_map: an accelerate device map for the bridge (``"auto"``, ``"balanced"`` or a dict),
+            applied by ``from_pretrained``: pass a folder or hub name, not an in-memory model.
         allow_download: permit a hub download; never attempted otherwise.
 
     Returns:
-        HookedTransformer or TransformerBridge with raw weights (no folding or centring), so its
-        logits equal the transformers model's. Refuses adapters that ignore ``hook_pattern`` edits.
+        HookedTransformer or TransformerBridge with raw weights (no folding or centring). Refused,
+        with the reason, when its logits on a probe input differ from the transformers model's
+        beyond float tolerance, or when no layer honours ``hook_pattern`` edits.
     """
     backend = resolve_backend(backend)
-    hf_model, tokenizer = _resolve_source(source, tokenizer, dtype, allow_download)
+    placement = _placement(backend, device, n_devices, device_map, source)
+    # HookedTransformer converts from the CPU copy and places its own modules
+    hf_model, tokenizer = _resolve_source(source, tokenizer, dtype, allow_download,
+                                          placement if backend == "bridge" else _Placement(None, 1, None))
     tokenizer = _tokenizer_with_name(tokenizer)
-    if backend == "hooked":
-        model = _hooked_from_hf(hf_model, tokenizer, dtype)
-        if device is not None:
-            model = model.to(device)
-    else:
-        label = str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
-        model = bridge_class().boot_transformers(label, hf_model=hf_model, tokenizer=tokenizer,
-                                                 device=device, dtype=dtype)
-    model.eval()
-    check_pattern_edits_honoured(model)
+    from .sites import PROBE_TOKENS
+
+    probe = (torch.arange(1, PROBE_TOKENS + 1) % hf_model.config.get_text_config().vocab_size)[None]
+    with torch.no_grad():
+        expected = hf_model(probe.to(hf_model.get_input_embeddings().weight.device)).logits.float().cpu()
+    try:
+        if backend == "hooked":
+            model = _hooked_from_hf(hf_model, tokenizer, dtype, placement)
+        else:
+            model = _bridge_from_hf(hf_model, tokenizer, dtype, placement)
+        model.eval()
+        _check_placement(model, placement, dtype)
+        _check_against_transformers(model, expected, dtype)  # the first forward: it may fail too
+    except UnsupportedModelError:
+        raise
+    except Exception as error:  # an adapter that cannot take this model fails in many ways
+        other = "bridge" if backend == "hooked" else "hooked"
+        raise UnsupportedModelError(
+            f"{'HookedTransformer' if backend == 'hooked' else 'TransformerBridge'} cannot load "
+            f"{type(hf_model).__name__} on this TransformerLens ({type(error).__name__}: {error}). "
+            f"Try backend={other!r}, or see docs/models.md for the architectures that load."
+        ) from error
     return model
+
+
+@dataclass(frozen=True)
+class _Placement:
+    device: torch.device | None  # single device (None: CPU)
+    n_devices: int
+    device_map: str | dict | None  # bridge only
+
+
+def _placement(backend: str, device: Any, n_devices: int, device_map: Any, source: Any) -> _Placement:
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be >= 1; got {n_devices}.")
+    if n_devices > 1:
+        have = torch.cuda.device_count()
+        if have < n_devices:
+            raise UnsupportedModelError(f"n_devices={n_devices} needs {n_devices} GPUs; this machine has {have}.")
+        if device_map is not None:
+            raise ValueError("pass n_devices or device_map, not both.")
+        if backend == "bridge":
+            device_map = "balanced"
+    if device_map is not None:
+        if backend == "hooked":
+            raise ValueError("device_map is for backend='bridge'; HookedTransformer splits its layers with "
+                             "n_devices=N.")
+        if device is not None:
+            raise ValueError("pass device or device_map, not both.")
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError("device_map places weights while from_pretrained loads them: pass the model's "
+                             "folder (save_pretrained) instead of an in-memory model.")
+    return _Placement(None if device is None else torch.device(device), n_devices, device_map)
+
+
+def _check_placement(model: Any, placement: _Placement, dtype: torch.dtype) -> None:
+    """Every floating parameter where and as asked (a silent CPU fallback costs hours)."""
+    devices = {p.device for p in model.parameters()}
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    wanted = placement.device or torch.device("cpu")
+    if placement.device_map is None and placement.n_devices == 1 and devices != {_canonical(wanted)}:
+        raise UnsupportedModelError(f"asked for device {wanted} but the weights are on {sorted(map(str, devices))}.")
+    if dtypes != {dtype}:
+        raise UnsupportedModelError(f"asked for {dtype} but the weights are {sorted(map(str, dtypes))}.")
+
+
+def _canonical(device: torch.device) -> torch.device:
+    """'cuda' means the current CUDA device, which parameters report with its index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_against_transformers(model: Any, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Logits of the probe input equal the transformers model's; some layer honours pattern edits."""
+    from .sites import attention_sites, probe_logits
+
+    sites = attention_sites(model)
+    got = probe_logits(model)
+    scale = float(expected.abs().max()) or 1.0
+    diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    tolerance = LOGIT_TOLERANCE.get(dtype, 1e-2)
+    if not diff <= tolerance * scale:  # also catches NaN
+        raise UnsupportedModelError(
+            f"{model_label(model)}: on this TransformerLens its logits differ from the transformers "
+            f"model's by {diff:.2e} (largest logit {scale:.2e}, tolerance {tolerance:g} relative in {dtype}), "
+            "so every saliency map and intervention would describe a different model. Try the other "
+            "backend, another TransformerLens version (docs/models.md lists what matches), or float32.")
+    if not sites.attention_layers:
+        raise UnsupportedModelError(
+            f"{model_label(model)}: {sites.describe_missing(list(range(sites.n_layers)))}, so Step-Saliency "
+            "and StepFlow cannot run. Use backend='hooked' if HookedTransformer supports the architecture, "
+            "or a model family whose bridge adapter honours hook_pattern.")
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -151,34 +246,44 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
-def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_download: bool) -> tuple[Any, Any]:
+def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_download: bool,
+                    placement: _Placement) -> tuple[Any, Any]:
+    """The transformers model (eager attention) and its tokenizer, placed as ``placement`` says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer: load_model(model, tokenizer).")
         # the bridge rewrites the model it is given; keep the caller's model intact
-        return copy.deepcopy(source).to(dtype).eval(), tokenizer
-    if not isinstance(source, (str, os.PathLike)):
+        hf_model, tokenizer = copy.deepcopy(source).to(dtype).eval(), tokenizer
+        hf_model.config._attn_implementation = "eager"
+    elif not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"cannot load a model from {type(source).__name__}: pass a name, a folder or "
                         "a transformers model.")
+    else:
+        folder = _folder_of(str(source), allow_download)
+        extra = {"device_map": placement.device_map} if placement.device_map is not None else {}
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **extra)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+    if placement.device_map is None and placement.device is not None:
+        hf_model.to(placement.device)
+    return hf_model.eval(), tokenizer
+
+
+def _folder_of(name: str, allow_download: bool) -> str | Path:
     from .embedded import EMBEDDED, embedded_folder
 
-    name = str(source)
     if name.lower() in EMBEDDED:
-        folder = embedded_folder(name.lower())
-    elif Path(name).is_dir():
-        folder = Path(name)
-    elif not allow_download or hub_offline():
+        return embedded_folder(name.lower())
+    if Path(name).is_dir():
+        return Path(name)
+    if not allow_download or hub_offline():
         raise FileNotFoundError(
             f"{name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder, and "
             "downloads are off. Save the model with save_pretrained and pass the folder, or set "
             "HF_HUB_OFFLINE=0 before importing stepsal and pass allow_download=True."
         )
-    else:
-        folder = name  # a hub name, explicitly allowed online
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
-    return hf_model.eval(), (tokenizer or AutoTokenizer.from_pretrained(folder))
+    return name  # a hub name, explicitly allowed online
 
 
 def _tokenizer_with_name(tokenizer: Any) -> Any:
@@ -192,7 +297,28 @@ def _tokenizer_with_name(tokenizer: Any) -> Any:
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype) -> Any:
+def _bridge_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
+    if not getattr(hf_model.config, "architectures", None):  # the bridge picks its adapter by this
+        hf_model.config.architectures = [type(hf_model).__name__]
+    label = str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
+    # a placed model keeps its placement: pass its own device (the bridge would otherwise record
+    # the default device in cfg while the weights stay where they are)
+    device = None if placement.device_map is not None else next(hf_model.parameters()).device
+    return bridge_class().boot_transformers(label, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                            dtype=dtype)
+
+
+def context_length(hf_config: Any) -> int | None:
+    """The context a transformers config declares."""
+    config = hf_config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
     """HookedTransformer from an in-memory transformers model, never touching the hub."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
 
@@ -200,50 +326,38 @@ def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype) -> Any:
     config.architectures = [type(hf_model).__name__]
     if config.model_type == "gpt2" and not hasattr(config, "n_ctx"):
         config.n_ctx = config.n_positions  # TransformerLens reads the older attribute
+    device = placement.device or torch.device("cpu")
     with tempfile.TemporaryDirectory() as root:
         # TransformerLens guesses architectures from substrings of the path: keep the name neutral
         folder = os.path.join(root, "stepsal-model")
         config.save_pretrained(folder)
         try:
             cfg = get_pretrained_model_config(folder, hf_cfg=config.to_dict(), fold_ln=False,
-                                              device="cpu", dtype=dtype)
+                                              device=str(device), n_devices=placement.n_devices, dtype=dtype)
             state = get_pretrained_state_dict(folder, cfg, hf_model=hf_model, dtype=dtype)
-        except (KeyError, NotImplementedError, ValueError) as error:
+        except (KeyError, NotImplementedError, ValueError, AttributeError) as error:
             raise UnsupportedModelError(
-                f"HookedTransformer does not support {type(hf_model).__name__} ({error}). "
-                "Try backend='bridge'."
+                f"HookedTransformer does not support {type(hf_model).__name__} ({type(error).__name__}: "
+                f"{error}). Try backend='bridge'."
             ) from error
+    # TransformerLens caps the context of some families (Qwen3: 2048) to bound a mask it no longer
+    # builds; rotary tables grow on demand, so use the context the model was trained for
+    declared = context_length(hf_model.config)
+    if cfg.positional_embedding_type == "rotary" and declared and declared > cfg.n_ctx:
+        cfg.n_ctx = declared
     model = hooked_transformer_class()(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
+    del state
+    model.move_model_modules_to_device()
     return model
 
 
-_HONOURS_PATTERN_EDITS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+def check_pattern_edits_honoured(model: Any, layers: list[int] | None = None) -> None:
+    """Refuse layers whose ``hook_pattern`` is missing or whose edits are discarded (OPT, GPT-J, ...
+    on the bridge; linear-attention layers of hybrid models). Default: every layer."""
+    from .sites import attention_sites
 
-
-def check_pattern_edits_honoured(model: Any) -> None:
-    """Refuse adapters that silently discard edits to ``hook_pattern`` (OPT, GPT-J, ... on the bridge).
-
-    Checked once per model object by an edit that must change the logits of a 4-token input.
-    """
-    if model in _HONOURS_PATTERN_EDITS:
-        return
-    tokens = torch.arange(1, 5, device=next(model.parameters()).device)[None] % model.cfg.d_vocab
-
-    def uniform(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-        causal = torch.ones_like(pattern).tril()
-        return causal / causal.sum(-1, keepdim=True)
-
-    with torch.no_grad():
-        plain = model(tokens, **forward_kwargs(model))
-        edited = model.run_with_hooks(tokens, fwd_hooks=[(hook_name(0, "pattern"), uniform)],
-                                      **forward_kwargs(model))
-    if torch.equal(plain, edited):
-        raise UnsupportedModelError(
-            f"{model_label(model)}: this TransformerLens adapter discards edits to hook_pattern "
-            "(attention is computed inside transformers), so Step-Saliency gradients and StepFlow "
-            "would be silent no-ops. Use backend='hooked' if HookedTransformer supports the "
-            "architecture, or a model family whose bridge adapter honours hook_pattern."
-        )
-    _HONOURS_PATTERN_EDITS.add(model)
+    sites = attention_sites(model)
+    layers = list(range(sites.n_layers)) if layers is None else layers
+    sites.require_attention(layers, model_label(model))

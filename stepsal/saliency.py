@@ -27,6 +27,7 @@ from torch import Tensor
 from .errors import ModelMismatchError, NonFiniteGradientError
 from .models import backend_of, forward_kwargs, hook_name, hooks_attached, model_label
 from .pooling import NORMS, normalize, pool
+from .sites import attention_sites, first_device
 from .targets import Target, make_target
 from .traces import StepLayout, Trace, tokenizer_fingerprint
 
@@ -255,7 +256,7 @@ def _checked_loss(loss: Tensor) -> Tensor:
 
 def _normal_mode_fits(model: Any, n_tokens: int) -> bool:
     """Whether autograd's saved patterns of all layers (about 2 x L x H x T^2) fit in a quarter of memory."""
-    param = next(model.parameters())
+    param = model.embed.W_E if hasattr(model, "embed") else next(model.parameters())
     need = 2 * model.cfg.n_layers * model.cfg.n_heads * n_tokens ** 2 * param.element_size()
     if param.device.type == "cuda":
         available = torch.cuda.mem_get_info(param.device)[0]
@@ -281,7 +282,8 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
         rule: ``"ag"`` |A*g| (paper), ``"ag_signed"`` A*g, ``"g"`` |g|.
         norm: ``"causal"`` (default), ``"block"`` (reference) or ``"row"``.
         per_head: also keep [layer, head, step, step] maps.
-        layers: the layers to compute (default all).
+        layers: the layers to compute (default: every layer with a softmax attention pattern, which
+            is all of them except in hybrid models; ``result.layers`` names them).
         checkpoint: recompute one block at a time in the backward pass (long traces); ``None``
             chooses it when all layers' patterns would not fit in a quarter of memory.
 
@@ -294,11 +296,16 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
     if norm not in NORMS:
         raise ValueError(f"unknown normalisation {norm!r}: use one of {NORMS}.")
     _check_fits(model, trace)
-    layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(layers))
-    if not layers or not all(0 <= layer < model.cfg.n_layers for layer in layers):
-        raise ValueError(f"layers must be a non-empty subset of 0..{model.cfg.n_layers - 1}; got {layers}.")
+    sites = attention_sites(model)
+    if layers is None:  # hybrid models: the layers with a softmax pattern (result.layers names them)
+        layers = sites.attention_layers
+    else:
+        layers = sorted(set(layers))
+        if not layers or not all(0 <= layer < model.cfg.n_layers for layer in layers):
+            raise ValueError(f"layers must be a non-empty subset of 0..{model.cfg.n_layers - 1}; got {layers}.")
+        sites.require_attention(layers, f"Step-Saliency on {model_label(model)}")
     description, target_fn = make_target(target, trace, answer)
-    device = next(model.parameters()).device
+    device = first_device(model)
     tokens = trace.tokens.to(device)
     pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads)
     if checkpoint is None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from ..errors import StepsalError, UnsupportedModelError
-from ..models import backend_of, check_pattern_edits_honoured, hooks_attached
+from ..models import backend_of, hooks_attached, model_label
+from ..sites import attention_sites
 
 SMI_SITES = ("resid_post", "z")
 
@@ -68,6 +69,39 @@ class StepFlow:
             chosen.append(layers)
         return chosen[0], chosen[1]
 
+    def layers_for(self, model: Any) -> tuple[list[int], list[int]]:
+        """(OEB layers, SMI layers) on ``model``: default bands keep the layers that have what each
+        part hooks (hybrid models mix in linear-attention layers); chosen layers must all have it."""
+        sites = attention_sites(model)
+        oeb, smi = self.layers(model.cfg.n_layers)
+        usable = set(sites.attention_layers)
+        injectable = usable & set(sites.value_layout) & (set(sites.z_layers) if self.smi_site == "z" else usable)
+        if self.oeb_layers is None:
+            oeb = [layer for layer in oeb if layer in usable]
+        if self.smi_layers is None:
+            smi = [layer for layer in smi if layer in injectable]
+        label = model_label(model)
+        if (self.oeb_layers is None and not oeb) or (self.smi_layers is None and not smi and self.alpha > 0):
+            raise UnsupportedModelError(
+                f"StepFlow on {label}: the default {'OEB' if not oeb else 'SMI'} band (a quarter of the layers) "
+                f"has no layer with a usable attention pattern: {sites.describe_missing(list(range(sites.n_layers)))}. "
+                + (f"Choose oeb_layers / smi_layers among {sites.attention_layers}." if sites.attention_layers
+                   else "Use backend='hooked' if HookedTransformer supports the architecture."))
+        sites.require_attention(oeb, f"StepFlow's Odds-Equal Bridge on {label}")
+        sites.require_attention(smi, f"StepFlow's Step Momentum Injection on {label}")
+        no_values = [layer for layer in smi if layer not in sites.value_layout]
+        if no_values and self.alpha > 0:
+            raise UnsupportedModelError(
+                f"Step Momentum Injection on {label}: hook_v never fires in layers {no_values}, so there are "
+                "no value vectors to average. Choose other smi_layers or set alpha=0.")
+        no_z = [layer for layer in smi if layer not in sites.z_layers]
+        if self.smi_site == "z" and no_z and self.alpha > 0:
+            raise UnsupportedModelError(
+                f"Step Momentum Injection on {label}: hook_z never fires as [batch, pos, head, d_head] in layers "
+                f"{no_z} on this adapter (multi-head latent attention, for one). Use smi_site='resid_post', "
+                "which adds the same vector after the layer.")
+        return oeb, smi
+
     def describe(self, n_layers: int) -> str:
         oeb, smi = self.layers(n_layers)
         return (f"StepFlow(OEB layers {oeb or 'off'}, tau_max={self.tau_max}; SMI layers {smi or 'off'}, "
@@ -83,16 +117,13 @@ class StepFlow:
         """
         from .hooks import FlowRun
 
-        check_model(model)
+        check_model(model, self)
         run = FlowRun.for_trace(self, model, trace)
         with hooks_attached(model, run.hooks()):
             yield run
 
 
-def check_model(model: Any) -> None:
-    """StepFlow edits hook_pattern: refuse a model whose adapter would ignore the edits."""
+def check_model(model: Any, flow: StepFlow) -> None:
+    """StepFlow edits hook_pattern and reads hook_v: refuse layers where the adapter lacks them."""
     backend_of(model)
-    try:
-        check_pattern_edits_honoured(model)
-    except UnsupportedModelError as error:
-        raise UnsupportedModelError(f"StepFlow cannot run: {error}") from None
+    flow.layers_for(model)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import StepsalError
 from ..models import hook_name
+from ..sites import attention_sites, first_device
 from ..traces import SUMMARY, THINKING, Trace
 from .config import StepFlow
 from .oeb import bridge_groups, odds_equal_bridge
@@ -74,8 +75,9 @@ class FlowRun:
 
     def __init__(self, flow: StepFlow, model: Any, batch: int, capacity: int):
         self.flow, self.model = flow, model
-        self.oeb_layers, self.smi_layers = flow.layers(model.cfg.n_layers)
-        device = next(model.parameters()).device
+        self.oeb_layers, self.smi_layers = flow.layers_for(model)
+        device = first_device(model)
+        self.value_layout = attention_sites(model).value_layout
         self.batch, self.capacity, self.device = batch, capacity, device
         full = lambda value, dtype: torch.full((batch, capacity), value, dtype=dtype, device=device)  # noqa: E731
         # Labels as first given (= as seen when the position was processed), the current ones (a
@@ -90,7 +92,7 @@ class FlowRun:
         self.inject = full(False, torch.bool)
         self.any_relabel = False
         self.offset, self.n_new = 0, 0
-        self._groups: tuple | None = None  # per-forward OEB inputs, see _forward_groups
+        self._groups: dict[torch.device, tuple] = {}  # per-forward OEB inputs per device, see _forward_groups
         self.any_active = False  # some query of the current forward is in thinking or summary
         self.any_inject = False  # SMI acts somewhere in the current forward
         self.values: dict[int, Tensor] = {}
@@ -168,7 +170,7 @@ class FlowRun:
     def begin_forward(self, offset: int, n_new: int) -> None:
         """The next forward runs positions [offset, offset + n_new) of every row."""
         self.offset, self.n_new = offset, n_new
-        self._groups = None
+        self._groups = {}
         window = [(segs[offset:offset + n_new], injs[offset:offset + n_new])  # processing-time labels
                   for segs, injs in zip(self._host_segments, self._host_inject)]
         self.any_active = any(s in (THINKING, SUMMARY) for segs, _ in window for s in segs)
@@ -198,31 +200,38 @@ class FlowRun:
             self._check_window(batch, q, k)
             if not self.any_active:
                 return None
-            query_segment, key_segment, positions, groups = self._forward_groups(q, k)
+            query_segment, key_segment, positions, groups = self._forward_groups(q, k, pattern.device)
             edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max, groups)
             with torch.no_grad():
                 stats = self.stats
-                stats.oeb_rows[index] += ((query_segment == THINKING) | (query_segment == SUMMARY)).sum() * heads
-                stats.oeb_changed[index] += edit.changed.sum()
-                stats.oeb_before[index] += (edit.mass_before * edit.changed).sum()  # masks, not indexing:
-                stats.oeb_after[index] += (edit.mass_after * edit.changed).sum()    # no device sync
+                here = stats.oeb_rows.device  # layers split over GPUs: counters live on the first
+                stats.oeb_rows[index] += (((query_segment == THINKING) | (query_segment == SUMMARY)).sum()
+                                          * heads).to(here)
+                stats.oeb_changed[index] += edit.changed.sum().to(here)
+                stats.oeb_before[index] += (edit.mass_before * edit.changed).sum().to(here)  # masks, not
+                stats.oeb_after[index] += (edit.mass_after * edit.changed).sum().to(here)    # indexing: no sync
             return edit.pattern
 
         return odds_equal_bridge_hook
 
-    def _forward_groups(self, q: int, k: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    def _forward_groups(self, q: int, k: int, device: torch.device
+                        ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Query labels (as processed), key labels (as seen), query positions and the S/B masks of
-        the current forward: the same for every OEB layer, so computed once per forward."""
-        if self._groups is None or self._groups[1].shape[-1] != k or self._groups[2].shape[0] != q:
-            query_segment = self.first_segment[:, k - q:k]
-            key_segment = self.seen(self.segment, self.first_segment, q, k)
-            positions = torch.arange(k - q, k, device=self.device)
-            self._groups = (query_segment, key_segment, positions,
-                            bridge_groups(query_segment, key_segment, positions))
-        return self._groups
+        the current forward: the same for every OEB layer, so computed once per forward (and device)."""
+        cached = self._groups.get(device)
+        if cached is None or cached[1].shape[-1] != k or cached[2].shape[0] != q:
+            query_segment = self.first_segment[:, k - q:k].to(device)
+            key_segment = self.seen(self.segment, self.first_segment, q, k).to(device)
+            positions = torch.arange(k - q, k, device=device)
+            self._groups[device] = (query_segment, key_segment, positions,
+                                    bridge_groups(query_segment, key_segment, positions))
+        return self._groups[device]
 
     def _remember_values(self, layer: int) -> Callable:
-        def remember_values(v: Float[Tensor, "batch pos kv_head d_head"], hook: Any) -> None:
+        head_first = self.value_layout.get(layer) == "head_pos"  # MLA adapters: [batch, head, pos, d]
+
+        def remember_values(v: Tensor, hook: Any) -> None:
+            v = v.transpose(1, 2) if head_first else v  # [batch, pos, kv_head, d_head]
             self._check_window(v.shape[0], v.shape[1])
             if layer not in self.values:
                 self.values[layer] = v.new_zeros(self.batch, self.capacity, *v.shape[2:])
@@ -243,11 +252,11 @@ class FlowRun:
             from_end = members.flip(-1).cumsum(-1).flip(-1)
             members &= from_end <= self.flow.smi_window
         counts = members.sum(-1)
-        values = self.values[layer][:, :end]  # [b, k, kv_head, d]
-        mean = torch.einsum("bqk,bknd->bqnd", members.to(values.dtype), values)
-        mean = mean / counts.clamp(min=1)[..., None, None].to(values.dtype)
+        values = self.values[layer][:, :end]  # [b, k, kv_head, d], on this layer's device
+        mean = torch.einsum("bqk,bknd->bqnd", members.to(values.device, values.dtype), values)
+        mean = mean / counts.clamp(min=1)[..., None, None].to(values.device, values.dtype)
         mean = mean.repeat_interleave(n_heads // values.shape[2], dim=2)  # grouped KV heads -> query heads
-        return mean, self.inject[:, start:end] & (counts > 0)
+        return mean, (self.inject[:, start:end] & (counts > 0)).to(values.device)
 
     def _smi_hook(self, index: int, layer: int) -> Callable:
         alpha, site = self.flow.alpha, self.flow.smi_site
@@ -268,8 +277,9 @@ class FlowRun:
                 norms = added.norm(dim=-1)
                 mask = where[..., None]
             with torch.no_grad():
-                self.stats.smi_count[index] += where.sum()
-                self.stats.smi_norm[index] += (norms * where).sum()
+                here = self.stats.smi_count.device
+                self.stats.smi_count[index] += where.sum().to(here)
+                self.stats.smi_norm[index] += (norms * where).sum().to(here)
             return torch.where(mask, x + added, x)
 
         return step_momentum_injection

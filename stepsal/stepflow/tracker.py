@@ -176,8 +176,13 @@ def _sentence_end(text: str, previous_ends_with_period: bool) -> int | None:
 class PhaseTracker:
     """One :class:`RowTracker` per row of a batch, fed token ids."""
 
-    def __init__(self, tokenizer: Any, fmt: TraceFormat, batch: int, min_step_chars: int = MIN_THINKING_CHARS):
+    def __init__(self, tokenizer: Any, fmt: TraceFormat, batch: int, min_step_chars: int = MIN_THINKING_CHARS,
+                 vocab_size: int = 0):
+        """``vocab_size``: the model's; ids the tokenizer lacks (Qwen2.5 pads 151665 tokens to
+        151936 embedding rows) have no text, as when the tokenizer decodes them."""
         self.texts = token_texts(tokenizer)
+        if vocab_size > len(self.texts):
+            self.texts = self.texts + [""] * (vocab_size - len(self.texts))
         self.rows = [RowTracker(fmt, min_step_chars) for _ in range(batch)]
 
     def push(self, token_ids: Sequence[int], is_pad: Sequence[bool] | None = None) -> list[list[TokenLabel]]:
