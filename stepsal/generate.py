@@ -85,11 +85,7 @@ class _Decoder:
 
             self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch)
         elif use_cache:
-            from transformers.cache_utils import DynamicCache
-
-            # no config: a sliding-window layer would then trim its keys and the hooks' positions
-            # (k - q) would no longer be absolute; the model still applies its window through the mask
-            self.cache = DynamicCache()
+            self.cache = _bridge_cache(model)
 
     def __call__(self, tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
         """Logits [batch, n_new, vocab] for the last ``n_new`` of ``tokens`` [batch, k] (mask: 1 = real)."""
@@ -102,6 +98,27 @@ class _Decoder:
             return self.model(tokens[:, -n_new:], attention_mask=mask, position_ids=positions[:, -n_new:],
                               past_key_values=self.cache, use_cache=True)
         return self.model(tokens, attention_mask=mask, position_ids=positions, use_cache=False)[:, -n_new:]
+
+
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def _bridge_cache(model: Any) -> Any:
+    """A transformers cache that keeps every key: attention layers never trim a sliding window (the
+    hooks read absolute positions as k - q; the model still applies its window through the mask);
+    hybrid models also get their linear-attention layers' state."""
+    import copy
+
+    from transformers.cache_utils import DynamicCache
+
+    config = model.original_model.config.get_text_config(decoder=True)
+    types = getattr(config, "layer_types", None) or []
+    if set(types) <= ATTENTION_LAYER_TYPES:
+        return DynamicCache()  # lazily built full layers
+    config = copy.deepcopy(config)
+    config.layer_types = ["full_attention" if kind in ATTENTION_LAYER_TYPES else kind for kind in types]
+    config.sliding_window = None
+    return DynamicCache(config=config)
 
 
 def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,

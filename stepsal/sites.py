@@ -29,7 +29,7 @@ class AttentionSites:
     pattern_layers: tuple[int, ...]  # hook_pattern fires
     ignored_layers: tuple[int, ...]  # hook_pattern fires but edits to it never reach the output
     value_layout: dict[int, str]  # per layer with hook_v: "pos_head" or "head_pos"
-    z_layers: tuple[int, ...]  # hook_z fires with [batch, pos, head, d]
+    z_layers: tuple[int, ...]  # hook_z fires with [batch, pos, head, d_value]
 
     @property
     def attention_layers(self) -> list[int]:
@@ -114,8 +114,11 @@ def attention_sites(model: Any) -> AttentionSites:
     for (layer, role), shape in shapes.items():
         if role == "v" and len(shape) == 4:
             layouts[layer] = "pos_head" if shape[1] == PROBE_TOKENS else "head_pos"
-    z_layers = tuple(sorted(layer for (layer, role), shape in shapes.items()
-                            if role == "z" and len(shape) == 4 and shape[1] == PROBE_TOKENS))
+    # hook_z must split heads as the model does ([batch, pos, head, d_value]); the MLA bridge's
+    # hook_z reshapes the concatenated heads with the query-key head size instead
+    z_layers = tuple(sorted(
+        layer for (layer, role), shape in shapes.items()
+        if role == "z" and layer in layouts and shape[1:] == (PROBE_TOKENS, model.cfg.n_heads, shapes[(layer, "v")][-1])))
     sites = AttentionSites(n_layers, tuple(sorted(leaves)), ignored, layouts, z_layers)
     _SITES[model] = sites
     return sites

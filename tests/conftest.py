@@ -17,6 +17,7 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal.metrics  # noqa: F401
     import stepsal.pooling  # noqa: F401
     import stepsal.saliency  # noqa: F401
+    import stepsal.sites  # noqa: F401
     import stepsal.stepflow.check  # noqa: F401
     import stepsal.stepflow.config  # noqa: F401
     import stepsal.stepflow.hooks  # noqa: F401
@@ -30,8 +31,11 @@ import pytest  # noqa: E402
 
 from tiny import make_hf_model, make_tokenizer  # noqa: E402
 
+from stepsal.models import hooked_transformer_class  # noqa: E402
+
 ARCHS = ("llama", "qwen2", "gpt2")
-BACKENDS = ("hooked", "bridge")
+# TransformerLens 4.x has no HookedTransformer: the suite runs on the bridge alone there
+BACKENDS = ("hooked", "bridge") if hooked_transformer_class() is not None else ("bridge",)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +55,5 @@ def tl_models(hf_models, tokenizer):
         warnings.simplefilter("ignore")
         return {(arch, backend): stepsal.load_model(hf_models[arch], tokenizer, backend=backend)
                 for arch in ARCHS for backend in BACKENDS}
+needs_hooked = pytest.mark.skipif(hooked_transformer_class() is None,
+                                  reason="compares with HookedTransformer, which TransformerLens 4.x does not have")

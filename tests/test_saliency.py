@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, BACKENDS
+from conftest import ARCHS, BACKENDS, needs_hooked
 from tiny import THINK_TRACE, make_hf_model, make_tokenizer
 
 import stepsal
@@ -62,7 +62,7 @@ def test_token_saliency_equals_transformers_eager(tl_models, hf_models, trace, a
 @pytest.mark.parametrize("norm", ["block", "causal", "row"])
 def test_step_maps_equal_naive_pooling_of_transformers_saliency(tl_models, hf_models, trace, norm):
     token = hf_token_saliency(hf_models["qwen2"], trace.tokens, lambda lg: mean_next_token_loss(lg, trace.tokens))
-    result = step_saliency(tl_models[("qwen2", "hooked")], trace, norm=norm)
+    result = step_saliency(tl_models[("qwen2", BACKENDS[0])], trace, norm=norm)
     n_steps = trace.layout.n_steps
     expected = torch.stack([naive_maps(layer, trace.layout.token_step, n_steps, norm) for layer in token])
     assert result.maps.shape == (2, n_steps, n_steps)
@@ -70,7 +70,7 @@ def test_step_maps_equal_naive_pooling_of_transformers_saliency(tl_models, hf_mo
 
 
 def test_targets_match_transformers(tl_models, hf_models, trace):
-    hf, model, tokens = hf_models["llama"], tl_models[("llama", "hooked")], trace.tokens
+    hf, model, tokens = hf_models["llama"], tl_models[("llama", BACKENDS[0])], trace.tokens
     summary = (trace.layout.token_segment == stepsal.SUMMARY).nonzero().flatten()
     answer_start = trace.text.rindex("12")
     answer = [t for t, (s, e) in enumerate(trace.offsets) if s < answer_start + 2 and e > answer_start]
@@ -97,6 +97,7 @@ def test_long_trace_mode_equals_normal_mode(tl_models, trace, arch, backend):
     assert_close_relative(long.head_sums, normal.head_sums.double(), tol=1e-5)
 
 
+@needs_hooked
 @pytest.mark.parametrize("arch", ARCHS)
 def test_backends_agree(tl_models, trace, arch):
     hooked = step_saliency(tl_models[(arch, "hooked")], trace)
@@ -105,7 +106,7 @@ def test_backends_agree(tl_models, trace, arch):
 
 
 def test_head_maps_average_to_layer_maps_and_layers_subset(tl_models, trace):
-    model = tl_models[("qwen2", "hooked")]
+    model = tl_models[("qwen2", BACKENDS[0])]
     full = step_saliency(model, trace, per_head=True)
     assert full.head_maps.shape == (2, 4, trace.layout.n_steps, trace.layout.n_steps)
     torch.testing.assert_close(full.head_maps.mean(1), full.maps, rtol=1e-5, atol=1e-12)
@@ -116,7 +117,7 @@ def test_head_maps_average_to_layer_maps_and_layers_subset(tl_models, trace):
 
 
 def test_save_and_load_round_trip(tl_models, trace, tmp_path):
-    result = step_saliency(tl_models[("gpt2", "hooked")], trace, per_head=True, norm="row")
+    result = step_saliency(tl_models[("gpt2", BACKENDS[0])], trace, per_head=True, norm="row")
     path = result.save(tmp_path / "result.safetensors")
     again = StepSaliency.load(path)
     assert torch.equal(again.sums, result.sums) and torch.equal(again.head_sums, result.head_sums)
@@ -147,14 +148,14 @@ def test_tokenizer_does_not_match_model(tl_models, tmp_path):
     other = PreTrainedTokenizerFast(tokenizer_object=raw)
     foreign = Trace.from_text(THINK_TRACE, other)
     with pytest.raises(ModelMismatchError, match="different tokenizer"):
-        step_saliency(tl_models[("llama", "hooked")], foreign)
+        step_saliency(tl_models[("llama", BACKENDS[0])], foreign)
 
 
 def test_token_ids_outside_the_vocabulary(tl_models, trace):
     bad = dataclasses.replace(trace, tokens=trace.tokens.clone(), tokenizer_fingerprint="")
     bad.tokens[3] = 10_000
     with pytest.raises(ModelMismatchError, match="vocabulary"):
-        step_saliency(tl_models[("llama", "hooked")], bad)
+        step_saliency(tl_models[("llama", BACKENDS[0])], bad)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -165,11 +166,11 @@ def test_nan_gradients_are_reported(tl_models, trace, checkpoint):
     with pytest.raises(NonFiniteGradientError, match="NaN/inf saliency"):
         step_saliency(tl_models[("llama", "bridge")], trace, target=nan_gradient, checkpoint=checkpoint)
     with pytest.raises(NonFiniteGradientError, match="target value is nan"):
-        step_saliency(tl_models[("llama", "hooked")], trace, target=lambda lg: lg.sum() * float("nan"))
+        step_saliency(tl_models[("llama", BACKENDS[0])], trace, target=lambda lg: lg.sum() * float("nan"))
 
 
 def test_bad_arguments(tl_models, trace):
-    model = tl_models[("llama", "hooked")]
+    model = tl_models[("llama", BACKENDS[0])]
     with pytest.raises(ValueError, match="unknown rule"):
         step_saliency(model, trace, rule="ig")
     with pytest.raises(ValueError, match="unknown normalisation"):
@@ -218,7 +219,7 @@ def test_runtime_shape_checking_is_active():
 def test_result_metrics_and_figure(tl_models, trace, tmp_path):
     from stepsal.vis.figures import plot_step_maps, step_labels
 
-    result = step_saliency(tl_models[("llama", "hooked")], trace)
+    result = step_saliency(tl_models[("llama", BACKENDS[0])], trace)
     assert step_labels(trace.layout) == ["Q", "T1", "T2", "T3", "T4", "S1", "S2"]
     figure = plot_step_maps(result, path=tmp_path / "maps.png")
     assert (tmp_path / "maps.png").stat().st_size > 10_000 and len(figure.axes) >= 2
@@ -231,7 +232,7 @@ def test_no_attention_sized_tensor_outlives_the_call(tl_models, trace, checkpoin
     """A gradient hook that closes over its own tensor leaks it through a C++ reference cycle."""
     import gc
 
-    model = tl_models[("qwen2", "hooked")]
+    model = tl_models[("qwen2", BACKENDS[0])]
     T = len(trace)
 
     def live_patterns():

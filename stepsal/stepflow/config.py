@@ -75,18 +75,17 @@ class StepFlow:
         sites = attention_sites(model)
         oeb, smi = self.layers(model.cfg.n_layers)
         usable = set(sites.attention_layers)
-        injectable = usable & set(sites.value_layout) & (set(sites.z_layers) if self.smi_site == "z" else usable)
-        if self.oeb_layers is None:
-            oeb = [layer for layer in oeb if layer in usable]
-        if self.smi_layers is None:
-            smi = [layer for layer in smi if layer in injectable]
         label = model_label(model)
-        if (self.oeb_layers is None and not oeb) or (self.smi_layers is None and not smi and self.alpha > 0):
-            raise UnsupportedModelError(
-                f"StepFlow on {label}: the default {'OEB' if not oeb else 'SMI'} band (a quarter of the layers) "
-                f"has no layer with a usable attention pattern: {sites.describe_missing(list(range(sites.n_layers)))}. "
-                + (f"Choose oeb_layers / smi_layers among {sites.attention_layers}." if sites.attention_layers
-                   else "Use backend='hooked' if HookedTransformer supports the architecture."))
+        for band, given, name in ((oeb, self.oeb_layers, "OEB"), (smi, self.smi_layers, "SMI")):
+            if given is not None or (name == "SMI" and self.alpha == 0):
+                continue
+            band[:] = [layer for layer in band if layer in usable]
+            if not band:
+                raise UnsupportedModelError(
+                    f"StepFlow on {label}: the default {name} band (a quarter of the layers) has no layer with "
+                    f"a usable attention pattern: {sites.describe_missing(list(range(sites.n_layers)))}. "
+                    + (f"Choose oeb_layers / smi_layers among {sites.attention_layers}." if sites.attention_layers
+                       else "Use backend='hooked' if HookedTransformer supports the architecture."))
         sites.require_attention(oeb, f"StepFlow's Odds-Equal Bridge on {label}")
         sites.require_attention(smi, f"StepFlow's Step Momentum Injection on {label}")
         no_values = [layer for layer in smi if layer not in sites.value_layout]
@@ -97,7 +96,7 @@ class StepFlow:
         no_z = [layer for layer in smi if layer not in sites.z_layers]
         if self.smi_site == "z" and no_z and self.alpha > 0:
             raise UnsupportedModelError(
-                f"Step Momentum Injection on {label}: hook_z never fires as [batch, pos, head, d_head] in layers "
+                f"Step Momentum Injection on {label}: hook_z does not split heads as [batch, pos, head, d_value] in layers "
                 f"{no_z} on this adapter (multi-head latent attention, for one). Use smi_site='resid_post', "
                 "which adds the same vector after the layer.")
         return oeb, smi
