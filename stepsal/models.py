@@ -103,8 +103,10 @@ def hooks_attached(model: Any, fwd_hooks: list[tuple[str, Callable[[Any, Any], A
 # ---------------------------------------------------------------- loading
 
 # logits of the loaded model may differ from transformers' by op order only: max |diff| relative
-# to the largest logit, per dtype (a real adapter bug, Cohere2 on TL 3.9, gave 5e-3 in float32)
-LOGIT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# to the largest logit, per dtype. A real adapter bug (Cohere2 on TL 3.9) gave 5e-3 in float32; in
+# half precision op order alone reaches 5e-3 (float16, SmolLM2, HookedTransformer), so there the
+# check catches gross errors only: verify a new architecture in float32 (docs/models.md is float32)
+LOGIT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None,
@@ -137,9 +139,9 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
     hf_model, tokenizer = _resolve_source(source, tokenizer, dtype, allow_download,
                                           placement if backend == "bridge" else _Placement(None, 1, None))
     tokenizer = _tokenizer_with_name(tokenizer)
-    from .sites import PROBE_TOKENS
+    from .sites import probe_ids
 
-    probe = (torch.arange(1, PROBE_TOKENS + 1) % hf_model.config.get_text_config().vocab_size)[None]
+    probe = probe_ids(hf_model.config.get_text_config().vocab_size)[None]
     with torch.no_grad():
         expected = hf_model(probe.to(hf_model.get_input_embeddings().weight.device)).logits.double().cpu()
     try:

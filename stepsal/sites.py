@@ -65,16 +65,21 @@ _SITES: "weakref.WeakKeyDictionary[Any, AttentionSites]" = weakref.WeakKeyDictio
 _PROBE_LOGITS: "weakref.WeakKeyDictionary[Any, Tensor]" = weakref.WeakKeyDictionary()
 
 
+def probe_ids(vocab_size: int) -> Tensor:
+    """The fixed probe input: 13 ids spread over the vocabulary, past the special tokens that
+    tokenizers put first (their embeddings are often untrained: odd activations, float16 overflow)."""
+    return (vocab_size // 4 + torch.arange(PROBE_TOKENS) * 97) % vocab_size
+
+
 def probe_tokens(model: Any) -> Tensor:
-    """The fixed probe input: ids 1..13 of the vocabulary (wrapped for tiny vocabularies)."""
-    return (torch.arange(1, PROBE_TOKENS + 1) % model.cfg.d_vocab)[None]
+    return probe_ids(model.cfg.d_vocab)[None]
 
 
 def attention_sites(model: Any) -> AttentionSites:
     """Probe ``model`` once (cached): which layers fire and honour ``hook_pattern``, ``hook_v``, ``hook_z``.
 
     Every pattern is multiplied by a leaf of ones (the forward is unchanged); a layer whose leaf
-    gets no gradient from a random projection of the logits discarded the edit.
+    the logits do not depend on (autograd returns no gradient for it) discarded the edit.
     """
     if model in _SITES:
         return _SITES[model]
@@ -109,7 +114,9 @@ def attention_sites(model: Any) -> AttentionSites:
         grads = torch.autograd.grad((logits * direction).sum(), list(leaves.values()), allow_unused=True) \
             if leaves else []
     _PROBE_LOGITS[model] = logits.detach().double().cpu()
-    ignored = tuple(layer for layer, grad in zip(leaves, grads) if grad is None or not grad.abs().sum() > 0)
+    # connectivity, not magnitude: a discarded edit leaves its leaf out of the graph (None), while
+    # a used one may still get an all-zero gradient in float16 (underflow through many layers)
+    ignored = tuple(layer for layer, grad in zip(leaves, grads) if grad is None)
     layouts = {}
     for (layer, role), shape in shapes.items():
         if role == "v" and len(shape) == 4:
