@@ -169,19 +169,23 @@ class _Placement:
     device: torch.device | None  # single device (None: CPU)
     n_devices: int
     device_map: str | dict | None  # bridge only
+    max_memory: dict | None = None  # bridge only: caps accelerate to the first n_devices GPUs
 
 
 def _placement(backend: str, device: Any, n_devices: int, device_map: Any, source: Any) -> _Placement:
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1; got {n_devices}.")
+    max_memory = None
     if n_devices > 1:
         have = torch.cuda.device_count()
         if have < n_devices:
             raise UnsupportedModelError(f"n_devices={n_devices} needs {n_devices} GPUs; this machine has {have}.")
-        if device_map is not None:
-            raise ValueError("pass n_devices or device_map, not both.")
-        if backend == "bridge":
-            device_map = "balanced"
+        if device_map is not None or device is not None:
+            raise ValueError("pass n_devices, device_map or device, one of them.")
+        if backend == "bridge":  # TransformerLens's own translation: "balanced" over the first N GPUs
+            from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+            device_map, max_memory = resolve_device_map(n_devices, None, None)
     if device_map is not None:
         if backend == "hooked":
             raise ValueError("device_map is for backend='bridge'; HookedTransformer splits its layers with "
@@ -191,7 +195,7 @@ def _placement(backend: str, device: Any, n_devices: int, device_map: Any, sourc
         if not isinstance(source, (str, os.PathLike)):
             raise ValueError("device_map places weights while from_pretrained loads them: pass the model's "
                              "folder (save_pretrained) instead of an in-memory model.")
-    return _Placement(None if device is None else torch.device(device), n_devices, device_map)
+    return _Placement(None if device is None else torch.device(device), n_devices, device_map, max_memory)
 
 
 def _check_placement(model: Any, placement: _Placement, dtype: torch.dtype) -> None:
@@ -265,6 +269,8 @@ def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_downl
     else:
         folder = _folder_of(str(source), allow_download)
         extra = {"device_map": placement.device_map} if placement.device_map is not None else {}
+        if placement.max_memory is not None:
+            extra["max_memory"] = placement.max_memory
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **extra)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
     if placement.device_map is None and placement.device is not None:
@@ -328,7 +334,7 @@ def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, placement
     config.architectures = [type(hf_model).__name__]
     if config.model_type == "gpt2" and not hasattr(config, "n_ctx"):
         config.n_ctx = config.n_positions  # TransformerLens reads the older attribute
-    device = placement.device or torch.device("cpu")
+    device = placement.device or torch.device("cuda" if placement.n_devices > 1 else "cpu")
     with tempfile.TemporaryDirectory() as root:
         # TransformerLens guesses architectures from substrings of the path: keep the name neutral
         folder = os.path.join(root, "stepsal-model")
