@@ -359,13 +359,3 @@ def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, placement
     del state
     model.move_model_modules_to_device()
     return model
-
-
-def check_pattern_edits_honoured(model: Any, layers: list[int] | None = None) -> None:
-    """Refuse layers whose ``hook_pattern`` is missing or whose edits are discarded (OPT, GPT-J, ...
-    on the bridge; linear-attention layers of hybrid models). Default: every layer."""
-    from .sites import attention_sites
-
-    sites = attention_sites(model)
-    layers = list(range(sites.n_layers)) if layers is None else layers
-    sites.require_attention(layers, model_label(model))

@@ -71,10 +71,6 @@ def probe_ids(vocab_size: int) -> Tensor:
     return (vocab_size // 4 + torch.arange(PROBE_TOKENS) * 97) % vocab_size
 
 
-def probe_tokens(model: Any) -> Tensor:
-    return probe_ids(model.cfg.d_vocab)[None]
-
-
 def attention_sites(model: Any) -> AttentionSites:
     """Probe ``model`` once (cached): which layers fire and honour ``hook_pattern``, ``hook_v``, ``hook_z``.
 
@@ -86,7 +82,7 @@ def attention_sites(model: Any) -> AttentionSites:
     from .models import forward_kwargs, hook_name, hooks_attached
 
     n_layers = model.cfg.n_layers
-    tokens = probe_tokens(model).to(first_device(model))
+    tokens = probe_ids(model.cfg.d_vocab)[None].to(first_device(model))
     leaves: dict[int, Tensor] = {}
     shapes: dict[tuple[int, str], tuple[int, ...]] = {}
 
@@ -123,9 +119,8 @@ def attention_sites(model: Any) -> AttentionSites:
             layouts[layer] = "pos_head" if shape[1] == PROBE_TOKENS else "head_pos"
     # hook_z must split heads as the model does ([batch, pos, head, d_value]); the MLA bridge's
     # hook_z reshapes the concatenated heads with the query-key head size instead
-    z_layers = tuple(sorted(
-        layer for (layer, role), shape in shapes.items()
-        if role == "z" and layer in layouts and shape[1:] == (PROBE_TOKENS, model.cfg.n_heads, shapes[(layer, "v")][-1])))
+    z_layers = tuple(sorted(layer for (layer, role), shape in shapes.items() if role == "z" and layer in layouts
+                            and shape[1:] == (PROBE_TOKENS, model.cfg.n_heads, shapes[(layer, "v")][-1])))
     sites = AttentionSites(n_layers, tuple(sorted(leaves)), ignored, layouts, z_layers)
     _SITES[model] = sites
     return sites

@@ -37,7 +37,7 @@ def render(rows: dict[tuple[str, str, str], dict[str, str]]) -> str:
     order = {arch.name: i for i, arch in enumerate(ARCHITECTURES)}
     users = {arch.name: arch.users for arch in ARCHITECTURES}
     lines = ["| " + " | ".join(HEAD + COLUMNS) + " |", "|" + "---|" * (len(HEAD) + len(COLUMNS))]
-    for (arch, stack, backend) in sorted(rows, key=lambda key: (order.get(key[0], 99), key[1], key[0], key[2] != "hooked")):
+    for arch, stack, backend in sorted(rows, key=lambda key: (order.get(key[0], 99), key[1], key[2] != "hooked")):
         cells = [f"`{arch}`", users.get(arch, ""), stack, backend] + [rows[(arch, stack, backend)][c] for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -96,9 +96,9 @@ class StepFlow:
         no_z = [layer for layer in smi if layer not in sites.z_layers]
         if self.smi_site == "z" and no_z and self.alpha > 0:
             raise UnsupportedModelError(
-                f"Step Momentum Injection on {label}: hook_z does not split heads as [batch, pos, head, d_value] in layers "
-                f"{no_z} on this adapter (multi-head latent attention, for one). Use smi_site='resid_post', "
-                "which adds the same vector after the layer.")
+                f"Step Momentum Injection on {label}: hook_z does not split heads as [batch, pos, head, "
+                f"d_value] in layers {no_z} on this adapter (multi-head latent attention, for one). Use "
+                "smi_site='resid_post', which adds the same vector after the layer.")
         return oeb, smi
 
     def describe(self, n_layers: int) -> str:
