@@ -128,6 +128,7 @@ class _LayerPooler:
         self.sums = torch.zeros(len(layers), n_steps, n_steps, device=members.device)
         self.head_sums = (torch.zeros(len(layers), n_heads, n_steps, n_steps, device=members.device)
                           if per_head else None)
+        self._members_by_device = {members.device: members}
         self.pending: dict[int, Tensor] = {}
         self.done: set[int] = set()
         self.nonfinite: list[int] = []
@@ -142,16 +143,22 @@ class _LayerPooler:
 
         return on_pattern
 
+    def _members_on(self, device: torch.device) -> Tensor:
+        """The membership matrix on a layer's device (layers split over GPUs), copied once per device."""
+        if device not in self._members_by_device:
+            self._members_by_device[device] = self.members.to(device)
+        return self._members_by_device[device]
+
     @torch.no_grad()
     def _pool(self, row: int, grad: Tensor) -> None:
         pattern = self.pending.pop(row)
         scores = saliency_scores(pattern[0], grad[0], self.rule)  # [H, T, T], this layer only
         del pattern
         if self.per_head:
-            self.head_sums[row] = pool(scores.float(), self.members)
+            self.head_sums[row] = pool(scores.float(), self._members_on(scores.device)).to(self.sums.device)
             self.sums[row] = self.head_sums[row].mean(0)
         else:
-            self.sums[row] = pool(scores.mean(0).float(), self.members)
+            self.sums[row] = pool(scores.mean(0).float(), self._members_on(scores.device)).to(self.sums.device)
         # NaN and inf survive the pooling product (0 * NaN = NaN), so checking [S, S] is enough
         if not torch.isfinite(self.sums[row]).all():
             self.nonfinite.append(self.layers[row])
@@ -241,7 +248,7 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
                 resid = kwargs["hidden_states"].detach().requires_grad_(True)
                 out = model.blocks[layer](**{**kwargs, "hidden_states": resid})
             out = out[0] if isinstance(out, tuple) else out
-            (grad,) = torch.autograd.grad(out, resid, grad)
+            (grad,) = torch.autograd.grad(out, resid, grad.to(out.device))  # layers may sit on several GPUs
     return loss.detach()
 
 
