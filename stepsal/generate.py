@@ -43,6 +43,17 @@ class Generation:
     def text(self) -> str:
         return self.texts[0]
 
+    def __repr__(self) -> str:
+        lengths = [len(t) - p for t, p in zip(self.tokens, self.prompt_lengths)]
+        traced = sum(t is not None for t in self.traces)
+        flow = f"; {self.stats!r}" if self.stats is not None else "; no StepFlow"
+        return f"Generation({len(self.texts)} row(s), new tokens {lengths}, {traced} with a trace{flow})"
+
+    def _repr_html_(self) -> str:
+        from .vis.html import generation_html
+
+        return generation_html(self)
+
     @property
     def trace(self) -> Trace:
         if self.traces[0] is None:

@@ -15,6 +15,7 @@ per-trace values (never on flattened layers x samples) with bootstrap confidence
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -62,6 +63,21 @@ class LayerMetrics:
             "recency": float(self.recency[deep].mean()),
             "decay": decay,
         }
+
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """Long format: one row per (layer, measure)."""
+        from .vis.tables import metrics_frame
+
+        return metrics_frame(self)
+
+    def __repr__(self) -> str:
+        return f"LayerMetrics({len(self.layers)} layers {self.layers[0]}..{self.layers[-1]}: {', '.join(LAYER_MEASURES)})" \
+            if self.layers else "LayerMetrics(no layers)"
+
+    def _repr_html_(self) -> str:
+        from .vis.html import metrics_html
+
+        return metrics_html(self)
 
     def table(self) -> str:
         """A fixed-width text table, one row per layer."""
@@ -144,6 +160,32 @@ class GroupComparison:
     n_boot: int
     layer_diff: dict[str, np.ndarray] = field(default_factory=dict)     # measure -> [layer] mean_b - mean_a
     layer_diff_ci: dict[str, np.ndarray] = field(default_factory=dict)  # measure -> [2, layer]
+    layers: list[int] = field(default_factory=list)  # shared by all traces (else no per-layer curves)
+    layer_mean: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # group -> measure -> [layer]
+    layer_mean_ci: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # group -> measure -> [2, layer]
+
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per per-trace measure: group means, difference and Hedges' g with CIs."""
+        from .vis.tables import comparison_frame
+
+        return comparison_frame(self)
+
+    def plot(self, measures: Sequence[str] | None = None, **kwargs):
+        """Per-layer curves of both groups with CIs: (matplotlib Figure, axes)."""
+        from .vis.figures import GROUP_MEASURES, plot_group_curves
+
+        fig = plot_group_curves(self, measures or GROUP_MEASURES, **kwargs)
+        return fig, fig.axes
+
+    def __repr__(self) -> str:
+        n_a, n_b = (max((getattr(r, n) for r in self.rows), default=0) for n in ("n_a", "n_b"))
+        return (f"GroupComparison({self.label_a} vs {self.label_b}: {n_a} vs {n_b} traces, {len(self.rows)} measures, "
+                f"{round(self.confidence * 100)}% bootstrap CIs over {self.n_boot} resamples)")
+
+    def _repr_html_(self) -> str:
+        from .vis.html import comparison_html
+
+        return comparison_html(self)
 
     def table(self) -> str:
         pct = round(self.confidence * 100)
@@ -195,11 +237,19 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
             tuple(np.quantile(gs, [tail, 1 - tail]).tolist()) if gs.size else (float("nan"),) * 2, dropped))
     result = GroupComparison(labels[0], labels[1], rows, confidence, n_boot)
     if all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b):
-        for measure in LAYER_MEASURES:
-            a = np.stack([getattr(m, measure).numpy() for m in metrics_a])  # [trace, layer]
-            b = np.stack([getattr(m, measure).numpy() for m in metrics_b])
-            boot = (np.nanmean(b[_bootstrap_indices(rng, len(b), n_boot)], 1)
-                    - np.nanmean(a[_bootstrap_indices(rng, len(a), n_boot)], 1))
-            result.layer_diff[measure] = np.nanmean(b, 0) - np.nanmean(a, 0)
-            result.layer_diff_ci[measure] = np.nanquantile(boot, [tail, 1 - tail], axis=0)
+        result.layers = list(metrics_a[0].layers)
+        result.layer_mean = {labels[0]: {}, labels[1]: {}}
+        result.layer_mean_ci = {labels[0]: {}, labels[1]: {}}
+        with warnings.catch_warnings():  # a layer where every trace lacks the measure stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for measure in LAYER_MEASURES:
+                a = np.stack([getattr(m, measure).numpy() for m in metrics_a])  # [trace, layer]
+                b = np.stack([getattr(m, measure).numpy() for m in metrics_b])
+                boot_a = np.nanmean(a[_bootstrap_indices(rng, len(a), n_boot)], 1)  # [boot, layer]
+                boot_b = np.nanmean(b[_bootstrap_indices(rng, len(b), n_boot)], 1)
+                result.layer_diff[measure] = np.nanmean(b, 0) - np.nanmean(a, 0)
+                result.layer_diff_ci[measure] = np.nanquantile(boot_b - boot_a, [tail, 1 - tail], axis=0)
+                for label, values, boot in ((labels[0], a, boot_a), (labels[1], b, boot_b)):
+                    result.layer_mean[label][measure] = np.nanmean(values, 0)
+                    result.layer_mean_ci[label][measure] = np.nanquantile(boot, [tail, 1 - tail], axis=0)
     return result

@@ -63,6 +63,8 @@ class StepSaliency:
     target: str = "all"
     model: str = ""
     head_sums: Float[Tensor, "layer head step_q step_k"] | None = None
+    token_sums: Float[Tensor, "layer step_q token"] | None = None  # with token_level=True
+    token_texts: list[str] | None = None  # the scored tokens' texts, for views
     _members: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -93,10 +95,11 @@ class StepSaliency:
         """One safetensors file: the sums as tensors, everything else as JSON metadata."""
         path = Path(path)
         tensors = {"sums": self.sums.contiguous()}
-        if self.head_sums is not None:
-            tensors["head_sums"] = self.head_sums.contiguous()
+        for name in ("head_sums", "token_sums"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
         meta = {"layers": self.layers, "norm": self.norm, "rule": self.rule, "target": self.target,
-                "model": self.model, "layout": self.layout.to_dict()}
+                "model": self.model, "layout": self.layout.to_dict(), "token_texts": self.token_texts}
         save_file(tensors, str(path), metadata={"stepsal": json.dumps(meta)})
         return path
 
@@ -108,7 +111,52 @@ class StepSaliency:
             meta = json.loads(handle.metadata()["stepsal"])
         tensors = load_file(str(path))
         return cls(tensors["sums"], StepLayout.from_dict(meta["layout"]), meta["layers"], meta["norm"],
-                   meta["rule"], meta["target"], meta["model"], tensors.get("head_sums"))
+                   meta["rule"], meta["target"], meta["model"], tensors.get("head_sums"), tensors.get("token_sums"),
+                   meta.get("token_texts"))
+
+    # ------------------------------------------------------------ views (stepsal.vis)
+
+    def show(self, view: str = "maps", *, norm: str = "row", layer: int | None = None,
+             source: str | int = "summary") -> "Widget":  # noqa: F821
+        """A circuitsvis widget (offline): ``"maps"`` all layers' step maps (steps as tokens, layers
+        as heads), ``"heads"`` per-head maps of ``layer`` (needs ``per_head=True``), ``"tokens"`` the
+        trace's tokens coloured by the saliency they receive from ``source`` ("summary" or a step
+        index), per layer. ``norm``: the maps' normalisation (default "row": comparable across layers)."""
+        from .vis import widgets
+
+        if view == "maps":
+            return widgets.step_maps_widget(self, norm)
+        if view == "heads":
+            if layer is None:
+                raise ValueError("view='heads' needs layer=<a computed layer>.")
+            return widgets.head_maps_widget(self, layer, norm)
+        if view == "tokens":
+            return widgets.received_tokens_widget(self, source)
+        raise ValueError(f"unknown view {view!r}: use 'maps', 'heads' or 'tokens'.")
+
+    def plot(self, layers: list[int] | None = None, norm: str | None = None, **kwargs: Any):
+        """Heatmaps of the step maps with Q/T/S boundaries: (matplotlib Figure, axes)."""
+        from .vis.figures import plot_step_maps
+
+        fig = plot_step_maps(self, layers, norm, **kwargs)
+        return fig, fig.axes
+
+    def to_dataframe(self, norm: str | None = None) -> "pandas.DataFrame":  # noqa: F821
+        """Long format: one row per (layer, step_q, step_k) with the steps' kinds and the map value."""
+        from .vis.tables import saliency_frame
+
+        return saliency_frame(self, norm or self.norm)
+
+    def __repr__(self) -> str:
+        extra = (" per-head" if self.head_sums is not None else "") + \
+                (" token-level" if self.token_sums is not None else "")
+        return (f"StepSaliency({self.model or 'model?'}: {len(self.layers)} layers x {self.layout.n_steps} steps "
+                f"({self.layout.n_tokens} tokens), rule={self.rule}, norm={self.norm}, target={self.target}{extra})")
+
+    def _repr_html_(self) -> str:
+        from .vis.html import saliency_html
+
+        return saliency_html(self)
 
 
 # ---------------------------------------------------------------- pooling inside gradient hooks
@@ -122,12 +170,15 @@ class _LayerPooler:
     C++ that Python's garbage collector cannot break, and every layer's pattern would leak.
     """
 
-    def __init__(self, layers: list[int], members: Tensor, rule: str, per_head: bool, n_heads: int):
+    def __init__(self, layers: list[int], members: Tensor, rule: str, per_head: bool, n_heads: int,
+                 token_level: bool = False):
         self.layers, self.members, self.rule, self.per_head = layers, members, rule, per_head
-        n_steps = members.shape[0]
+        n_steps, n_tokens = members.shape
         self.sums = torch.zeros(len(layers), n_steps, n_steps, device=members.device)
         self.head_sums = (torch.zeros(len(layers), n_heads, n_steps, n_steps, device=members.device)
                           if per_head else None)
+        # what each key token receives from each query step: P @ I, [layer, step, token]
+        self.token_sums = torch.zeros(len(layers), n_steps, n_tokens, device=members.device) if token_level else None
         self._members_by_device = {members.device: members}
         self.pending: dict[int, Tensor] = {}
         self.done: set[int] = set()
@@ -159,6 +210,9 @@ class _LayerPooler:
             self.sums[row] = self.head_sums[row].mean(0)
         else:
             self.sums[row] = pool(scores.mean(0).float(), self._members_on(scores.device)).to(self.sums.device)
+        if self.token_sums is not None:
+            members = self._members_on(scores.device)
+            self.token_sums[row] = (members @ scores.mean(0).float()).to(self.sums.device)
         # NaN and inf survive the pooling product (0 * NaN = NaN), so checking [S, S] is enough
         if not torch.isfinite(self.sums[row]).all():
             self.nonfinite.append(self.layers[row])
@@ -278,7 +332,7 @@ def _normal_mode_fits(model: Any, n_tokens: int) -> bool:
 def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = "ag",
                   norm: str = "causal", per_head: bool = False, *,
                   answer: str | tuple[int, int] | None = None, layers: list[int] | None = None,
-                  checkpoint: bool | None = None) -> StepSaliency:
+                  checkpoint: bool | None = None, token_level: bool = False) -> StepSaliency:
     """Step-Saliency of one trace: attention x gradient pooled into step -> step maps per layer.
 
     Args:
@@ -293,6 +347,8 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
             is all of them except in hybrid models; ``result.layers`` names them).
         checkpoint: recompute one block at a time in the backward pass (long traces); ``None``
             chooses it when all layers' patterns would not fit in a quarter of memory.
+        token_level: also keep what each token receives from each query step ([layer, step, token],
+            for ``show("tokens")`` at token resolution).
 
     Returns:
         :class:`StepSaliency` with ``maps`` [layer, step_q, step_k] and per-layer ``metrics()``.
@@ -314,7 +370,8 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
     description, target_fn = make_target(target, trace, answer)
     device = first_device(model)
     tokens = trace.tokens.to(device)
-    pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads)
+    pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads,
+                          token_level)
     if checkpoint is None:
         checkpoint = not _normal_mode_fits(model, len(trace))
     run = _backward_checkpointed if checkpoint else _backward_normal
@@ -332,7 +389,9 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
         raise RuntimeError(f"the gradient never reached hook_pattern in layers {missing}; the target "
                            "does not depend on them (for example a callable that ignores the logits).")
     return StepSaliency(pooler.sums.cpu(), trace.layout, layers, norm, rule, description, model_label(model),
-                        None if pooler.head_sums is None else pooler.head_sums.cpu())
+                        None if pooler.head_sums is None else pooler.head_sums.cpu(),
+                        None if pooler.token_sums is None else pooler.token_sums.cpu(),
+                        [trace.text[start:end] for start, end in trace.offsets])
 
 
 def _check_fits(model: Any, trace: Trace) -> None:

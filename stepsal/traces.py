@@ -352,6 +352,23 @@ class Trace:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    def __repr__(self) -> str:
+        counts = {kind: sum(1 for s in self.layout.steps if s.segment == seg)
+                  for kind, seg in (("question", QUESTION), ("thinking", THINKING), ("summary", SUMMARY))}
+        return (f"Trace({len(self)} tokens, {self.layout.n_steps} steps: {counts['question']} question, "
+                f"{counts['thinking']} thinking, {counts['summary']} summary; format {self.fmt!r})")
+
+    def _repr_html_(self) -> str:
+        from .vis.html import trace_html
+
+        return trace_html(self)
+
+    def show(self) -> "Widget":  # noqa: F821
+        """The segmentation as a circuitsvis widget: tokens coloured by step (no model needed)."""
+        from .vis.widgets import segmentation_widget
+
+        return segmentation_widget(self.text, self.offsets, self.layout)
+
     def describe(self, width: int = 70) -> str:
         """One line per step: index, kind, token span and the start of its text."""
         lines = [f"Trace: {len(self)} tokens, {self.layout.n_steps} steps, format {self.fmt!r}"]

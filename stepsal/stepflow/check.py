@@ -25,6 +25,22 @@ class FlowEffect:
     delta: dict[str, Float[Tensor, " layer"]]
     stats: FlowStats
 
+    def plot(self, layers: list[int] | None = None, norm: str = "row", **kwargs: Any):
+        """Maps without and with StepFlow and their difference: (matplotlib Figure, axes)."""
+        from ..vis.figures import plot_flow_effect
+
+        fig = plot_flow_effect(self, layers, norm, **kwargs)
+        return fig, fig.axes
+
+    def __repr__(self) -> str:
+        return (f"FlowEffect({len(self.without.layers)} layers x {self.without.layout.n_steps} steps; "
+                f"{self.stats!r})")
+
+    def _repr_html_(self) -> str:
+        from ..vis.html import flow_effect_html
+
+        return flow_effect_html(self)
+
     def table(self) -> str:
         lines = [f"{'layer':>5} " + " ".join(f"{'d ' + m:>20}" for m in MEASURES)]
         for i, layer in enumerate(self.without.layers):

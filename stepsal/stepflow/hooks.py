@@ -57,6 +57,29 @@ class FlowStats:
                     for i, layer in enumerate(self.smi_layers)},
         }
 
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per (part, layer): OEB rows and bridge mass, SMI injections."""
+        from ..vis.tables import flow_stats_frame
+
+        return flow_stats_frame(self)
+
+    def __repr__(self) -> str:
+        data = self.to_dict()
+        changed = sum(d["changed"] for d in data["oeb"].values())
+        rows = sum(d["rows"] for d in data["oeb"].values())
+        injections = sum(d["injections"] for d in data["smi"].values())
+        return (f"FlowStats(OEB layers {self.oeb_layers or 'off'}: {changed} of {rows} rows changed; "
+                f"SMI layers {self.smi_layers or 'off'}: {injections} injections)")
+
+    def _repr_html_(self) -> str:
+        from ..vis.html import flow_stats_html
+
+        return flow_stats_html(self)
+
+    def acted(self) -> bool:
+        """Whether OEB changed any row or SMI injected anywhere."""
+        return bool(self.oeb_changed.sum() > 0 or self.smi_count.sum() > 0)
+
     def table(self) -> str:
         data = self.to_dict()
         lines = ["OEB  layer   rows  changed  bridge mass before -> after"]
