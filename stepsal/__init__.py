@@ -1,29 +1,41 @@
-"""stepsal: Step-Saliency and StepFlow for reasoning models, on TransformerLens."""
+"""stepsal: Step-Saliency and StepFlow for reasoning models, on TransformerLens.
+
+Importing the package is cheap (the command line's ``--help`` must not wait for torch): the public
+names below are imported on first use.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from ._offline import apply_offline_defaults
 
 apply_offline_defaults()  # before anything imports huggingface_hub
 
-from .errors import (  # noqa: E402
-    ModelMismatchError,
-    NonFiniteGradientError,
-    StepsalError,
-    TraceFormatError,
-    UnsupportedModelError,
-)
-from .formats import FORMATS, TraceFormat, custom_format  # noqa: E402
-from .generate import Generation, generate  # noqa: E402
-from .metrics import LayerMetrics, compare_groups, layer_metrics  # noqa: E402
-from .models import load_model  # noqa: E402
-from .saliency import StepSaliency, step_saliency  # noqa: E402
-from .stepflow import FlowEffect, StepFlow, saliency_change  # noqa: E402
-from .traces import QUESTION, SUMMARY, THINKING, Step, StepLayout, Trace  # noqa: E402
+_PUBLIC = {
+    "ModelMismatchError": "errors", "NonFiniteGradientError": "errors", "StepsalError": "errors",
+    "TraceFormatError": "errors", "UnsupportedModelError": "errors", "StepsalWarning": "errors",
+    "FORMATS": "formats", "TraceFormat": "formats", "custom_format": "formats",
+    "Generation": "generation", "generate": "generation",
+    "LayerMetrics": "metrics", "compare_groups": "metrics", "layer_metrics": "metrics",
+    "load_model": "models",
+    "StepSaliency": "saliency", "step_saliency": "saliency",
+    "FlowEffect": "stepflow", "StepFlow": "stepflow", "saliency_change": "stepflow",
+    "QUESTION": "traces", "SUMMARY": "traces", "THINKING": "traces", "Step": "traces", "StepLayout": "traces",
+    "Trace": "traces",
+    "write_report": "vis.report", "report_from_folder": "vis.report",
+}
 
-__all__ = [
-    "FlowEffect", "Generation", "StepFlow", "generate", "saliency_change",
-    "FORMATS", "QUESTION", "SUMMARY", "THINKING", "LayerMetrics", "ModelMismatchError",
-    "NonFiniteGradientError", "Step", "StepLayout", "StepSaliency", "StepsalError", "Trace",
-    "TraceFormat", "TraceFormatError", "UnsupportedModelError", "compare_groups", "custom_format",
-    "layer_metrics", "load_model", "step_saliency",
-]
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'stepsal' has no attribute {name!r}")
+    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

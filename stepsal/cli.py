@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -19,19 +20,65 @@ def example_trace_text() -> str:
     return resources.files("stepsal").joinpath("data/example_trace.txt").read_text()
 
 
+class CliError(Exception):
+    """A problem the user can fix, printed as one line."""
+
+
+def read_trace_text(args: argparse.Namespace) -> str:
+    if args.example == bool(args.trace):
+        raise CliError("pass either --example or --trace FILE.")
+    if args.example:
+        return example_trace_text()
+    path = Path(args.trace)
+    if path.is_dir():
+        raise CliError(f"--trace {path} is a folder; pass the text file that holds the trace.")
+    if not path.exists():
+        raise CliError(f"--trace {path}: no such file.")
+    return path.read_text(encoding="utf-8")
+
+
+def check_trace_text(text: str, fmt: str, min_steps: int) -> None:
+    """Markers and thinking steps, from the text alone (before the model loads)."""
+    from .traces import THINKING, segment_text
+
+    segmentation = segment_text(text, fmt)
+    n_thinking = segmentation.step_segments.count(THINKING)
+    if n_thinking < min_steps:
+        raise CliError(f"the thinking segment has {n_thinking} step(s), fewer than --min-steps {min_steps}. Steps "
+                       "are sentences ending in '. ' of at least 15 characters; pass a longer trace or lower "
+                       "--min-steps.")
+
+
+def prepare_out(folder: str) -> Path:
+    """Create the output folder and prove it writable before any long work."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".stepsal-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise CliError(f"--out {out} is not a writable folder ({error.strerror or error}).") from None
+    return out
+
+
 def analyze(args: argparse.Namespace) -> int:
+    text = read_trace_text(args)
+    check_trace_text(text, args.fmt, args.min_steps)
+    out = prepare_out(args.out)
     from . import Trace, step_saliency
     from .vis.figures import plot_step_maps
+    from .vis.report import write_report
 
-    if args.example == bool(args.trace):
-        raise SystemExit("stepsal analyze: pass either --example or --trace FILE.")
-    text = example_trace_text() if args.example else Path(args.trace).read_text()
     model = load_for_cli(args)
     trace = Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=args.min_steps)
-    print(trace.describe())
+    if model.cfg.n_ctx is not None and len(trace) > model.cfg.n_ctx:
+        raise CliError(f"the trace has {len(trace)} tokens ({trace.layout.n_steps} steps) but {args.model} has a "
+                       f"context of {model.cfg.n_ctx}; shorten the trace.")
+    print(trace.describe(max_steps=20))
     started = time.perf_counter()
     result = step_saliency(model, trace, target=args.target, rule=args.rule, norm=args.norm,
-                           per_head=args.per_head, answer=args.answer,
+                           per_head=args.per_head, answer=args.answer, token_level=True,
                            checkpoint={"auto": None, "on": True, "off": False}[args.checkpoint])
     print(f"\nStep-Saliency ({args.rule}, target {result.target}) in {time.perf_counter() - started:.1f} s")
     metrics = result.metrics()
@@ -40,13 +87,24 @@ def analyze(args: argparse.Namespace) -> int:
     print("\nper-trace summary (shallow = bottom quarter, deep = top half of the layers):")
     for name, value in metrics.per_trace().items():
         print(f"  {name:<17} {value: .4f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result.save(out / "saliency.safetensors")
     (out / "trace.json").write_text(json.dumps(trace.to_dict()))
     (out / "metrics.json").write_text(json.dumps(metrics.per_trace(), indent=2))
     plot_step_maps(result, path=out / "step_maps.png")
-    print(f"\nwrote {out}/step_maps.png, saliency.safetensors, trace.json, metrics.json")
+    write_report(out, [result], [f"{args.model}: {'example trace' if args.example else args.trace}"])
+    print(f"\nwrote {out}/report.html, step_maps.png, saliency.safetensors, trace.json, metrics.json")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .vis.report import report_from_folder
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise CliError(f"{folder} is not a folder; pass the folder that holds saved results (*.safetensors).")
+    out = prepare_out(args.out) if args.out else None
+    path = report_from_folder(folder, out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -59,18 +117,21 @@ def parse_layers(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise SystemExit(f"stepsal: layers must look like '0,1,2' or 'off'; got {text!r}.") from None
+        raise CliError(f"layers must look like '0,1,2' or 'off'; got {text!r}.") from None
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from . import StepFlow, generate
-
     if bool(args.prompt) == bool(args.message):
-        raise SystemExit("stepsal generate: pass either --prompt TEXT (used as is) or --message TEXT (chat).")
+        raise CliError("pass either --prompt TEXT (used as is) or --message TEXT (chat).")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
     oeb_layers, smi_layers = parse_layers(args.oeb_layers), parse_layers(args.smi_layers)
     flow_options = [args.oeb_layers, args.smi_layers, args.tau_max, args.alpha]
     if not args.stepflow and any(option is not None for option in flow_options):
-        raise SystemExit("stepsal generate: --oeb-layers/--smi-layers/--tau-max/--alpha need --stepflow.")
+        raise CliError("--oeb-layers/--smi-layers/--tau-max/--alpha need --stepflow.")
+    out_dir = prepare_out(args.out)
+    from . import StepFlow, generate
+
     model = load_for_cli(args)
     prompt = args.prompt
     if args.message:
@@ -83,7 +144,7 @@ def generate_command(args: argparse.Namespace) -> int:
         flow = StepFlow(oeb_layers=oeb_layers, smi_layers=smi_layers,
                         tau_max=defaults.tau_max if args.tau_max is None else args.tau_max,
                         alpha=defaults.alpha if args.alpha is None else args.alpha)
-        print(flow.describe(model.cfg.n_layers))
+        print(flow.describe(model))
     started = time.perf_counter()
     out = generate(model, prompt, flow, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, fmt=args.fmt,
@@ -94,10 +155,8 @@ def generate_command(args: argparse.Namespace) -> int:
     print(out.text)
     if out.stats is not None:
         print("\n" + out.stats.table())
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = {"prompt": prompt, "text": out.text, "tokens": out.tokens[0].tolist(),
-              "stepflow": None if flow is None else flow.describe(model.cfg.n_layers),
+              "stepflow": None if flow is None else flow.describe(model),
               "stats": None if out.stats is None else out.stats.to_dict(), "trace_error": out.trace_errors[0]}
     (out_dir / "generation.json").write_text(json.dumps(record, indent=2))
     if out.traces[0] is not None:
@@ -112,6 +171,11 @@ def load_for_cli(args: argparse.Namespace):
     from . import load_model
 
     started = time.perf_counter()
+    from .embedded import EMBEDDED
+
+    if args.model.lower() not in EMBEDDED and not Path(args.model).is_dir():
+        raise CliError(f"--model {args.model!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a folder "
+                       "saved with save_pretrained.")
     model = load_model(args.model, backend=args.backend, device=args.device, dtype=getattr(torch, args.dtype))
     print(f"model {args.model} ({type(model).__name__}, {model.cfg.n_layers} layers, "
           f"{model.cfg.n_heads} heads) loaded in {time.perf_counter() - started:.1f} s")
@@ -127,6 +191,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsal", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="Step-Saliency of one trace: metrics, heatmap, saved result")
     add_model_arguments(a, default_backend=None)
@@ -141,8 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--per-head", action="store_true")
     a.add_argument("--checkpoint", default="auto", choices=["auto", "on", "off"],
                    help="recompute one block at a time (long traces)")
-    a.add_argument("--out", default="stepsal-out", help="output folder")
+    a.add_argument("--out", default="stepsal-out", help="output folder (report.html, figures, saved result)")
     a.set_defaults(func=analyze)
+
+    r = sub.add_parser("report", help="one offline HTML page from saved results (a folder of *.safetensors)")
+    r.add_argument("folder", help="folder of saved results; two subfolders (e.g. correct/, wrong/) are compared")
+    r.add_argument("--out", default=None, help="where report.html goes (default: the folder)")
+    r.set_defaults(func=report_command)
 
     g = sub.add_parser("generate", help="generate with the KV cache, optionally with StepFlow")
     add_model_arguments(g, default_backend="bridge")  # the faster backend for decoding
@@ -166,9 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXPECTED = (CliError, OSError, ValueError, ModuleNotFoundError, KeyError)  # StepsalError is a ValueError
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, (CliError, ValueError, OSError)) else f"{type(error).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a problem prints one line on stderr and returns 1 (``--debug``: the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        from .errors import StepsalWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StepsalWarning)
+            code = args.func(args)
+        for warning in caught:
+            if issubclass(warning.category, StepsalWarning):
+                print(f"stepsal {args.command}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(f"stepsal {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every error becomes one line unless --debug
+        if args.debug:
+            raise
+        hint = "" if isinstance(error, EXPECTED) else " (an unexpected error: rerun with --debug for the traceback)"
+        print(f"stepsal {args.command}: error: {one_line(error)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class UnsupportedModelError(StepsalError):
 
 class NonFiniteGradientError(RuntimeError):
     """The backward pass produced NaN or inf."""
+
+
+class StepsalWarning(UserWarning):
+    """Something worked but may not mean what it seems (StepFlow never acted, a slow backend, ...)."""

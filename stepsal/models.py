@@ -150,9 +150,12 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
         else:
             model = _bridge_from_hf(hf_model, tokenizer, dtype, placement)
         model.eval()
-        _check_placement(model, placement, dtype)
+        model.cfg.model_name = _source_name(source, hf_model)  # not TransformerLens's temporary folder name
+        keeps_fp32 = bool(getattr(hf_model, "_keep_in_fp32_modules", None)
+                          or getattr(hf_model, "_keep_in_fp32_modules_strict", None))
+        _check_placement(model, placement, dtype, keeps_fp32)
         _check_against_transformers(model, expected, dtype)  # the first forward: it may fail too
-    except UnsupportedModelError:
+    except (UnsupportedModelError, torch.OutOfMemoryError):
         raise
     except Exception as error:  # an adapter that cannot take this model fails in many ways
         other = "bridge" if backend == "hooked" else "hooked"
@@ -162,6 +165,14 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
             f"Try backend={other!r}, or see docs/models.md for the architectures that load."
         ) from error
     return model
+
+
+def _source_name(source: Any, hf_model: Any) -> str:
+    """What the user knows the model as: the embedded name, the folder's name, or the model's own."""
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source).rstrip("/")
+        return name if not Path(name).is_dir() else Path(name).name
+    return str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,9 @@ def _placement(backend: str, device: Any, n_devices: int, device_map: Any, sourc
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1; got {n_devices}.")
     max_memory = None
+    if n_devices > 1 and backend == "bridge" and not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"n_devices={n_devices} on the bridge places weights while from_pretrained loads them: "
+                         "pass the model's folder (save_pretrained) instead of an in-memory model.")
     if n_devices > 1:
         have = torch.cuda.device_count()
         if have < n_devices:
@@ -198,14 +212,20 @@ def _placement(backend: str, device: Any, n_devices: int, device_map: Any, sourc
     return _Placement(None if device is None else torch.device(device), n_devices, device_map, max_memory)
 
 
-def _check_placement(model: Any, placement: _Placement, dtype: torch.dtype) -> None:
-    """Every floating parameter where and as asked (a silent CPU fallback costs hours)."""
+def _check_placement(model: Any, placement: _Placement, dtype: torch.dtype, keeps_fp32: bool = False) -> None:
+    """Every floating parameter where and as asked (a silent CPU fallback costs hours). Models that
+    keep some modules in float32 for stability (``_keep_in_fp32_modules``) may keep them."""
     devices = {p.device for p in model.parameters()}
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    wanted = placement.device or torch.device("cpu")
-    if placement.device_map is None and placement.n_devices == 1 and devices != {_canonical(wanted)}:
-        raise UnsupportedModelError(f"asked for device {wanted} but the weights are on {sorted(map(str, devices))}.")
-    if dtypes != {dtype}:
+    if placement.device_map is None and placement.n_devices == 1:
+        if placement.device is not None and devices != {_canonical(placement.device)}:
+            raise UnsupportedModelError(f"asked for device {placement.device} but the weights are on "
+                                        f"{sorted(map(str, devices))}.")
+        if len(devices) > 1:
+            raise UnsupportedModelError(f"the weights are spread over {sorted(map(str, devices))}; pass device=... "
+                                        "or a device_map.")
+    allowed = {dtype, torch.float32} if keeps_fp32 else {dtype}
+    if dtype not in dtypes or not dtypes <= allowed:
         raise UnsupportedModelError(f"asked for {dtype} but the weights are {sorted(map(str, dtypes))}.")
 
 

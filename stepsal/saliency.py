@@ -362,6 +362,8 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
     sites = attention_sites(model)
     if layers is None:  # hybrid models: the layers with a softmax pattern (result.layers names them)
         layers = sites.attention_layers
+        if not layers:
+            sites.require_attention(list(range(model.cfg.n_layers)), f"Step-Saliency on {model_label(model)}")
     else:
         layers = sorted(set(layers))
         if not layers or not all(0 <= layer < model.cfg.n_layers for layer in layers):

@@ -107,8 +107,9 @@ def attention_sites(model: Any) -> AttentionSites:
             logits = model(tokens, **forward_kwargs(model))
         generator = torch.Generator().manual_seed(0)
         direction = torch.randn(logits.shape[-1], generator=generator).to(logits.device, logits.dtype)
+        # frozen parameters and every edit discarded: the logits hold no graph at all
         grads = torch.autograd.grad((logits * direction).sum(), list(leaves.values()), allow_unused=True) \
-            if leaves else []
+            if leaves and logits.requires_grad else [None] * len(leaves)
     _PROBE_LOGITS[model] = logits.detach().double().cpu()
     # connectivity, not magnitude: a discarded edit leaves its leaf out of the graph (None), while
     # a used one may still get an all-zero gradient in float16 (underflow through many layers)

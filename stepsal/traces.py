@@ -369,10 +369,18 @@ class Trace:
 
         return segmentation_widget(self.text, self.offsets, self.layout)
 
-    def describe(self, width: int = 70) -> str:
-        """One line per step: index, kind, token span and the start of its text."""
+    def describe(self, width: int = 70, max_steps: int | None = None) -> str:
+        """One line per step: index, kind, token span and the start of its text (with
+        ``max_steps``, the first and last steps and a count of those left out)."""
         lines = [f"Trace: {len(self)} tokens, {self.layout.n_steps} steps, format {self.fmt!r}"]
-        for s in self.layout.steps:
+        steps = self.layout.steps
+        if max_steps is not None and len(steps) > max_steps:
+            head = max(1, max_steps - 3)
+            steps = steps[:head] + [None] + steps[-3:]
+        for s in steps:
+            if s is None:
+                lines.append(f"  ... {self.layout.n_steps - head - 3} more steps ...")
+                continue
             snippet = " ".join(s.text.split())
             snippet = snippet if len(snippet) <= width else snippet[: width - 3] + "..."
             lines.append(f"  {s.index:3d} {s.kind:<8} tokens {s.token_span[0]:5d}-{s.token_span[1]:<5d} {snippet}")

@@ -41,6 +41,8 @@ def short_reason(error: Exception) -> str:
     if "cannot load" in message:
         kind = re.search(r"[(](\w+):", message)
         return f"refused: adapter fails ({kind.group(1) if kind else 'error'})"
+    if "band (a quarter of the layers) has no layer" in message:
+        return "refused: a default band has no softmax-attention layer"
     return "refused: " + message.split(":")[0][:60]
 
 

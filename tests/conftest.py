@@ -13,7 +13,12 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal  # noqa: F401
     import stepsal.cli  # noqa: F401
     import stepsal.embedded  # noqa: F401
-    import stepsal.generate  # noqa: F401
+    import stepsal.generation  # noqa: F401
+    import stepsal.vis.html  # noqa: F401
+    import stepsal.vis.render  # noqa: F401
+    import stepsal.vis.report  # noqa: F401
+    import stepsal.vis.tables  # noqa: F401
+    import stepsal.vis.widgets  # noqa: F401
     import stepsal.metrics  # noqa: F401
     import stepsal.pooling  # noqa: F401
     import stepsal.saliency  # noqa: F401

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -27,9 +28,94 @@ def test_analyze_writes_a_report_that_matches_the_api(tmp_path, hf_models, token
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(direct.metrics().per_trace())
 
 
-def test_analyze_needs_exactly_one_trace_source(tmp_path):
-    with pytest.raises(SystemExit, match="either --example or --trace"):
-        main(["analyze", "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory, hf_models, tokenizer):
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    hf_models["llama"].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(args, capsys, expected):
+    code, out, err = run_cli(args, capsys)
+    assert code == 1, (out, err)
+    lines = [line for line in err.splitlines() if line.startswith("stepsal ")]  # progress bars aside
+    assert len(lines) == 1 and lines[0].startswith(f"stepsal {args[0]}: error: "), err
+    assert re.search(expected, lines[0]), lines[0]
+    assert "Traceback" not in err
+    return out
+
+
+NO_MODEL = ["--model", "no-such-model"]  # the trace and --out checks must come first: no model is loaded
+
+
+@pytest.mark.parametrize("case", ["no source", "missing file", "folder", "no marker", "too few steps",
+                                  "unwritable out", "missing model"])
+def test_analyze_errors_are_one_line_and_come_before_the_model(case, tmp_path, capsys):
+    good = tmp_path / "trace.txt"
+    good.write_text(THINK_TRACE)
+    args = {
+        "no source": (["--out", str(tmp_path / "o")], "pass either --example or --trace"),
+        "missing file": (["--trace", str(tmp_path / "nope.txt")], "no such file"),
+        "folder": (["--trace", str(tmp_path)], "is a folder"),
+        "no marker": (["--trace", _write(tmp_path, "a.txt", "Just an answer. Nothing else here at all.")],
+                      "thinking marker .* not found"),
+        "too few steps": (["--trace", _write(tmp_path, "b.txt", THINK_TRACE.split("The sum of")[0] + "</think>\nFour.")],
+                          "fewer than --min-steps 2"),
+        "unwritable out": (["--trace", str(good), "--out", str(good / "sub")], "not a writable folder"),
+        "missing model": (["--trace", str(good), "--out", str(tmp_path / "o")], "neither an embedded model"),
+    }[case]
+    one_line_error(["analyze", *NO_MODEL, *args[0]], capsys, args[1])
+
+
+def _write(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_too_long_trace_is_one_line_without_the_step_listing(tmp_path, tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "short-context"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = one_line_error(["analyze", "--model", str(folder), "--trace", _write(tmp_path, "t.txt", THINK_TRACE),
+                          "--out", str(tmp_path / "o")], capsys, r"has \d+ tokens \(7 steps\) but .* context of 64")
+    assert "tokens 0" not in out  # no step listing before the error
+
+
+def test_generate_errors_are_one_line(tmp_path, capsys):
+    one_line_error(["generate", *NO_MODEL, "--prompt", "x", "--max-new-tokens", "0", "--out", str(tmp_path)],
+                   capsys, "--max-new-tokens must be at least 1")
+    one_line_error(["generate", *NO_MODEL, "--out", str(tmp_path)], capsys, "either --prompt")
+    one_line_error(["generate", "--prompt", "x", "--stepflow", "--oeb-layers", "a,b", "--out", str(tmp_path)],
+                   capsys, "layers must look like")
+    one_line_error(["generate", "--prompt", "x", "--oeb-layers", "0,1", "--out", str(tmp_path)], capsys,
+                   "need --stepflow")
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, stepsal.cli; stepsal.cli.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_results_record_the_model_by_its_name(saved_llama, tmp_path, capsys):
+    trace_file = tmp_path / "trace.txt"
+    trace_file.write_text(THINK_TRACE)
+    assert main(["analyze", "--model", str(saved_llama), "--trace", str(trace_file), "--out", str(tmp_path)]) == 0
+    assert StepSaliency.load(tmp_path / "saliency.safetensors").model == "tiny-llama"
 
 
 def test_example_trace_is_shipped():
@@ -66,11 +152,9 @@ def test_generate_command_with_stepflow(tmp_path, hf_models, tokenizer, capsys):
     assert record["stats"]["oeb"]["0"]["changed"] == expected.stats.to_dict()["oeb"][0]["changed"] > 0
 
 
-def test_generate_command_bad_layers(tmp_path):
-    with pytest.raises(SystemExit, match="layers must look like"):
-        main(["generate", "--prompt", "x", "--stepflow", "--oeb-layers", "a,b", "--out", str(tmp_path)])
-
-
-def test_generate_command_flow_options_need_stepflow(tmp_path):
-    with pytest.raises(SystemExit, match="need --stepflow"):
-        main(["generate", "--prompt", "x", "--oeb-layers", "0,1", "--out", str(tmp_path)])
+def test_generate_command_says_when_stepflow_never_acted(saved_llama, tmp_path, capsys):
+    code, out, err = run_cli(["generate", "--model", str(saved_llama), "--prompt", "Question: what is 2+2?",
+                              "--stepflow", "--marker-in-output", "--max-new-tokens", "4", "--out", str(tmp_path)],
+                             capsys)
+    assert code == 0
+    assert "stepsal generate: warning: StepFlow never acted: no row reached the thinking segment" in err

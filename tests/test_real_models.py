@@ -71,7 +71,8 @@ def test_weights_left_on_another_device_are_refused(tl_models):
 
 
 def test_multi_device_plumbing(hf_models, tokenizer, saved_qwen2, monkeypatch):
-    with pytest.raises(UnsupportedModelError, match=r"n_devices=2 needs 2 GPUs; this machine has \d"):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UnsupportedModelError, match=r"n_devices=2 needs 2 GPUs; this machine has 1"):
         stepsal.load_model(str(saved_qwen2), n_devices=2, backend="bridge")
     with pytest.raises(ValueError, match="pass the model's folder"):
         stepsal.load_model(hf_models["qwen2"], tokenizer, backend="bridge", device_map="auto")
@@ -213,3 +214,50 @@ def test_hooked_transformer_refusals_name_the_other_backend(tokenizer):
     for arch in ("phi", "gemma2"):  # phi-2 used to raise a raw AttributeError
         with pytest.raises(UnsupportedModelError, match="HookedTransformer does not support .*backend='bridge'"):
             quiet_load(make_arch_model(arch, len(tokenizer)), tokenizer, backend="hooked")
+
+
+def test_hybrid_bands_keep_their_attention_layers_and_alpha_zero_turns_smi_off(tokenizer):
+    """Bamba-like: attention at layers 3 and 7 of 8 (the rest Mamba-2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("bamba", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                                  attn_layer_indices=[3, 7], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
+                                  mamba_d_state=8, mamba_chunk_size=16)
+    torch.manual_seed(0)
+    model = quiet_load(AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval(), tokenizer,
+                       backend="bridge")
+    assert StepFlow(oeb_layers=[3]).layers_for(model) == ([3], [7])
+    assert StepFlow(oeb_layers=[3], alpha=0.0).layers_for(model) == ([3], [])
+    assert "OEB layers [3]" in StepFlow(oeb_layers=[3]).describe(model)
+    with pytest.raises(UnsupportedModelError, match=r"default OEB band .* Choose oeb_layers / smi_layers among \[3, 7\]"):
+        StepFlow().layers_for(model)  # bottom quarter = layers 0-1: Mamba only
+    trace = Trace.from_text(THINK_TRACE, tokenizer)
+    out = generate(model, trace.tokens[:60], StepFlow(oeb_layers=[3], tau_max=0.9), max_new_tokens=6,
+                   stop_at_eos=False)  # cached generation keeps the Mamba state
+    assert len(out.tokens[0]) == 66
+
+
+def test_modules_kept_in_float32_are_accepted(tokenizer, tmp_path):
+    """GPT-OSS keeps its router in float32 under float16 (transformers' _keep_in_fp32_modules)."""
+    hf = make_arch_model("gpt_oss", len(tokenizer))
+    hf.save_pretrained(tmp_path / "oss")
+    tokenizer.save_pretrained(tmp_path / "oss")
+    model = quiet_load(str(tmp_path / "oss"), backend="bridge", dtype=torch.float16)
+    dtypes = {p.dtype for p in model.parameters()}
+    assert torch.float16 in dtypes
+
+
+def test_models_with_no_usable_attention_are_refused_clearly(tokenizer):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
+    bridge.requires_grad_(False)  # frozen: the probe's logits hold no graph
+    trace = Trace.from_text(THINK_TRACE, tokenizer)
+    with pytest.raises(UnsupportedModelError, match="Step-Saliency on .*hook_pattern"):
+        step_saliency(bridge, trace)

@@ -413,7 +413,7 @@ def test_oeb_during_cached_generation_on_prefill_and_decode_rows(tl_models, back
 
 def forced_decode_logits(model, flow, fmt, ids, prompt_length, use_cache):
     """generate()'s loop with the continuation forced: last-position logits at every step."""
-    from stepsal.generate import _Decoder
+    from stepsal.generation import _Decoder
     from stepsal.models import hooks_attached
 
     run, tracker = FlowRun(flow, model, 1, len(ids)), PhaseTracker(model.tokenizer, fmt, 1)

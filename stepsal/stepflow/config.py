@@ -74,10 +74,12 @@ class StepFlow:
         part hooks (hybrid models mix in linear-attention layers); chosen layers must all have it."""
         sites = attention_sites(model)
         oeb, smi = self.layers(model.cfg.n_layers)
+        if self.alpha == 0:  # SMI off: nothing to hook, nothing to check
+            smi = []
         usable = set(sites.attention_layers)
         label = model_label(model)
         for band, given, name in ((oeb, self.oeb_layers, "OEB"), (smi, self.smi_layers, "SMI")):
-            if given is not None or (name == "SMI" and self.alpha == 0):
+            if given is not None or not band:
                 continue
             band[:] = [layer for layer in band if layer in usable]
             if not band:
@@ -101,8 +103,12 @@ class StepFlow:
                 "smi_site='resid_post', which adds the same vector after the layer.")
         return oeb, smi
 
-    def describe(self, n_layers: int) -> str:
-        oeb, smi = self.layers(n_layers)
+    def describe(self, model_or_n_layers: Any) -> str:
+        """The configuration in words, with the layers that run on a model (or on ``n`` layers)."""
+        if isinstance(model_or_n_layers, int):
+            oeb, smi = self.layers(model_or_n_layers)
+        else:
+            oeb, smi = self.layers_for(model_or_n_layers)
         return (f"StepFlow(OEB layers {oeb or 'off'}, tau_max={self.tau_max}; SMI layers {smi or 'off'}, "
                 f"alpha={self.alpha}, window={self.smi_window}, site={self.smi_site}, "
                 f"at_summary={self.smi_at_summary})")

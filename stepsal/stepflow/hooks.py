@@ -179,6 +179,10 @@ class FlowRun:
             self.relabel_time[rows_index, cols] = values[:, 2]
             self.any_relabel = True
 
+    def host_segments(self) -> list[list[int]]:
+        """Per row, the segment of each position as first labelled (host copy, no device sync)."""
+        return self._host_segments
+
     def _index(self, entries: list) -> tuple[Tensor, Tensor]:
         rows_index = torch.tensor([b for b, _, _ in entries], device=self.device)
         return rows_index, torch.tensor([lab.position for _, lab, _ in entries], device=self.device)

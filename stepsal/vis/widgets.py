@@ -94,16 +94,21 @@ def received_tokens_widget(result: Any, source: str | int = "summary") -> Widget
 
 
 def segmentation_widget(text: str, offsets: list[tuple[int, int]], layout: StepLayout) -> Widget:
-    """Tokens coloured by step (alternating shades; question and summary in the negative colour)."""
+    """Tokens coloured by step, from a trace's text and offsets."""
+    return segmentation_from_tokens(token_strings(text, offsets), layout)
+
+
+def segmentation_from_tokens(tokens: list[str], layout: StepLayout) -> Widget:
+    """Tokens coloured by step (thinking steps in alternating shades; question and summary in the
+    negative colour); the second colouring is the step index."""
     values = []
     for step in layout.token_step.tolist():
         if step < 0:
             values.append([0.0, -1.0])
             continue
-        segment = layout.steps[step].segment
         shade = 0.35 + 0.5 * (step % 2)
-        values.append([(shade if segment == THINKING else -shade), float(step)])
+        values.append([shade if layout.steps[step].segment == THINKING else -shade, float(step)])
     return Widget("ColoredTokensMulti", {
-        "tokens": token_strings(text, offsets), "values": torch.tensor(values), "labels": ["segment / step", "step"],
+        "tokens": tokens, "values": torch.tensor(values), "labels": ["segment / step", "step index"],
     }, title=f"Segmentation: {layout.n_steps} steps (thinking steps in alternating shades; hover a token for "
              "its step)")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .errors import StepsalError, TraceFormatError
+from .errors import StepsalError, StepsalWarning, TraceFormatError
 from .formats import TraceFormat, get_format
 from .models import backend_of, hooks_attached, load_model
 from .sites import first_device
@@ -117,19 +117,18 @@ ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attenti
 def _bridge_cache(model: Any) -> Any:
     """A transformers cache that keeps every key: attention layers never trim a sliding window (the
     hooks read absolute positions as k - q; the model still applies its window through the mask);
-    hybrid models also get their linear-attention layers' state."""
-    import copy
+    hybrid models also get their linear-attention or state-space layers' state."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-    from transformers.cache_utils import DynamicCache
-
-    config = model.original_model.config.get_text_config(decoder=True)
-    types = getattr(config, "layer_types", None) or []
+    config = model.original_model.config
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
     if set(types) <= ATTENTION_LAYER_TYPES:
         return DynamicCache()  # lazily built full layers
-    config = copy.deepcopy(config)
-    config.layer_types = ["full_attention" if kind in ATTENTION_LAYER_TYPES else kind for kind in types]
-    config.sliding_window = None
-    return DynamicCache(config=config)
+    cache = DynamicCache(config=config)  # the config itself is not touched (some fields are read-only)
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            cache.layers[index] = DynamicLayer()
+    return cache
 
 
 def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -188,7 +187,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, backend="bridge")
     elif backend_of(model) == "hooked":
-        warnings.warn(HOOKED_DECODE_WARNING, stacklevel=2)
+        warnings.warn(HOOKED_DECODE_WARNING, StepsalWarning, stacklevel=3)
     tokenizer = model.tokenizer
     rows = _encode_prompts(tokenizer, prompt_or_messages)
     if any(len(r) == 0 for r in rows):
@@ -244,7 +243,22 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
             n_new = 1
             if all(finished):
                 break
+    if run is not None and not run.stats.acted():
+        warnings.warn(_never_acted_reason(run, fmt), StepsalWarning, stacklevel=3)  # past torch.no_grad
     return _collect(model, tokens, mask, rows, prompt_length, fmt, run, stepflow)
+
+
+def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
+    """Why StepFlow changed nothing, in words (so that a zero table is not read as a result)."""
+    from .traces import THINKING
+
+    reached = any(THINKING in segments for segments in run.host_segments())
+    if not reached:
+        return (f"StepFlow never acted: no row reached the thinking segment (marker /{fmt.thinking_start}/ never "
+                "appeared). End the prompt with the thinking marker (R1-style templates do; the CLI's "
+                "--start-thinking), or use a model that writes it.")
+    return ("StepFlow never acted: the rows reached thinking, but no OEB row was below its bridge target and no "
+            "new thinking step started in the SMI layers. Generate longer, or check tau_max and the layers.")
 
 
 def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFormat) -> None:

@@ -1,0 +1,111 @@
+"""Self-contained offline HTML reports: one page, one copy of the circuitsvis bundle, no network.
+
+``write_report(out_dir, [result])`` after an analysis; ``report_from_folder(folder)`` for a study:
+every ``*.safetensors`` result under the folder gets a section, and when the results sit in two
+subfolders (say ``correct/`` and ``wrong/``) the page opens with their comparison.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from .html import figure_png, headline, steps_table, table
+from ..traces import SUMMARY
+from .render import bundle_js
+from .widgets import received_tokens_widget, segmentation_from_tokens, step_maps_widget
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body {{ font-family: sans-serif; margin: 24px; max-width: 1200px; }}
+section {{ border-top: 1px solid #ddd; margin-top: 24px; padding-top: 8px; }}
+.stepsal-widget-title {{ font-size: 12px; color: #444; margin-top: 12px; }}</style>
+<script>{bundle}</script></head>
+<body><h1>{title}</h1><p style="color:#666;font-size:12px">{subtitle}</p>
+{body}
+</body></html>
+"""
+
+
+def result_section(result, name: str, anchor: str) -> str:
+    """Widgets, figure, metrics and segmentation of one Step-Saliency result."""
+    from .figures import plot_step_maps
+    from .html import metrics_rows
+
+    metrics = result.metrics()
+    per_trace = metrics.per_trace()
+    parts = [f"<section id='{anchor}'><h2>{html.escape(name)}</h2>", headline(repr(result)),
+             step_maps_widget(result).html(bundle=False)]
+    if result.token_texts is not None and result.layout.steps_of(SUMMARY):
+        parts.append(received_tokens_widget(result, "summary").html(bundle=False))
+    parts.append(figure_png(plot_step_maps(result)))
+    parts += ["<h3>Per-trace measures</h3>", table(list(per_trace), [list(per_trace.values())]),
+              "<h3>Per-layer measures (row-normalised maps)</h3>", table(*metrics_rows(metrics), digits=3),
+              "<h3>Segmentation</h3>", steps_table(result.layout)]
+    if result.token_texts is not None:
+        parts.append(segmentation_from_tokens(result.token_texts, result.layout).html(bundle=False))
+    return "\n".join(parts) + "</section>"
+
+
+def build_page(title: str, sections: Sequence[str], subtitle: str = "") -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return PAGE.format(title=html.escape(title), bundle=bundle_js(), body="\n".join(sections),
+                       subtitle=html.escape(subtitle or f"stepsal report, {stamp}; works offline"))
+
+
+def write_report(out_dir: str | os.PathLike, results: Sequence, names: Sequence[str] | None = None,
+                 title: str = "Step-Saliency report", extra_sections: Sequence[str] = ()) -> Path:
+    """Write ``out_dir/report.html`` with one section per result."""
+    names = list(names) if names is not None else [f"trace {i}" for i in range(len(results))]
+    sections = list(extra_sections)
+    if len(results) > 1:
+        rows = [(f"<a href='#r{i}'>{html.escape(n)}</a>", r.model, len(r.layers), r.layout.n_steps,
+                 *(round(v, 4) for v in r.metrics().per_trace().values())) for i, (n, r) in enumerate(zip(names, results))]
+        sections.insert(0, "<h2>Results</h2>" + _raw_table(
+            ["result", "model", "layers", "steps", *results[0].metrics().per_trace()], rows))
+    sections += [result_section(r, n, f"r{i}") for i, (n, r) in enumerate(zip(names, results))]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    path.write_text(build_page(title, sections), encoding="utf-8")
+    return path
+
+
+def _raw_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A table whose first column is trusted HTML (links)."""
+    head = "".join(f"<th style='padding:2px 6px'>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td style='padding:2px 6px'>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """One page from every saved result (``*.safetensors``) under ``folder``; two subfolders of
+    results are compared as groups (per-trace measures with CIs, per-layer curves)."""
+    from ..metrics import compare_groups
+    from ..saliency import StepSaliency
+
+    root = Path(folder)
+    files = sorted(root.rglob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no saved results (*.safetensors) under {root}; save them with result.save(path).")
+    results = [StepSaliency.load(f) for f in files]
+    names = [str(f.relative_to(root)) for f in files]
+    groups: dict[str, list] = {}
+    for f, r in zip(files, results):
+        groups.setdefault(str(f.parent.relative_to(root)), []).append(r)
+    extra = []
+    if len(groups) == 2 and all(len(g) >= 2 for g in groups.values()):
+        (label_a, a), (label_b, b) = sorted(groups.items())
+        comparison = compare_groups(a, b, labels=(label_a, label_b))
+        from .figures import plot_group_curves
+        from .tables import comparison_frame
+
+        frame = comparison_frame(comparison)
+        extra.append(f"<section><h2>{html.escape(label_a)} vs {html.escape(label_b)}</h2>"
+                     + headline(repr(comparison)) + table(list(frame.columns), frame.itertuples(index=False))
+                     + (figure_png(plot_group_curves(comparison)) if comparison.layer_mean else "") + "</section>")
+    return write_report(out_dir or root, results, names, title=f"Step-Saliency study: {root.name}",
+                        extra_sections=extra)
