@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export WANDB_MODE=disabled
 
-.PHONY: venv venv-tl4 demo test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
+.PHONY: chromium venv venv-tl4 demo test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
 
 venv: $(STAMP)
 
@@ -40,19 +40,25 @@ $(STAMP4): pyproject.toml requirements-tl4.txt
 
 venv-tl4: $(STAMP4)
 
+# the report tests open pages in headless Chromium (Debian's package)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
+
 demo: venv
 	$(VENV)/bin/stepsal analyze --example --out stepsal-out
 
 # both stacks: the pinned one (TransformerLens 3.9, both backends), then TransformerLens 4.x (bridge)
 test: test-pinned test-tl4
 
-test-pinned: venv
+test-pinned: venv chromium
 	$(PY) -m pytest -q
 
-test-tl4: venv-tl4
+test-tl4: venv-tl4 chromium
 	$(VENV4)/bin/python -m pytest -q
 
-test-fast: venv
+test-fast: venv chromium
 	$(PY) -m pytest -q -m "not slow"
 
 # rewrite docs/models.md from the architecture probes, on both stacks

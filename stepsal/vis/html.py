@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..traces import StepLayout
 from .figures import step_labels
@@ -26,7 +26,7 @@ def fmt(value: Any, digits: int = 4) -> str:
     return esc(value)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4) -> str:
     head = "".join(f"<th style='text-align:right;padding:2px 6px'>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td style='text-align:right;padding:2px 6px'>{fmt(c, digits)}</td>"
                                     for c in row) + "</tr>" for row in rows)
