@@ -7,9 +7,10 @@ opens the summary. Markers belong to the segment they open (METHOD.md section 1)
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
-from .errors import TraceFormatError
+from .errors import StepsalWarning, TraceFormatError
 
 
 @dataclass(frozen=True)
@@ -27,20 +28,52 @@ class TraceFormat:
     summary_start: str
 
     def locate(self, text: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
-        """Character spans (start, end) of the thinking marker and of the summary marker.
+        """Character spans (start, end) of the thinking marker and of the summary marker the model
+        emitted; the summary span is None when its marker is absent (an unfinished trace).
 
-        The summary span is None when its marker is absent (an unfinished trace).
+        Markers inside code (fenced blocks, inline backticks) are ignored: a question may show the
+        format it wants. Of the rest, thinking opens at the last thinking marker that a summary
+        marker follows (else at the last one), and the summary at the first marker after it. When
+        other candidates were passed over, a :class:`~stepsal.errors.StepsalWarning` says which.
         """
-        think = re.search(self.thinking_start, text)
-        if think is None:
+        code = code_spans(text)
+        thinking = [m for m in re.finditer(self.thinking_start, text) if not inside(m.start(), code)]
+        summaries = [m for m in re.finditer(self.summary_start, text) if not inside(m.start(), code)]
+        if not thinking:
+            in_code = " (only inside code, which is not counted)" if re.search(self.thinking_start, text) else ""
             raise TraceFormatError(
                 f"format {self.name!r}: thinking marker /{self.thinking_start}/ not found in the "
-                f"trace (starts {text[:60]!r}). Pass the format that matches the trace "
+                f"trace{in_code} (starts {text[:60]!r}). Pass the format that matches the trace "
                 "(fmt='think', 'harmony' or 'plain') or a custom one: "
                 "stepsal.custom_format(thinking_start=..., summary_start=...)."
             )
-        summary = re.compile(self.summary_start).search(text, think.end())
+        closed = [t for t in thinking if any(s.start() >= t.end() for s in summaries)]
+        think = (closed or thinking)[-1]
+        after = [s for s in summaries if s.start() >= think.end()]
+        summary = after[0] if after else None
+        if len(thinking) > 1 or len(after) > 1:
+            warnings.warn(
+                f"format {self.name!r}: {len(thinking)} thinking and {len(summaries)} summary markers outside "
+                f"code; thinking taken from character {think.start()}"
+                + (f", summary from {summary.start()}" if summary else ", no summary")
+                + ". Check trace.describe() if the question or the reasoning quotes the markers.",
+                StepsalWarning, stacklevel=3)
         return think.span(), (summary.span() if summary else None)
+
+
+FENCE = re.compile(r"(?ms)^[ \t]*(```|~~~).*?(?:^[ \t]*\1|\Z)")
+INLINE_CODE = re.compile(r"`[^`\n]+`")
+
+
+def code_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of fenced code blocks (to their closing fence, or the end) and inline code."""
+    spans = [m.span() for m in FENCE.finditer(text)]
+    spans += [m.span() for m in INLINE_CODE.finditer(text) if not inside(m.start(), spans)]
+    return sorted(spans)
+
+
+def inside(position: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start <= position < end for start, end in spans)
 
 
 def custom_format(thinking_start: str, summary_start: str, regex: bool = False,

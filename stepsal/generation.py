@@ -214,6 +214,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     if stepflow is not None:
         run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens)
         tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=model.cfg.d_vocab)
+        tracker.read_prompts(rows)  # markers the prompt quotes (in code, or before its last one) are not counted
         for position in range(prompt_length):
             pads = [len(ids) < prompt_length - position for ids in rows]
             ids = [r[position - (prompt_length - len(r))] if not pad else pad_id for r, pad in zip(rows, pads)]
@@ -264,11 +265,15 @@ def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
 def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFormat) -> None:
     import re
 
+    from .formats import code_spans, inside
+
     for ids in rows:
-        if not re.search(fmt.thinking_start, tokenizer.decode(ids)):
+        text = tokenizer.decode(ids)
+        spans = code_spans(text)
+        if not any(not inside(m.start(), spans) for m in re.finditer(fmt.thinking_start, text)):
             raise TraceFormatError(
                 f"StepFlow acts on thinking and summary tokens, but the prompt has no thinking marker "
-                f"/{fmt.thinking_start}/ (format {fmt.name!r}). End the prompt with it (R1-style chat "
+                f"/{fmt.thinking_start}/ outside code (format {fmt.name!r}). End the prompt with it (R1-style chat "
                 "templates do: '...<|im_start|>assistant\\n<think>\\n'), pass the format that matches "
                 "the model, or marker_in_output=True if the model writes the marker itself.")
 

@@ -186,3 +186,45 @@ def test_every_step_is_covered_by_exactly_its_tokens(tokenizer, question, senten
     think_tokens = trace.layout.token_segment == THINKING
     first_thinking = int(think_tokens.nonzero()[0])
     assert trace.offsets[first_thinking][0] == text.index("<think>")
+
+
+QUOTING = ("<|im_start|>user\nAnswer in this format:\n```\n<think>\nyour steps\n</think>\nthe answer\n```\n"
+           "Never write `</think>` twice. What is 2+2 and then times 3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_markers_quoted_in_code_are_not_the_models(tokenizer):
+    import warnings
+
+    text = QUOTING + THINK_TRACE.split("<|im_start|>assistant\n")[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # markers inside code are not even candidates: no ambiguity warning
+        trace = Trace.from_text(text, tokenizer)
+    thinking_start = text.index("<think>\nFirst")
+    assert trace.markers[0][0] == thinking_start and trace.markers[1][0] == text.index("</think>\nThe sum is 4")
+    question = trace.layout.steps[0]
+    assert question.kind == "question" and "Never write" in question.text
+    assert [s.kind for s in trace.layout.steps].count("thinking") == 4
+
+
+def test_a_marker_quoted_in_prose_warns_and_the_last_one_counts(tokenizer):
+    text = THINK_TRACE.replace("What is 2+2", "What do <think> tags do? And what is 2+2")
+    with pytest.warns(stepsal.StepsalWarning, match="2 thinking and 1 summary markers"):
+        trace = Trace.from_text(text, tokenizer)
+    assert trace.markers[0][0] == text.index("<think>\nFirst")
+
+
+def test_the_tracker_ignores_markers_the_prompt_quotes(tokenizer):
+    from stepsal.stepflow.tracker import PhaseTracker
+
+    prompt = QUOTING + "<think>\nFirst"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tracker = PhaseTracker(tokenizer, stepsal.FORMATS["think"], 1)
+    tracker.read_prompts([ids])
+    segments = {}
+    for token in ids:
+        for label in tracker.push([token])[0]:
+            segments[label.position] = label.segment
+    trace = Trace.from_text(prompt + ". The end is near now.\n</think>\nDone.", tokenizer, min_thinking_steps=1)
+    real = trace.layout.token_segment.tolist()[:len(ids)]
+    assert [segments[p] for p in range(len(ids))] == real
+    assert real.index(stepsal.THINKING) >= len(ids) - 4  # only the prompt's last marker opens thinking

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..formats import TraceFormat
+from ..formats import TraceFormat, code_spans, inside
 from ..traces import MIN_THINKING_CHARS, QUESTION, SUMMARY, THINKING
 
 WINDOW_CHARS = 96
@@ -65,6 +65,17 @@ class RowTracker:
     sentence_is_number: bool = True  # only digits, '.', ',', '-' and spaces so far
     sentence_closed: bool = False  # a kept sentence ended: the next non-whitespace text opens a step
     previous_ends_with_period: bool = False
+    chars_dropped: int = 0  # characters that left the window (absolute offset of window[0])
+    skip_spans: list[tuple[int, int]] = field(default_factory=list)  # code in the prompt: no markers there
+    thinking_from: int = 0  # thinking markers before this character are quoted, not emitted
+
+    def read_prompt(self, prompt: str) -> None:
+        """Markers the prompt quotes are not the model's: ignore those inside code, and thinking
+        markers before the prompt's last one (as :meth:`TraceFormat.locate` does for traces)."""
+        self.skip_spans = code_spans(prompt)
+        starts = [m.start() for m in re.finditer(self.fmt.thinking_start, prompt)
+                  if not inside(m.start(), self.skip_spans)]
+        self.thinking_from = starts[-1] if starts else 0
 
     def push(self, text: str) -> list[TokenLabel]:
         """Consume one token's text. Returns its label, plus relabels of earlier marker tokens."""
@@ -91,6 +102,7 @@ class RowTracker:
         self.window += text
         excess = len(self.window) - WINDOW_CHARS
         if excess > 0:
+            self.chars_dropped += excess
             self.window = self.window[excess:]
             self.window_starts = [s - excess for s in self.window_starts]
             while len(self.window_starts) > 1 and self.window_starts[1] <= 0:
@@ -104,7 +116,9 @@ class RowTracker:
         pattern = self.fmt.thinking_start if self.phase == QUESTION else self.fmt.summary_start
         fresh_from = len(self.window) - new_chars
         for match in re.finditer(pattern, self.window):
-            if match.end() > fresh_from and match.end() > 0:
+            start = self.chars_dropped + match.start()
+            quoted = inside(start, self.skip_spans) or (self.phase == QUESTION and start < self.thinking_from)
+            if match.end() > fresh_from and match.end() > 0 and not quoted:
                 return match
         return None
 
@@ -184,6 +198,11 @@ class PhaseTracker:
         if vocab_size > len(self.texts):
             self.texts = self.texts + [""] * (vocab_size - len(self.texts))
         self.rows = [RowTracker(fmt, min_step_chars) for _ in range(batch)]
+
+    def read_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Each row's prompt ids, before they are pushed: see :meth:`RowTracker.read_prompt`."""
+        for row, ids in zip(self.rows, prompts):
+            row.read_prompt("".join(self.texts[i] for i in ids))
 
     def push(self, token_ids: Sequence[int], is_pad: Sequence[bool] | None = None) -> list[list[TokenLabel]]:
         """One token per row; returns each row's labels (one, or several after a marker)."""
