@@ -1,7 +1,7 @@
 """Traces: the scored token sequence and its exact token -> step layout.
 
 Segmentation follows METHOD.md section 2. The question is one step, thinking is split into
-sentences (``\\.\\s+``), the summary into paragraphs (blank lines). A step ends after each kept
+sentences (``\\.\\s+``, and the full stops of other scripts), the summary into paragraphs (blank lines). A step ends after each kept
 piece (long enough, not a number or a table) and the text after it opens the next step, so short
 pieces are not dropped with their tokens: they join the step they start or lie in. Every token of
 a segment belongs to exactly one step, and generation places the same boundaries token by token
@@ -15,6 +15,7 @@ import bisect
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,7 +29,11 @@ from .formats import TraceFormat, get_format
 QUESTION, THINKING, SUMMARY = 0, 1, 2
 SEGMENT_NAMES = ("question", "thinking", "summary")
 
-SENTENCE_END = re.compile(r"\.\s+")
+# a sentence ends at '.' + whitespace (the reference's rule), at the full stops of scripts that
+# need no space after them (CJK: 。！？), or at other scripts' stops + whitespace (। ۔ ։ ።)
+SPACED_STOPS = ".\u0964\u06d4\u0589\u1362"
+WIDE_STOPS = "\u3002\uff01\uff1f\uff61"
+SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]\\s*")
 BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 MIN_THINKING_CHARS = 15
 MIN_SUMMARY_CHARS = 10
@@ -139,10 +144,16 @@ def _is_table(piece: str) -> bool:
     )
 
 
+def text_width(text: str) -> int:
+    """Characters, with wide ones (CJK) counted twice: 15 of them would be a long CJK sentence."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def keep_thinking_piece(piece: str) -> bool:
-    """Reference rule: keep sentences of >= 15 characters that are not numbers or table rows."""
+    """Reference rule: keep sentences of >= 15 characters (width, CJK counted twice) that are not
+    numbers or table rows."""
     stripped = piece.strip()
-    if len(stripped) < MIN_THINKING_CHARS:
+    if text_width(stripped) < MIN_THINKING_CHARS:
         return False
     if re.sub(r"[.,\-\s]", "", stripped).isdigit():
         return False
@@ -176,8 +187,12 @@ class Segmentation:
     markers: tuple[tuple[int, int], tuple[int, int] | None]  # character spans: thinking, summary marker
 
 
-def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool = False) -> Segmentation:
-    """Split a trace's text into steps: question, thinking sentences, summary paragraphs."""
+def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool = False,
+                 sentence_end: str | re.Pattern[str] | None = None) -> Segmentation:
+    """Split a trace's text into steps: question, thinking sentences, summary paragraphs.
+
+    ``sentence_end``: a regular expression that ends a thinking sentence (default: '.' + whitespace
+    and the full stops of other scripts; see ``SENTENCE_END``)."""
     fmt = get_format(fmt)
     (think_start, think_content), summary_span = fmt.locate(text)
     if summary_span is None and not allow_missing_summary:
@@ -204,7 +219,8 @@ def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool 
                 starts.append(following)
                 segments.append(segment)
 
-    add_segment(think_start, think_content, think_end, SENTENCE_END, keep_thinking_piece, THINKING)
+    delimiter = SENTENCE_END if sentence_end is None else re.compile(sentence_end)
+    add_segment(think_start, think_content, think_end, delimiter, keep_thinking_piece, THINKING)
     if summary_span is not None:
         add_segment(summary_span[0], summary_span[1], len(text), BLANK_LINE, keep_summary_piece, SUMMARY)
     return Segmentation(starts, segments, kept, summary_span is not None, ((think_start, think_content), summary_span))
@@ -312,30 +328,36 @@ class Trace:
     @classmethod
     def from_text(cls, text: str, model_or_tokenizer: Any, fmt: str | TraceFormat = "think", *,
                   add_special_tokens: bool = False, min_thinking_steps: int = 2,
-                  allow_missing_summary: bool = False) -> "Trace":
-        """Tokenise ``text`` (chat template included, as generated) and segment it."""
+                  allow_missing_summary: bool = False, sentence_end: str | None = None) -> "Trace":
+        """Tokenise ``text`` (chat template included, as generated) and segment it.
+
+        ``sentence_end``: a regex ending thinking sentences, for traces the default rule does not
+        split ('.' + whitespace, CJK 。！？, and । ۔ ։ ። + whitespace)."""
         tokenizer = resolve_tokenizer(model_or_tokenizer)
         encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
         ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-        return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary)
+        return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary,
+                          sentence_end)
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[int] | Tensor, model_or_tokenizer: Any,
                     fmt: str | TraceFormat = "think", *, min_thinking_steps: int = 2,
-                    allow_missing_summary: bool = False) -> "Trace":
+                    allow_missing_summary: bool = False, sentence_end: str | None = None) -> "Trace":
         """Segment an exact token sequence (for example a generated one) via its decoded text."""
         tokenizer = resolve_tokenizer(model_or_tokenizer)
         ids = torch.as_tensor(tokens).flatten().tolist()
         text, offsets = offsets_for_ids(tokenizer, ids)
-        return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary)
+        return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary,
+                          sentence_end)
 
     @classmethod
     def _build(cls, text: str, ids: list[int], offsets: list[tuple[int, int]], tokenizer: Any,
-               fmt: str | TraceFormat, min_thinking_steps: int, allow_missing_summary: bool) -> "Trace":
+               fmt: str | TraceFormat, min_thinking_steps: int, allow_missing_summary: bool,
+               sentence_end: str | None = None) -> "Trace":
         fmt = get_format(fmt)
         if not ids:
             raise TraceFormatError("the trace has no tokens.")
-        seg = segment_text(text, fmt, allow_missing_summary)
+        seg = segment_text(text, fmt, allow_missing_summary, sentence_end)
         token_step, steps = align_tokens(text, offsets, seg)
         segments = torch.tensor([s.segment for s in steps], dtype=torch.long)
         layout = StepLayout(token_step, segments[token_step], steps)
@@ -344,7 +366,8 @@ class Trace:
             raise TraceFormatError(
                 f"the thinking segment has {n_thinking} step(s), fewer than min_thinking_steps="
                 f"{min_thinking_steps}. Steps are sentences ending in '. ' of at least "
-                f"{MIN_THINKING_CHARS} characters; pass a longer trace or lower min_thinking_steps."
+                f"{MIN_THINKING_CHARS} characters (CJK: 。！？ end sentences, each character counts "
+                "twice); pass a longer trace, lower min_thinking_steps, or sentence_end=<regex>."
             )
         return cls(text, torch.tensor(ids, dtype=torch.long), offsets, layout, fmt.name,
                    tokenizer_fingerprint(tokenizer), seg.has_summary, seg.kept_pieces, seg.markers)

@@ -527,3 +527,47 @@ def test_layers_accept_numpy_integers_and_refuse_other_types():
     assert StepFlow(oeb_layers=np.arange(2), smi_layers=[np.int64(3)]).layers(4) == ([0, 1], [3])
     with pytest.raises(StepsalError, match="whole layer numbers"):
         StepFlow(oeb_layers=[0.5])
+
+
+CJK_WORDS = st.sampled_from(["我们", "先", "把", "两个", "数", "相加", "然后", "乘以", "三", "检查", "结果", "再", "12", "所以"])
+CJK_SENTENCE = st.lists(CJK_WORDS, min_size=1, max_size=8).map("".join)
+
+
+@settings(max_examples=80, deadline=None)
+@given(sentences=st.lists(CJK_SENTENCE, min_size=1, max_size=8), stops=st.lists(
+    st.sampled_from(["。", "！", "？", "。\n", ". ", "। "]), min_size=8, max_size=8), cuts=st.lists(
+    st.integers(1, 4), min_size=200, max_size=200))
+def test_tracker_and_traces_agree_on_the_sentence_ends_of_other_scripts(sentences, stops, cuts):
+    """CJK stops need no space; other scripts' stops do. Token boundaries fall anywhere (chunks of
+    1-4 characters), so a stop may share its token with the next sentence's first characters."""
+    from stepsal.stepflow.tracker import RowTracker
+    from stepsal.traces import align_tokens, segment_text
+
+    body = "".join(sentence + stop for sentence, stop in zip(sentences, stops))
+    text = "问题：多少？\n<think>\n" + body + "\n</think>\n答案是十二。"
+    tokens, position = [], 0
+    for cut in cuts:
+        if position >= len(text):
+            break
+        tokens.append(text[position:position + cut])
+        position += cut
+    offsets = [(sum(map(len, tokens[:i])), sum(map(len, tokens[:i + 1]))) for i in range(len(tokens))]
+    token_step, steps = align_tokens(text, offsets, segment_text(text, "think"))
+    expected = [-1] * len(tokens)
+    thinking = [s for s in steps if s.segment == THINKING]
+    for index, step in enumerate(thinking):
+        expected[step.token_span[0]:step.token_span[1]] = [index] * step.n_tokens
+    row, got = RowTracker(stepsal.FORMATS["think"]), {}
+    for token in tokens:
+        for label in row.push(token):
+            got[label.position] = label.step if label.segment == THINKING else -1
+    assert [got[p] for p in range(len(tokens))] == expected
+
+
+def test_cjk_reasoning_is_split_into_steps(tokenizer):
+    from stepsal.traces import segment_text
+
+    text = ("<|im_start|>user\n2加2再乘以3是多少？<|im_end|>\n<think>\n首先我们把两个数相加得到四。然后我们把和乘以三得到十二。"
+            "最后再检查一遍结果。\n</think>\n答案是十二。")
+    segmentation = segment_text(text, "think")
+    assert segmentation.step_segments.count(THINKING) == 3

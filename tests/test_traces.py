@@ -228,3 +228,10 @@ def test_the_tracker_ignores_markers_the_prompt_quotes(tokenizer):
     real = trace.layout.token_segment.tolist()[:len(ids)]
     assert [segments[p] for p in range(len(ids))] == real
     assert real.index(stepsal.THINKING) >= len(ids) - 4  # only the prompt's last marker opens thinking
+
+
+def test_a_custom_sentence_end_splits_what_the_default_does_not(tokenizer):
+    text = THINK_TRACE.replace("together. The sum", "together; the sum").replace("is 4. Then", "is 4; then")
+    default = Trace.from_text(text, tokenizer, min_thinking_steps=1)
+    custom = Trace.from_text(text, tokenizer, sentence_end=r"[.;]\s+")
+    assert len(custom.layout.steps_of(THINKING)) == len(default.layout.steps_of(THINKING)) + 2

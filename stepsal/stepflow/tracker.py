@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..formats import TraceFormat, code_spans, inside
-from ..traces import MIN_THINKING_CHARS, QUESTION, SUMMARY, THINKING
+from ..traces import MIN_THINKING_CHARS, QUESTION, SPACED_STOPS, SUMMARY, THINKING, WIDE_STOPS, text_width
 
 WINDOW_CHARS = 96
 _TOKEN_TEXT_CACHE: dict[str, list[str]] = {}
@@ -125,24 +125,32 @@ class RowTracker:
     def _enter_next_phase(self, marker: re.Match[str], position: int) -> list[TokenLabel]:
         """Switch phase; relabel the tokens from the marker's first character to this token."""
         first = max(i for i, start in enumerate(self.window_starts) if start <= max(marker.start(), 0))
+        # a token whose first non-whitespace character precedes the marker stays in the segment
+        # where its text began (traces place tokens by that character too)
+        end = self.window_starts[first + 1] if first + 1 < len(self.window_starts) else len(self.window)
+        text = self.window[max(self.window_starts[first], 0):end]
+        if end - len(text.lstrip()) < marker.start():
+            first += 1
+        before, last_step = self.phase, self.step
         self.phase = THINKING if self.phase == QUESTION else SUMMARY
         self.sentence_closed = False
         self.previous_ends_with_period = False
         if self.phase == THINKING:
             self.step = 0
             self._new_sentence(self.window[marker.end():])
-            return [TokenLabel(p, THINKING, 0, False) for p in self.window_positions[first:]]
-        inject = self.step >= 0
+            labels = [TokenLabel(p, THINKING, 0, False) for p in self.window_positions[first:]]
+            return labels or [TokenLabel(position, before, -1, False)]
         self.step = -1
         labels = [TokenLabel(p, SUMMARY, -1, False) for p in self.window_positions[first:]]
-        labels[-1].inject = inject  # the summary starts; act at the token that completed the marker
+        labels = labels or [TokenLabel(position, THINKING, last_step, False)]
+        labels[-1].inject = last_step >= 0  # the summary starts; act at the token that completed the marker
         return labels
 
     def _thinking_token(self, text: str, position: int) -> TokenLabel:
         """Sentence ends as in traces: a kept sentence (>= min_step_chars, not a number) followed by
         whitespace closes the step; the first token with non-whitespace text after it opens the next."""
         end = _sentence_end(text, self.previous_ends_with_period)
-        self.previous_ends_with_period = text.endswith(".")
+        self.previous_ends_with_period = text.endswith(tuple(SPACED_STOPS))
         rest = text
         if end == -1:  # the period closed the previous token (and was counted); this one starts with whitespace
             self.sentence_closed = self.sentence_closed or self._sentence_kept(period_counted=True)
@@ -155,7 +163,7 @@ class RowTracker:
         if end is not None and end >= 0:  # '.' + whitespace inside this token
             self._add_to_sentence(text[:end])
             self.sentence_closed = self._sentence_kept()
-            rest = re.sub(r"^\.\s+", "", text[end:])
+            rest = text[end + 1:].lstrip()  # the stop and the whitespace after it
             self._new_sentence("")
         self._add_to_sentence(rest)
         return TokenLabel(position, THINKING, self.step, inject)
@@ -167,7 +175,7 @@ class RowTracker:
     def _add_to_sentence(self, text: str) -> None:
         if self.sentence_chars == 0:
             text = text.lstrip()
-        self.sentence_chars += len(text)
+        self.sentence_chars += text_width(text)
         if self.sentence_is_number and text and re.sub(r"[\d.,\-\s]", "", text):
             self.sentence_is_number = False
 
@@ -176,14 +184,17 @@ class RowTracker:
         return length >= self.min_step_chars and not self.sentence_is_number
 
 
-def _sentence_end(text: str, previous_ends_with_period: bool) -> int | None:
-    """Characters of ``text`` before the period of a '.' + whitespace sentence end, if any.
+TOKEN_SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s|[{WIDE_STOPS}]")
 
-    -1 when the period ended the previous token and this one starts with whitespace.
+
+def _sentence_end(text: str, previous_ends_with_period: bool) -> int | None:
+    """Characters of ``text`` before the stop of a sentence end ('.' + whitespace, or a CJK stop), if any.
+
+    -1 when a spaced stop ended the previous token and this one starts with whitespace.
     """
     if previous_ends_with_period and text[:1].isspace():
         return -1
-    match = re.search(r"\.\s", text)
+    match = TOKEN_SENTENCE_END.search(text)
     return match.start() if match else None
 
 
