@@ -35,6 +35,7 @@ every token to exactly one step through the tokenizer's character offsets."""),
     new_code_cell("""text = example_trace_text()
 trace = stepsal.Trace.from_text(text, model, fmt="think")
 print(trace.describe())"""),
+    new_code_cell("""trace.show()  # the segmentation as an interactive widget: hover a token to see its step"""),
     new_code_cell("""# every token belongs to one step; a step's tokens decode back to its text
 step = trace.layout.steps[3]
 print(step.kind, step.token_span, repr(model.tokenizer.decode(trace.tokens[slice(*step.token_span)])))
@@ -43,8 +44,19 @@ trace.layout.token_step[:12], trace.layout.token_segment[-5:]"""),
 
 `target="all"` differentiates the mean next-token loss over the whole trace (the paper's choice).
 `norm="causal"` divides each block by its number of causally valid token pairs."""),
-    new_code_cell("""result = stepsal.step_saliency(model, trace, target="all", norm="causal", per_head=True)
+    new_code_cell("""result = stepsal.step_saliency(model, trace, target="all", norm="causal", per_head=True, token_level=True)
 result.maps.shape, result.head_maps.shape   # [layer, step_q, step_k], [layer, head, step_q, step_k]"""),
+    new_code_cell("""result  # evaluating a result shows a summary: a few layers' maps and the per-trace measures"""),
+    new_markdown_cell("""### Look at it
+
+`result.show()` puts every layer's step map in one circuitsvis view: the steps play the tokens and the
+layers play the heads (click a layer to enlarge it; rows are query steps, columns the steps they
+draw on, row-normalised). `show("heads", layer=...)` splits one layer by head, and `show("tokens")`
+colours the trace's tokens by the saliency they receive from the summary, one colouring per layer.
+Everything renders offline."""),
+    new_code_cell("""result.show()"""),
+    new_code_cell("""result.show("tokens")"""),
+    new_code_cell("""result.to_dataframe().query("layer == 29 and kind_q == 'summary'").nlargest(5, "value")"""),
     new_code_cell("""%matplotlib inline
 from stepsal.vis import plot_step_maps
 

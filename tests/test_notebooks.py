@@ -18,6 +18,11 @@ def test_step_saliency_notebook_runs_and_shows_the_maps():
     assert any("image/png" in out.get("data", {}) for out in outputs), "the step maps are drawn"
     printed = "".join(out.get("text", "") for out in outputs)
     assert "Trace: 199 tokens, 10 steps" in printed and "sum->thk" in printed
+    pages = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
+    widgets = [page for page in pages if "CircuitsVis.render" in page]
+    assert len(widgets) == 3, "trace.show(), result.show() and result.show('tokens') display widgets"
+    assert all("var CircuitsVis=" in page and "unpkg" not in page for page in widgets)  # the local bundle
+    assert any("StepSaliency(smollm2-135m: 30 layers x 10 steps" in page for page in pages)
 
 
 def test_notebooks_are_built_from_their_sources():
