@@ -21,6 +21,8 @@ def test_analyze_writes_a_report_that_matches_the_api(tmp_path, hf_models, token
     printed = capsys.readouterr().out
     assert "per-layer measures" in printed and "lock_in" in printed
     assert (out / "step_maps.png").stat().st_size > 10_000
+    report = (out / "report.html").read_text()
+    assert report.count("var CircuitsVis=") == 1 and report.count('class="stepsal-widget"') == 3
     saved = StepSaliency.load(out / "saliency.safetensors")
     model = stepsal.load_model(str(folder))
     direct = stepsal.step_saliency(model, stepsal.Trace.from_text(THINK_TRACE, model))
@@ -116,6 +118,19 @@ def test_results_record_the_model_by_its_name(saved_llama, tmp_path, capsys):
     trace_file.write_text(THINK_TRACE)
     assert main(["analyze", "--model", str(saved_llama), "--trace", str(trace_file), "--out", str(tmp_path)]) == 0
     assert StepSaliency.load(tmp_path / "saliency.safetensors").model == "tiny-llama"
+
+
+def test_report_command_builds_one_page_from_saved_results(saved_llama, tmp_path, capsys):
+    trace_file = tmp_path / "trace.txt"
+    trace_file.write_text(THINK_TRACE)
+    for name in ("a", "b"):
+        assert main(["analyze", "--model", str(saved_llama), "--trace", str(trace_file),
+                     "--out", str(tmp_path / "study" / name)]) == 0
+    code, out, err = run_cli(["report", str(tmp_path / "study"), "--out", str(tmp_path / "page")], capsys)
+    assert code == 0 and "wrote" in out
+    page = (tmp_path / "page" / "report.html").read_text()
+    assert "a/saliency.safetensors" in page and "b/saliency.safetensors" in page
+    one_line_error(["report", str(tmp_path / "nothing")], capsys, "is not a folder")
 
 
 def test_example_trace_is_shipped():
