@@ -37,11 +37,16 @@ def read_trace_text(args: argparse.Namespace) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def check_trace_text(text: str, fmt: str, min_steps: int) -> None:
-    """Markers and thinking steps, from the text alone (before the model loads)."""
+def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", answer: str | None = None) -> None:
+    """Markers, thinking steps and the answer target, from the text alone (before the model loads)."""
     from .traces import THINKING, segment_text
 
+    if target == "answer" and not answer:
+        raise CliError("--target answer needs --answer TEXT (the answer as written in the summary).")
     segmentation = segment_text(text, fmt)
+    summary = segmentation.markers[1]
+    if target == "answer" and (summary is None or answer not in text[summary[1]:]):
+        raise CliError(f"--answer {answer!r} does not occur in the trace's summary; pass the answer as written there.")
     n_thinking = segmentation.step_segments.count(THINKING)
     if n_thinking < min_steps:
         raise CliError(f"the thinking segment has {n_thinking} step(s), fewer than --min-steps {min_steps}. Steps "
@@ -64,7 +69,7 @@ def prepare_out(folder: str) -> Path:
 
 def analyze(args: argparse.Namespace) -> int:
     text = read_trace_text(args)
-    check_trace_text(text, args.fmt, args.min_steps)
+    check_trace_text(text, args.fmt, args.min_steps, args.target, args.answer)
     out = prepare_out(args.out)
     from . import Trace, step_saliency
     from .vis.figures import plot_step_maps
@@ -190,10 +195,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepsal", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes, before or after its name
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="stepsal", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("analyze", help="Step-Saliency of one trace: metrics, heatmap, saved result")
+    a = sub.add_parser("analyze", parents=[common], help="Step-Saliency of one trace: metrics, heatmap, saved result")
     add_model_arguments(a, default_backend=None)
     a.add_argument("--trace", help="a text file holding the full trace (chat template included)")
     a.add_argument("--example", action="store_true", help="use the example trace shipped with stepsal")
@@ -209,12 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="stepsal-out", help="output folder (report.html, figures, saved result)")
     a.set_defaults(func=analyze)
 
-    r = sub.add_parser("report", help="one offline HTML page from saved results (a folder of *.safetensors)")
+    r = sub.add_parser("report", parents=[common],
+                       help="one offline HTML page from saved results (a folder of *.safetensors)")
     r.add_argument("folder", help="folder of saved results; two subfolders (e.g. correct/, wrong/) are compared")
     r.add_argument("--out", default=None, help="where report.html goes (default: the folder)")
     r.set_defaults(func=report_command)
 
-    g = sub.add_parser("generate", help="generate with the KV cache, optionally with StepFlow")
+    g = sub.add_parser("generate", parents=[common], help="generate with the KV cache, optionally with StepFlow")
     add_model_arguments(g, default_backend="bridge")  # the faster backend for decoding
     g.add_argument("--prompt", help="prompt text, used as is (include the chat template)")
     g.add_argument("--message", help="a user message; the chat template is applied")
@@ -244,24 +252,36 @@ def one_line(error: BaseException) -> str:
     return text if isinstance(error, (CliError, ValueError, OSError)) else f"{type(error).__name__}: {text}"
 
 
+def report_warnings(command: str, caught: list, ours: type) -> None:
+    """stepsal's warnings as one line each (once per text); other libraries' as they would show."""
+    seen = set()
+    for warning in caught:
+        if not issubclass(warning.category, ours):
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        text = " ".join(str(warning.message).split())
+        if text not in seen:
+            seen.add(text)
+            print(f"stepsal {command}: warning: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a problem prints one line on stderr and returns 1 (``--debug``: the traceback)."""
     args = build_parser().parse_args(argv)
-    try:
-        from .errors import StepsalWarning
+    from .errors import StepsalWarning
 
+    try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StepsalWarning)
-            code = args.func(args)
-        for warning in caught:
-            if issubclass(warning.category, StepsalWarning):
-                print(f"stepsal {args.command}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
-        return code
+            try:
+                return args.func(args)
+            finally:  # also when the command fails: a warning may explain the error
+                report_warnings(args.command, caught, StepsalWarning)
     except KeyboardInterrupt:
         print(f"stepsal {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every error becomes one line unless --debug
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         hint = "" if isinstance(error, EXPECTED) else " (an unexpected error: rerun with --debug for the traceback)"
         print(f"stepsal {args.command}: error: {one_line(error)}{hint}", file=sys.stderr)

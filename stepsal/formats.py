@@ -27,7 +27,7 @@ class TraceFormat:
     thinking_start: str
     summary_start: str
 
-    def locate(self, text: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    def locate(self, text: str, thinking_from: int | None = None) -> tuple[tuple[int, int], tuple[int, int] | None]:
         """Character spans (start, end) of the thinking marker and of the summary marker the model
         emitted; the summary span is None when its marker is absent (an unfinished trace).
 
@@ -35,9 +35,12 @@ class TraceFormat:
         format it wants. Of the rest, thinking opens at the last thinking marker that a summary
         marker follows (else at the last one), and the summary at the first marker after it. When
         other candidates were passed over, a :class:`~stepsal.errors.StepsalWarning` says which.
+        With ``thinking_from`` (generated sequences: where the prompt leaves off, see
+        :func:`prompt_thinking_from`) thinking opens at the first marker from there on.
         """
         code = code_spans(text)
-        thinking = [m for m in re.finditer(self.thinking_start, text) if not inside(m.start(), code)]
+        thinking = [m for m in re.finditer(self.thinking_start, text) if not inside(m.start(), code)
+                    and (thinking_from is None or m.start() >= thinking_from)]
         summaries = [m for m in re.finditer(self.summary_start, text) if not inside(m.start(), code)]
         if not thinking:
             in_code = " (only inside code, which is not counted)" if re.search(self.thinking_start, text) else ""
@@ -48,10 +51,10 @@ class TraceFormat:
                 "stepsal.custom_format(thinking_start=..., summary_start=...)."
             )
         closed = [t for t in thinking if any(s.start() >= t.end() for s in summaries)]
-        think = (closed or thinking)[-1]
+        think = thinking[0] if thinking_from is not None else (closed or thinking)[-1]
         after = [s for s in summaries if s.start() >= think.end()]
         summary = after[0] if after else None
-        if len(thinking) > 1 or len(after) > 1:
+        if thinking_from is None and (len(thinking) > 1 or len(after) > 1):
             warnings.warn(
                 f"format {self.name!r}: {len(thinking)} thinking and {len(summaries)} summary markers outside "
                 f"code; thinking taken from character {think.start()}"
@@ -74,6 +77,18 @@ def code_spans(text: str) -> list[tuple[int, int]]:
 
 def inside(position: int, spans: list[tuple[int, int]]) -> bool:
     return any(start <= position < end for start, end in spans)
+
+
+def prompt_thinking_from(prompt: str, fmt: "TraceFormat") -> int:
+    """Where a generated sequence's thinking marker may start: the prompt's last thinking marker
+    outside code when nothing closes it (the prompt opened the thinking), else the prompt's end
+    (the model writes the marker; earlier pairs belong to the chat history or are quoted)."""
+    code = code_spans(prompt)
+    opened = [m for m in re.finditer(fmt.thinking_start, prompt) if not inside(m.start(), code)]
+    closes = [m for m in re.finditer(fmt.summary_start, prompt) if not inside(m.start(), code)]
+    if opened and not any(s.start() >= opened[-1].end() for s in closes):
+        return opened[-1].start()
+    return len(prompt)
 
 
 def custom_format(thinking_start: str, summary_start: str, regex: bool = False,

@@ -263,18 +263,15 @@ def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
 
 
 def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFormat) -> None:
-    import re
-
-    from .formats import code_spans, inside
+    from .formats import prompt_thinking_from
 
     for ids in rows:
         text = tokenizer.decode(ids)
-        spans = code_spans(text)
-        if not any(not inside(m.start(), spans) for m in re.finditer(fmt.thinking_start, text)):
+        if prompt_thinking_from(text, fmt) == len(text):  # no open marker: none at all, in code, or closed
             raise TraceFormatError(
-                f"StepFlow acts on thinking and summary tokens, but the prompt has no thinking marker "
-                f"/{fmt.thinking_start}/ outside code (format {fmt.name!r}). End the prompt with it (R1-style chat "
-                "templates do: '...<|im_start|>assistant\\n<think>\\n'), pass the format that matches "
+                f"StepFlow acts on thinking and summary tokens, but the prompt leaves no thinking marker "
+                f"/{fmt.thinking_start}/ open outside code (format {fmt.name!r}). End the prompt with it "
+                "(R1-style chat templates do: '...<|im_start|>assistant\\n<think>\\n'), pass the format that matches "
                 "the model, or marker_in_output=True if the model writes the marker itself.")
 
 
@@ -287,7 +284,8 @@ def _collect(model: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]], pr
         full.append(row)
         texts.append(tokenizer.decode(row[len(ids):]))
         try:
-            traces.append(Trace.from_tokens(row, tokenizer, fmt, min_thinking_steps=1, allow_missing_summary=True))
+            traces.append(Trace.from_tokens(row, tokenizer, fmt, min_thinking_steps=1, allow_missing_summary=True,
+                                            prompt_length=len(ids)))
             errors.append(None)
         except TraceFormatError as error:
             traces.append(None)

@@ -71,8 +71,10 @@ class LayerMetrics:
         return metrics_frame(self)
 
     def __repr__(self) -> str:
-        return f"LayerMetrics({len(self.layers)} layers {self.layers[0]}..{self.layers[-1]}: {', '.join(LAYER_MEASURES)})" \
-            if self.layers else "LayerMetrics(no layers)"
+        if not self.layers:
+            return "LayerMetrics(no layers)"
+        span = f"{self.layers[0]}..{self.layers[-1]}"
+        return f"LayerMetrics({len(self.layers)} layers {span}: {', '.join(LAYER_MEASURES)})"
 
     def _repr_html_(self) -> str:
         from .vis.html import metrics_html

@@ -1,8 +1,9 @@
 """Traces: the scored token sequence and its exact token -> step layout.
 
 Segmentation follows METHOD.md section 2. The question is one step, thinking is split into
-sentences (``\\.\\s+``, and the full stops of other scripts), the summary into paragraphs (blank lines). A step ends after each kept
-piece (long enough, not a number or a table) and the text after it opens the next step, so short
+sentences (``\\.\\s+``, and the full stops of other scripts), the summary into paragraphs (blank
+lines). A step ends after each kept piece (long enough, not a number or a table) and the text
+after it opens the next step, so short
 pieces are not dropped with their tokens: they join the step they start or lie in. Every token of
 a segment belongs to exactly one step, and generation places the same boundaries token by token
 (:mod:`stepsal.stepflow.tracker`). Tokens are placed by their first non-whitespace character in
@@ -24,16 +25,17 @@ from jaxtyping import Float, Int64
 from torch import Tensor
 
 from .errors import ModelMismatchError, TraceFormatError
-from .formats import TraceFormat, get_format
+from .formats import TraceFormat, get_format, prompt_thinking_from
 
 QUESTION, THINKING, SUMMARY = 0, 1, 2
 SEGMENT_NAMES = ("question", "thinking", "summary")
 
 # a sentence ends at '.' + whitespace (the reference's rule), at the full stops of scripts that
-# need no space after them (CJK: 。！？), or at other scripts' stops + whitespace (। ۔ ։ ።)
+# need no space after them (CJK: 。！？, a run of them is one end), or at other scripts' stops +
+# whitespace (। ۔ ։ ።)
 SPACED_STOPS = ".\u0964\u06d4\u0589\u1362"
 WIDE_STOPS = "\u3002\uff01\uff1f\uff61"
-SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]\\s*")
+SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]+\\s*")
 BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 MIN_THINKING_CHARS = 15
 MIN_SUMMARY_CHARS = 10
@@ -188,13 +190,13 @@ class Segmentation:
 
 
 def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool = False,
-                 sentence_end: str | re.Pattern[str] | None = None) -> Segmentation:
+                 sentence_end: str | re.Pattern[str] | None = None, thinking_from: int | None = None) -> Segmentation:
     """Split a trace's text into steps: question, thinking sentences, summary paragraphs.
 
     ``sentence_end``: a regular expression that ends a thinking sentence (default: '.' + whitespace
     and the full stops of other scripts; see ``SENTENCE_END``)."""
     fmt = get_format(fmt)
-    (think_start, think_content), summary_span = fmt.locate(text)
+    (think_start, think_content), summary_span = fmt.locate(text, thinking_from)
     if summary_span is None and not allow_missing_summary:
         raise TraceFormatError(
             f"format {fmt.name!r}: summary marker /{fmt.summary_start}/ not found after the thinking "
@@ -241,7 +243,10 @@ def token_anchor(text: str, span: tuple[int, int]) -> int:
 def align_tokens(text: str, offsets: Sequence[tuple[int, int]], seg: Segmentation,
                  ) -> tuple[Int64[Tensor, " token"], list[Step]]:
     """Assign each token to the step containing its anchor; drop steps that got no token."""
-    raw = [bisect.bisect_right(seg.step_starts, token_anchor(text, span)) - 1 for span in offsets]
+    raw = []
+    for span in offsets:  # a whitespace-only token stays with the token before it (as in generation)
+        blank = not text[span[0]:span[1]].strip()
+        raw.append(raw[-1] if blank and raw else bisect.bisect_right(seg.step_starts, token_anchor(text, span)) - 1)
     # anchors never decrease along the sequence, so each step's tokens form one run
     runs: list[list[int]] = []  # [nominal step, first token, last token, last character]
     for t, (nominal, span) in enumerate(zip(raw, offsets)):
@@ -342,22 +347,30 @@ class Trace:
     @classmethod
     def from_tokens(cls, tokens: Sequence[int] | Tensor, model_or_tokenizer: Any,
                     fmt: str | TraceFormat = "think", *, min_thinking_steps: int = 2,
-                    allow_missing_summary: bool = False, sentence_end: str | None = None) -> "Trace":
-        """Segment an exact token sequence (for example a generated one) via its decoded text."""
+                    allow_missing_summary: bool = False, sentence_end: str | None = None,
+                    prompt_length: int | None = None) -> "Trace":
+        """Segment an exact token sequence (for example a generated one) via its decoded text.
+
+        ``prompt_length``: the first tokens were the prompt; markers it only quotes or closes (chat
+        history) are not the model's (see :func:`stepsal.formats.prompt_thinking_from`)."""
         tokenizer = resolve_tokenizer(model_or_tokenizer)
         ids = torch.as_tensor(tokens).flatten().tolist()
         text, offsets = offsets_for_ids(tokenizer, ids)
+        thinking_from = None
+        if prompt_length is not None:
+            prompt_end = offsets[prompt_length - 1][1] if 0 < prompt_length <= len(offsets) else 0
+            thinking_from = prompt_thinking_from(text[:prompt_end], get_format(fmt))
         return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary,
-                          sentence_end)
+                          sentence_end, thinking_from)
 
     @classmethod
     def _build(cls, text: str, ids: list[int], offsets: list[tuple[int, int]], tokenizer: Any,
                fmt: str | TraceFormat, min_thinking_steps: int, allow_missing_summary: bool,
-               sentence_end: str | None = None) -> "Trace":
+               sentence_end: str | None = None, thinking_from: int | None = None) -> "Trace":
         fmt = get_format(fmt)
         if not ids:
             raise TraceFormatError("the trace has no tokens.")
-        seg = segment_text(text, fmt, allow_missing_summary, sentence_end)
+        seg = segment_text(text, fmt, allow_missing_summary, sentence_end, thinking_from)
         token_step, steps = align_tokens(text, offsets, seg)
         segments = torch.tensor([s.segment for s in steps], dtype=torch.long)
         layout = StepLayout(token_step, segments[token_step], steps)

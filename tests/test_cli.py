@@ -173,3 +173,25 @@ def test_generate_command_says_when_stepflow_never_acted(saved_llama, tmp_path, 
                              capsys)
     assert code == 0
     assert "stepsal generate: warning: StepFlow never acted: no row reached the thinking segment" in err
+
+
+def test_debug_is_accepted_after_the_command_and_answer_checks_come_first(tmp_path, capsys):
+    good = tmp_path / "trace.txt"
+    good.write_text(THINK_TRACE)
+    one_line_error(["analyze", *NO_MODEL, "--trace", str(good), "--target", "answer", "--out", str(tmp_path)],
+                   capsys, "--target answer needs --answer")
+    one_line_error(["analyze", *NO_MODEL, "--trace", str(good), "--target", "answer", "--answer", "99",
+                    "--out", str(tmp_path)], capsys, "does not occur in the trace's summary")
+    with pytest.raises(Exception, match="is not a folder"):
+        main(["report", str(tmp_path / "nothing"), "--debug"])
+
+
+def test_a_warning_explains_a_failure_once(tmp_path, capsys):
+    text = THINK_TRACE.replace("What is 2+2", "What do <think> tags do? And what is 2+2")
+    trace = tmp_path / "t.txt"
+    trace.write_text(text)
+    code, out, err = run_cli(["analyze", *NO_MODEL, "--trace", str(trace), "--min-steps", "9",
+                              "--out", str(tmp_path / "o")], capsys)
+    assert code == 1
+    warnings_printed = [line for line in err.splitlines() if ": warning: " in line]
+    assert len(warnings_printed) == 1 and "2 thinking and 1 summary markers" in warnings_printed[0]

@@ -140,3 +140,26 @@ def test_token_level_sums_pool_to_the_step_sums(result):
     token_sums = result.token_sums  # [layer, step_q, token]
     pooled = token_sums @ result.members.float().T  # [layer, step_q, step_k]
     torch.testing.assert_close(pooled, result.sums, rtol=1e-4, atol=1e-7)
+
+
+def test_trace_text_cannot_break_the_page(result, tmp_path):
+    """Text from a trace goes into widget props and tables: '<!--<script>' must stay text."""
+    import dataclasses
+
+    steps = [dataclasses.replace(s, text=s.text + " <!--<script></script> <b>bold</b>") for s in result.layout.steps]
+    evil = dataclasses.replace(result, layout=dataclasses.replace(result.layout, steps=steps),
+                               token_texts=[t + "<!--" for t in result.token_texts], model="<i>m</i>")
+    path = write_report(tmp_path, [evil, result], ["evil <b>", "clean"])
+    dom, requested = render(path)
+    mounted = mounted_widgets(dom)
+    assert requested == [] and len(mounted) == 6 and all(mounted.values())
+    assert "<b>bold</b>" not in dom and "<i>m</i>" not in dom
+
+
+def test_other_safetensors_files_are_skipped_and_named(result, tmp_path):
+    from safetensors.torch import save_file
+
+    result.save(tmp_path / "a.safetensors")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    page = report_from_folder(tmp_path).read_text()
+    assert "Skipped 1 .safetensors file(s) that are not stepsal results: model.safetensors" in page

@@ -535,7 +535,7 @@ CJK_SENTENCE = st.lists(CJK_WORDS, min_size=1, max_size=8).map("".join)
 
 @settings(max_examples=80, deadline=None)
 @given(sentences=st.lists(CJK_SENTENCE, min_size=1, max_size=8), stops=st.lists(
-    st.sampled_from(["。", "！", "？", "。\n", ". ", "। "]), min_size=8, max_size=8), cuts=st.lists(
+    st.sampled_from(["。", "！", "？", "。\n", ". ", "। ", "。。", "？！", "！ "]), min_size=8, max_size=8), cuts=st.lists(
     st.integers(1, 4), min_size=200, max_size=200))
 def test_tracker_and_traces_agree_on_the_sentence_ends_of_other_scripts(sentences, stops, cuts):
     """CJK stops need no space; other scripts' stops do. Token boundaries fall anywhere (chunks of
@@ -571,3 +571,34 @@ def test_cjk_reasoning_is_split_into_steps(tokenizer):
             "最后再检查一遍结果。\n</think>\n答案是十二。")
     segmentation = segment_text(text, "think")
     assert segmentation.step_segments.count(THINKING) == 3
+
+
+HISTORY = ("<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n<think>\nEasy one here, we add one "
+           "and one.\n</think>\nTwo.<|im_end|>\n<|im_start|>user\nAnd 2+2 then times 3?<|im_end|>\n"
+           "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("opened", [True, False])
+def test_chat_history_markers_are_not_the_models(tl_models, tokenizer, opened):
+    """A closed <think>...</think> earlier in the chat is history: the model's thinking is the new
+    turn's, in the tracker (StepFlow acts there) and in the returned trace, also when cut off."""
+    model = tl_models[("llama", "bridge")]
+    prompt = HISTORY + ("<think>\nFirst, we add the two numbers together. The sum is 4. Then" if opened else "")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tracker = PhaseTracker(tokenizer, stepsal.FORMATS["think"], 1)
+    tracker.read_prompts([ids])
+    labels = {}
+    for token in ids:
+        for label in tracker.push([token])[0]:
+            labels[label.position] = label.segment
+    history_end = len(tokenizer(HISTORY, add_special_tokens=False)["input_ids"])
+    assert all(labels[p] == QUESTION for p in range(history_end))
+    if not opened:
+        with pytest.raises(TraceFormatError, match="leaves no thinking marker"):
+            generate(model, prompt, StepFlow(tau_max=0.9), max_new_tokens=2)
+        return
+    assert labels[len(ids) - 1] == THINKING
+    out = generate(model, prompt, StepFlow(tau_max=0.9), max_new_tokens=4)  # cut off: no summary
+    trace = out.trace
+    assert trace.markers[0][0] == trace.text.index("<think>\nFirst")
+    assert "Easy one here" in trace.layout.steps[0].text  # history is question

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..formats import TraceFormat, code_spans, inside
+from ..formats import TraceFormat, code_spans, inside, prompt_thinking_from
 from ..traces import MIN_THINKING_CHARS, QUESTION, SPACED_STOPS, SUMMARY, THINKING, WIDE_STOPS, text_width
 
 WINDOW_CHARS = 96
@@ -65,17 +65,17 @@ class RowTracker:
     sentence_is_number: bool = True  # only digits, '.', ',', '-' and spaces so far
     sentence_closed: bool = False  # a kept sentence ended: the next non-whitespace text opens a step
     previous_ends_with_period: bool = False
+    kept_run_open: bool = False  # this token ended inside the stop run that closed a kept sentence
+    step_opened: tuple[int, int] = (-1, -1)  # (position, absolute character) where the current step opened
     chars_dropped: int = 0  # characters that left the window (absolute offset of window[0])
     skip_spans: list[tuple[int, int]] = field(default_factory=list)  # code in the prompt: no markers there
     thinking_from: int = 0  # thinking markers before this character are quoted, not emitted
 
     def read_prompt(self, prompt: str) -> None:
-        """Markers the prompt quotes are not the model's: ignore those inside code, and thinking
-        markers before the prompt's last one (as :meth:`TraceFormat.locate` does for traces)."""
+        """Markers the prompt quotes are not the model's: ignore those inside its code, and thinking
+        markers before the prompt's open one (or before its end when it opens none: chat history)."""
         self.skip_spans = code_spans(prompt)
-        starts = [m.start() for m in re.finditer(self.fmt.thinking_start, prompt)
-                  if not inside(m.start(), self.skip_spans)]
-        self.thinking_from = starts[-1] if starts else 0
+        self.thinking_from = prompt_thinking_from(prompt, self.fmt)
 
     def push(self, text: str) -> list[TokenLabel]:
         """Consume one token's text. Returns its label, plus relabels of earlier marker tokens."""
@@ -134,38 +134,55 @@ class RowTracker:
         before, last_step = self.phase, self.step
         self.phase = THINKING if self.phase == QUESTION else SUMMARY
         self.sentence_closed = False
-        self.previous_ends_with_period = False
+        self.previous_ends_with_period = self.kept_run_open = False
         if self.phase == THINKING:
             self.step = 0
             self._new_sentence(self.window[marker.end():])
             labels = [TokenLabel(p, THINKING, 0, False) for p in self.window_positions[first:]]
             return labels or [TokenLabel(position, before, -1, False)]
         self.step = -1
+        undone = []
+        opened_at, opened_char = self.step_opened
+        if last_step >= 1 and opened_char >= self.chars_dropped + marker.start():
+            # the "step" was opened by the marker's first characters: it was the previous step all along
+            last_step -= 1
+            stays = [p for p in self.window_positions[:first] if p >= opened_at]
+            undone = [TokenLabel(p, THINKING, last_step, False) for p in stays]
         labels = [TokenLabel(p, SUMMARY, -1, False) for p in self.window_positions[first:]]
         labels = labels or [TokenLabel(position, THINKING, last_step, False)]
         labels[-1].inject = last_step >= 0  # the summary starts; act at the token that completed the marker
-        return labels
+        return undone + labels
 
     def _thinking_token(self, text: str, position: int) -> TokenLabel:
         """Sentence ends as in traces: a kept sentence (>= min_step_chars, not a number) followed by
         whitespace closes the step; the first token with non-whitespace text after it opens the next."""
-        end = _sentence_end(text, self.previous_ends_with_period)
-        self.previous_ends_with_period = text.endswith(tuple(SPACED_STOPS))
-        rest = text
-        if end == -1:  # the period closed the previous token (and was counted); this one starts with whitespace
+        if self.previous_ends_with_period and text[:1].isspace():
+            # the stop closed the previous token (and was counted there); this one starts with whitespace
             self.sentence_closed = self.sentence_closed or self._sentence_kept(period_counted=True)
             self._new_sentence("")
+        # a token that carries on the run of CJK stops that ended a kept sentence starts inside that
+        # sentence end, so (placed by its first character, as in traces) it does not open the next step
+        continues_run = self.kept_run_open and LEADING_WIDE_STOPS.match(text) is not None
+        self.previous_ends_with_period = text.endswith(tuple(SPACED_STOPS))
         inject = False
-        if self.sentence_closed and text.strip():
+        if self.sentence_closed and text.strip() and not continues_run:
             self.step += 1
             self.sentence_closed = False
             inject = True
-        if end is not None and end >= 0:  # '.' + whitespace inside this token
-            self._add_to_sentence(text[:end])
-            self.sentence_closed = self._sentence_kept()
-            rest = text[end + 1:].lstrip()  # the stop and the whitespace after it
+            # where the opening text starts: if a marker turns out to start there, the step is undone
+            token_start = self.chars_dropped + self.window_starts[-1]
+            self.step_opened = (position, token_start + len(text) - len(text.lstrip()))
+        rest, kept_run_open = text, continues_run and self.kept_run_open
+        while (end := TOKEN_SENTENCE_END.search(rest)) is not None:  # every stop inside this token
+            self._add_to_sentence(rest[:end.start()])
+            kept = self._sentence_kept()
+            # a kept sentence's closure stays pending across a short piece ("。先。"), as in traces
+            self.sentence_closed = self.sentence_closed or kept
+            rest = ONE_STOP.sub("", rest[end.start():], count=1)  # the stop run and the whitespace after it
+            kept_run_open = (kept or kept_run_open) and not rest  # the closing run reaches the end
             self._new_sentence("")
         self._add_to_sentence(rest)
+        self.kept_run_open = kept_run_open and text.endswith(tuple(WIDE_STOPS))
         return TokenLabel(position, THINKING, self.step, inject)
 
     def _new_sentence(self, text: str) -> None:
@@ -184,18 +201,10 @@ class RowTracker:
         return length >= self.min_step_chars and not self.sentence_is_number
 
 
+# a sentence end inside one token's text: a spaced stop with its whitespace, or a CJK stop
 TOKEN_SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s|[{WIDE_STOPS}]")
-
-
-def _sentence_end(text: str, previous_ends_with_period: bool) -> int | None:
-    """Characters of ``text`` before the stop of a sentence end ('.' + whitespace, or a CJK stop), if any.
-
-    -1 when a spaced stop ended the previous token and this one starts with whitespace.
-    """
-    if previous_ends_with_period and text[:1].isspace():
-        return -1
-    match = TOKEN_SENTENCE_END.search(text)
-    return match.start() if match else None
+ONE_STOP = re.compile(f"^(?:[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]+\\s*)")
+LEADING_WIDE_STOPS = re.compile(f"^[{WIDE_STOPS}]+")
 
 
 class PhaseTracker:

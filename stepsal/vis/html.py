@@ -30,7 +30,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4
     head = "".join(f"<th style='text-align:right;padding:2px 6px'>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td style='text-align:right;padding:2px 6px'>{fmt(c, digits)}</td>"
                                     for c in row) + "</tr>" for row in rows)
-    return f"<table style='border-collapse:collapse;{STYLE}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table style='border-collapse:collapse;{STYLE}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>" \
+        "</table>"
 
 
 def headline(text: str) -> str:
@@ -54,7 +55,8 @@ def steps_table(layout: StepLayout, width: int = 90) -> str:
     head = "".join(f"<th style='text-align:left;padding:2px 6px'>{h}</th>" for h in ("step", "kind", "tokens", "text"))
     body = "".join("<tr>" + "".join(f"<td style='text-align:left;padding:2px 6px'>{esc(c)}</td>" for c in row)
                    + "</tr>" for row in rows)
-    return f"<table style='border-collapse:collapse;{STYLE}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table style='border-collapse:collapse;{STYLE}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>" \
+        "</table>"
 
 
 def trace_html(trace: Any) -> str:
@@ -65,7 +67,8 @@ def metrics_rows(metrics: Any) -> tuple[list[str], list[list[Any]]]:
     from ..metrics import LAYER_MEASURES
 
     return (["layer", *LAYER_MEASURES],
-            [[layer, *(float(getattr(metrics, m)[i]) for m in LAYER_MEASURES)] for i, layer in enumerate(metrics.layers)])
+            [[layer, *(float(getattr(metrics, m)[i]) for m in LAYER_MEASURES)]
+             for i, layer in enumerate(metrics.layers)])
 
 
 def metrics_html(metrics: Any) -> str:

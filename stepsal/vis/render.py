@@ -69,7 +69,8 @@ class Widget:
             raise ValueError(f"unknown circuitsvis component {self.component!r}: use one of {COMPONENTS}.")
 
     def html(self, bundle: bool = True) -> str:
-        props = json.dumps(to_js(self.props), allow_nan=False).replace("</", "<\\/")
+        # no '<' reaches the HTML parser: trace text in props cannot open a comment or a script
+        props = json.dumps(to_js(self.props), allow_nan=False).replace("<", "\\u003c")
         heading = f'<div class="stepsal-widget-title">{html.escape(self.title)}</div>' if self.title else ""
         mount = (f'{heading}<div id="{self.element_id}" class="stepsal-widget" data-component="{self.component}" '
                  f'style="margin: 8px 0;"></div>\n'

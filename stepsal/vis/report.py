@@ -62,8 +62,9 @@ def write_report(out_dir: str | os.PathLike, results: Sequence, names: Sequence[
     names = list(names) if names is not None else [f"trace {i}" for i in range(len(results))]
     sections = list(extra_sections)
     if len(results) > 1:
-        rows = [(f"<a href='#r{i}'>{html.escape(n)}</a>", r.model, len(r.layers), r.layout.n_steps,
-                 *(round(v, 4) for v in r.metrics().per_trace().values())) for i, (n, r) in enumerate(zip(names, results))]
+        rows = [(f"<a href='#r{i}'>{html.escape(n)}</a>", html.escape(r.model), len(r.layers), r.layout.n_steps,
+                 *(round(v, 4) for v in r.metrics().per_trace().values()))
+                for i, (n, r) in enumerate(zip(names, results))]
         sections.insert(0, "<h2>Results</h2>" + _raw_table(
             ["result", "model", "layers", "steps", *results[0].metrics().per_trace()], rows))
     sections += [result_section(r, n, f"r{i}") for i, (n, r) in enumerate(zip(names, results))]
@@ -78,7 +79,8 @@ def _raw_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A table whose first column is trusted HTML (links)."""
     head = "".join(f"<th style='padding:2px 6px'>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td style='padding:2px 6px'>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")
 
 
 def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
@@ -87,10 +89,16 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
     from ..metrics import compare_groups
     from ..saliency import StepSaliency
 
+    from safetensors import safe_open
+
     root = Path(folder)
-    files = sorted(root.rglob("*.safetensors"))
+    files, others = [], []
+    for path in sorted(root.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            ((files if "stepsal" in (handle.metadata() or {}) else others)).append(path)
     if not files:
-        raise FileNotFoundError(f"no saved results (*.safetensors) under {root}; save them with result.save(path).")
+        raise FileNotFoundError(f"no saved Step-Saliency results under {root} ({len(others)} other .safetensors "
+                                "files); save results with result.save(path).")
     results = [StepSaliency.load(f) for f in files]
     names = [str(f.relative_to(root)) for f in files]
     groups: dict[str, list] = {}
@@ -107,5 +115,9 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
         extra.append(f"<section><h2>{html.escape(label_a)} vs {html.escape(label_b)}</h2>"
                      + headline(repr(comparison)) + table(list(frame.columns), frame.itertuples(index=False))
                      + (figure_png(plot_group_curves(comparison)) if comparison.layer_mean else "") + "</section>")
+    if others:
+        extra.append(f"<p style='font-size:12px;color:#666'>Skipped {len(others)} .safetensors file(s) that are not "
+                     f"stepsal results: {html.escape(', '.join(str(p.relative_to(root)) for p in others[:5]))}"
+                     f"{' ...' if len(others) > 5 else ''}</p>")
     return write_report(out_dir or root, results, names, title=f"Step-Saliency study: {root.name}",
                         extra_sections=extra)
