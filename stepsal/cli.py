@@ -1,4 +1,5 @@
-"""Command line: ``stepsal analyze`` (Step-Saliency of a trace) and ``stepsal generate`` (with StepFlow)."""
+"""Command line: ``stepsal analyze`` (Step-Saliency of a trace and its report), ``stepsal report`` (one page
+from saved results) and ``stepsal generate`` (with StepFlow)."""
 
 from __future__ import annotations
 
