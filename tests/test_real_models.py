@@ -9,7 +9,7 @@ import torch
 from archs import make_arch_model
 from conftest import BACKENDS, needs_hooked
 from test_stepflow import capture
-from tiny import THINK_TRACE, make_hf_model
+from tiny import THINK_TRACE, make_hf_model, make_opt_bridge
 
 import stepsal
 from stepsal import StepFlow, Trace, generate, step_saliency
@@ -249,14 +249,7 @@ def test_modules_kept_in_float32_are_accepted(tokenizer, tmp_path):
 
 
 def test_models_with_no_usable_attention_are_refused_clearly(tokenizer):
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import OPTConfig, OPTForCausalLM
-
-    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
+    bridge = make_opt_bridge(tokenizer)
     bridge.requires_grad_(False)  # frozen: the probe's logits hold no graph
     trace = Trace.from_text(THINK_TRACE, tokenizer)
     with pytest.raises(UnsupportedModelError, match="Step-Saliency on .*hook_pattern"):

@@ -348,16 +348,9 @@ def test_prompt_without_thinking_marker_is_refused(tl_models):
 
 
 def test_model_that_ignores_pattern_edits_is_refused(tokenizer):
-    import warnings
+    from tiny import make_opt_bridge
 
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import OPTConfig, OPTForCausalLM
-
-    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
+    bridge = make_opt_bridge(tokenizer)
     with pytest.raises(UnsupportedModelError, match="StepFlow.*(never fire|discard edits to) hook_pattern"):
         generate(bridge, PROMPT, StepFlow(), max_new_tokens=2)
 
@@ -450,9 +443,12 @@ def test_cached_and_uncached_decoding_agree_across_a_split_marker(tl_models, tok
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
 
 
-def track(tokenizer, fmt, ids):
-    """Tracker labels per position after the whole sequence (relabels applied)."""
+def track(tokenizer, fmt, ids, read_prompt=False):
+    """Tracker labels per position after the whole sequence (relabels applied); with
+    ``read_prompt`` the ids are a prompt the tracker reads first, as generate() does."""
     tracker = PhaseTracker(tokenizer, fmt, 1)
+    if read_prompt:
+        tracker.read_prompts([ids])
     segments, steps, injects = {}, {}, []
     for token in ids:
         for label in tracker.push([token])[0]:
@@ -585,12 +581,7 @@ def test_chat_history_markers_are_not_the_models(tl_models, tokenizer, opened):
     model = tl_models[("llama", "bridge")]
     prompt = HISTORY + ("<think>\nFirst, we add the two numbers together. The sum is 4. Then" if opened else "")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tracker = PhaseTracker(tokenizer, stepsal.FORMATS["think"], 1)
-    tracker.read_prompts([ids])
-    labels = {}
-    for token in ids:
-        for label in tracker.push([token])[0]:
-            labels[label.position] = label.segment
+    labels, _, _ = track(tokenizer, stepsal.FORMATS["think"], ids, read_prompt=True)
     history_end = len(tokenizer(HISTORY, add_special_tokens=False)["input_ids"])
     assert all(labels[p] == QUESTION for p in range(history_end))
     if not opened:

@@ -214,16 +214,11 @@ def test_a_marker_quoted_in_prose_warns_and_the_last_one_counts(tokenizer):
 
 
 def test_the_tracker_ignores_markers_the_prompt_quotes(tokenizer):
-    from stepsal.stepflow.tracker import PhaseTracker
+    from test_stepflow import track
 
     prompt = QUOTING + "<think>\nFirst"
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tracker = PhaseTracker(tokenizer, stepsal.FORMATS["think"], 1)
-    tracker.read_prompts([ids])
-    segments = {}
-    for token in ids:
-        for label in tracker.push([token])[0]:
-            segments[label.position] = label.segment
+    segments, _, _ = track(tokenizer, stepsal.FORMATS["think"], ids, read_prompt=True)
     trace = Trace.from_text(prompt + ". The end is near now.\n</think>\nDone.", tokenizer, min_thinking_steps=1)
     real = trace.layout.token_segment.tolist()[:len(ids)]
     assert [segments[p] for p in range(len(ids))] == real

@@ -60,3 +60,19 @@ def make_hf_model(arch: str, vocab: int, n_layers: int = 2, seed: int = 0):
         raise ValueError(arch)
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+def make_opt_bridge(tokenizer):
+    """OPT booted straight into a TransformerBridge (not through load_model): its adapter computes
+    attention inside transformers, so edits to hook_pattern never reach the output."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
