@@ -19,7 +19,6 @@ from tiny import THINK_TRACE
 import stepsal
 from stepsal.errors import UnsupportedModelError
 from stepsal.models import forward_kwargs
-from stepsal.sites import attention_sites
 
 COLUMNS = ("load", "logits", "Step-Saliency", "StepFlow", "cached generation")
 REL_TOL = 2e-4

@@ -135,7 +135,6 @@ def test_more_layers_still_load(tokenizer):
 def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
     import importlib.metadata
 
-    from stepsal import embedded
 
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ARCHS, BACKENDS, needs_hooked
-from tiny import THINK_TRACE, make_hf_model, make_tokenizer
+from tiny import THINK_TRACE, make_hf_model
 
 import stepsal
 from stepsal import StepLayout, StepSaliency, Trace, step_saliency
