@@ -2,9 +2,10 @@
 
 Each token's text comes from a table built once per tokenizer (no per-token decode). A bounded
 window of recent text finds markers, also when split across tokens; marker tokens belong to the
-segment they open and are relabelled when the marker completes. A thinking step ends at a sentence
-end (a period followed by whitespace) of a kept sentence (at least ``min_step_chars`` long, not a
-number); the next token with non-whitespace text opens the next step, as in :mod:`stepsal.traces`.
+segment they open and are relabelled when the marker completes; markers the prompt only quotes are
+skipped (:meth:`RowTracker.read_prompt`). A thinking step ends at a sentence end ('.' + whitespace,
+CJK 。！？, ...) of a kept sentence (at least ``min_step_chars`` wide, not a number); the next token
+with non-whitespace text opens the next step, as in :mod:`stepsal.traces`.
 """
 
 from __future__ import annotations
@@ -154,8 +155,9 @@ class RowTracker:
         return undone + labels
 
     def _thinking_token(self, text: str, position: int) -> TokenLabel:
-        """Sentence ends as in traces: a kept sentence (>= min_step_chars, not a number) followed by
-        whitespace closes the step; the first token with non-whitespace text after it opens the next."""
+        """Sentence ends as in traces: a kept sentence (>= min_step_chars, not a number) ended by a
+        stop ('.' + whitespace, a CJK stop run, ...) closes the step; the first token with
+        non-whitespace text after it opens the next."""
         if self.previous_ends_with_period and text[:1].isspace():
             # the stop closed the previous token (and was counted there); this one starts with whitespace
             self.sentence_closed = self.sentence_closed or self._sentence_kept(period_counted=True)
