@@ -29,6 +29,7 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal.stepflow.oeb  # noqa: F401
     import stepsal.stepflow.tracker  # noqa: F401
     import stepsal.targets  # noqa: F401
+    import stepsal.tasks.answers  # noqa: F401
     import stepsal.traces  # noqa: F401
     import stepsal.vis.figures  # noqa: F401
 
