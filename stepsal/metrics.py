@@ -125,6 +125,31 @@ def layer_metrics(result) -> LayerMetrics:
                         _mean_rows(to_summary).float(), _mean_rows(recency).float())
 
 
+# ---------------------------------------------------------------- the reference code's measures
+
+REFERENCE_MEASURES = ("final_block_intensity", "analysis_block_intensity", "final_heat_anomaly")
+
+
+def reference_measures(result) -> dict[str, Float[Tensor, " layer"]]:
+    """The paper's code's per-layer measures, on block-normalised maps: the mean of the summary x
+    summary block (``final_block_intensity``), of the thinking x thinking block
+    (``analysis_block_intensity``) and their ratio (``final_heat_anomaly``, about 1 when normal).
+    Computed here on exact token -> step alignment (the reference's mapping drifts). NaN where a
+    trace has no summary."""
+    maps = result.normalized("block").double()  # [L, S, S]
+    layout = result.layout
+    thinking, summary = (torch.tensor(layout.steps_of(s), dtype=torch.long) for s in (THINKING, SUMMARY))
+
+    def block_mean(steps: Tensor) -> Tensor:
+        if steps.numel() == 0:
+            return torch.full((maps.shape[0],), float("nan"), dtype=maps.dtype)
+        return maps[:, steps][:, :, steps].mean((-2, -1))
+
+    final, analysis = block_mean(summary), block_mean(thinking)
+    return {"final_block_intensity": final.float(), "analysis_block_intensity": analysis.float(),
+            "final_heat_anomaly": (final / analysis).float()}
+
+
 # ---------------------------------------------------------------- group comparison
 
 

@@ -91,6 +91,11 @@ class StepSaliency:
         from .metrics import layer_metrics
         return layer_metrics(self)
 
+    def reference_measures(self) -> dict[str, Float[Tensor, " layer"]]:
+        """The paper's code's measures per layer (final/analysis block intensity, their ratio)."""
+        from .metrics import reference_measures
+        return reference_measures(self)
+
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file: the sums as tensors, everything else as JSON metadata."""
         path = Path(path)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import stepsal
 from stepsal import LayerMetrics, StepLayout, StepSaliency, compare_groups
 from stepsal.metrics import hedges_g
 
@@ -96,3 +97,26 @@ def test_trace_without_question_tokens():
     metrics = StepSaliency(sums, layout, [0, 1]).metrics()
     assert (metrics.local_share <= 1 + 1e-6).all()
     assert torch.isnan(metrics.question_share).all()
+
+
+def test_reference_measures_equal_a_loop_over_block_normalised_entries(tl_models, tokenizer):
+    """final_block_intensity / analysis_block_intensity / final_heat_anomaly as the paper's code
+    defines them, written out as loops over step pairs and tokens."""
+    from tiny import THINK_TRACE
+
+    trace = stepsal.Trace.from_text(THINK_TRACE, tokenizer)
+    result = stepsal.step_saliency(tl_models[("qwen2", "bridge")], trace)
+    got = result.reference_measures()
+    token_step = trace.layout.token_step.tolist()
+    sizes = [token_step.count(s) for s in range(trace.layout.n_steps)]
+    kinds = [s.kind for s in trace.layout.steps]
+    for i, layer in enumerate(result.layers):
+        def block_mean(kind):
+            steps = [s for s, k in enumerate(kinds) if k == kind]
+            values = [float(result.sums[i, a, b]) / (sizes[a] * sizes[b]) for a in steps for b in steps]
+            return sum(values) / len(values)
+
+        final, analysis = block_mean("summary"), block_mean("thinking")
+        assert float(got["final_block_intensity"][i]) == pytest.approx(final, rel=1e-5)
+        assert float(got["analysis_block_intensity"][i]) == pytest.approx(analysis, rel=1e-5)
+        assert float(got["final_heat_anomaly"][i]) == pytest.approx(final / analysis, rel=1e-5)
