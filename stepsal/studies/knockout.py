@@ -1,0 +1,89 @@
+"""Attention knockout between groups of a trace's tokens, as TransformerLens hooks on ``hook_pattern``.
+
+Removing the attention of some queries to some keys and renormalising each affected row over its
+remaining keys is the same as masking those keys out of the softmax: for a row A and kept keys K,
+A'[k] = A[k] / sum_{j in K} A[j] = exp(s_k) / sum_{j in K} exp(s_j).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from ..errors import StepsalError
+from ..models import backend_of, hook_name, hooks_attached, model_label
+from ..sites import attention_sites
+from ..traces import SEGMENT_NAMES, Trace
+
+Group = str | int | Sequence[int] | Tensor
+
+
+def group_mask(trace: Trace, group: Group) -> Bool[Tensor, " token"]:
+    """Tokens of a group: "question" / "thinking" / "summary", a step index, a list of step
+    indices, or a boolean mask over the trace's tokens."""
+    layout = trace.layout
+    if isinstance(group, Tensor) and group.dtype == torch.bool:
+        if group.shape != (len(trace),):
+            raise StepsalError(f"a token mask must have shape ({len(trace)},); got {tuple(group.shape)}.")
+        return group.clone()
+    if isinstance(group, str):
+        if group not in SEGMENT_NAMES:
+            raise StepsalError(f"unknown group {group!r}: use one of {SEGMENT_NAMES}, step indices or a token mask.")
+        return layout.token_segment == SEGMENT_NAMES.index(group)
+    steps = [group] if isinstance(group, int) else list(group)
+    bad = [s for s in steps if not (isinstance(s, int) and 0 <= s < layout.n_steps)]
+    if not steps or bad:
+        raise StepsalError(f"steps must be indices in 0..{layout.n_steps - 1}; got {group!r}.")
+    return torch.isin(layout.token_step, torch.tensor(steps))
+
+
+@contextmanager
+def knockout(model: Any, trace: Trace, queries: Group, keys: Group, layers: Sequence[int] | None = None,
+             heads: Sequence[int] | None = None) -> Iterator[None]:
+    """Remove the attention from the ``queries`` tokens to the ``keys`` tokens (renormalising each
+    affected row) in ``layers`` (default: every layer with a usable pattern) and ``heads`` (default
+    all). Works for plain forwards over the trace, :func:`stepsal.step_saliency` and KV-cached
+    :func:`stepsal.generate` (positions past the trace belong to no group). Hooks go away on exit."""
+    backend_of(model)
+    sites = attention_sites(model)
+    layers = sites.attention_layers if layers is None else sorted(set(layers))
+    sites.require_attention(layers, f"knockout on {model_label(model)}")
+    heads = list(range(model.cfg.n_heads)) if heads is None else sorted(set(heads))
+    if not heads or not all(0 <= h < model.cfg.n_heads for h in heads):
+        raise StepsalError(f"heads must be a non-empty subset of 0..{model.cfg.n_heads - 1}; got {heads}.")
+    query_mask, key_mask = group_mask(trace, queries), group_mask(trace, keys)
+    causal = torch.ones(len(trace), len(trace), dtype=torch.bool).tril()
+    left = causal & ~(query_mask[:, None] & key_mask[None, :])
+    starved = (query_mask & ~left.any(-1)).nonzero().flatten().tolist()
+    if starved:
+        raise StepsalError(f"query tokens {starved[:5]}{' ...' if len(starved) > 5 else ''} would lose every key "
+                           "(they only see keys of the knocked-out group); exclude them from queries or keys.")
+    head_mask = torch.zeros(model.cfg.n_heads, dtype=torch.bool)
+    head_mask[heads] = True
+    cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def masks_on(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        if device not in cache:
+            cache[device] = (query_mask.to(device), key_mask.to(device), head_mask.to(device))
+        return cache[device]
+
+    def remove_and_renormalise(pattern: Tensor, hook: Any) -> Tensor:
+        q, k = pattern.shape[-2:]
+        queries_in, keys_in, heads_in = masks_on(pattern.device)
+        positions = torch.arange(k - q, k, device=pattern.device)
+        in_trace = positions < len(trace)
+        rows = torch.zeros(q, dtype=torch.bool, device=pattern.device)
+        rows[in_trace] = queries_in[positions[in_trace]]
+        columns = torch.zeros(k, dtype=torch.bool, device=pattern.device)
+        columns[:min(k, len(trace))] = keys_in[:k]
+        cut = heads_in[:, None, None] & rows[None, :, None] & columns[None, None, :]  # [head, q, k]
+        kept = pattern.masked_fill(cut, 0.0)
+        affected = cut.any(-1, keepdim=True)
+        return torch.where(affected, kept / kept.sum(-1, keepdim=True), pattern)
+
+    with hooks_attached(model, [(hook_name(layer, "pattern"), remove_and_renormalise) for layer in layers]):
+        yield
