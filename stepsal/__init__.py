@@ -23,7 +23,7 @@ _PUBLIC = {
     "QUESTION": "traces", "SUMMARY": "traces", "THINKING": "traces", "Step": "traces", "StepLayout": "traces",
     "Trace": "traces",
     "write_report": "vis.report", "report_from_folder": "vis.report",
-    "knockout": "studies.knockout",
+    "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
     "extract_answer": "tasks.answers", "is_correct": "tasks.answers", "pass_at_k": "tasks.answers",
 }
 

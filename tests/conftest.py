@@ -25,6 +25,7 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal.sites  # noqa: F401
     import stepsal.stepflow.check  # noqa: F401
     import stepsal.studies.knockout  # noqa: F401
+    import stepsal.studies.sweep  # noqa: F401
     import stepsal.stepflow.config  # noqa: F401
     import stepsal.stepflow.hooks  # noqa: F401
     import stepsal.stepflow.oeb  # noqa: F401

@@ -88,3 +88,34 @@ def test_bad_knockouts_are_refused(tl_models, trace):
     with pytest.raises(StepsalError, match="a token mask must have shape"):
         with knockout(model, trace, torch.ones(3, dtype=torch.bool), "question"):
             pass
+
+
+def test_layer_sweep_of_a_knockout_matches_running_each_layer_by_hand(tl_models, trace, tokenizer):
+    from contextlib import nullcontext
+
+    from stepsal.studies.sweep import measure
+
+    model = tl_models[("qwen2", "bridge")]
+    other = Trace.from_text(THINK_TRACE.replace("Let me check the product again.", "I check the product twice."),
+                            tokenizer)
+    traces = [trace, other]
+    sweep = stepsal.layer_sweep(model, traces, lambda layer, t: knockout(model, t, "summary", "thinking",
+                                                                          layers=[layer]), progress=False)
+    assert list(sweep.frame.columns) == ["layer", "trace", "before", "after", "delta"] and len(sweep.frame) == 4
+    for row in sweep.frame.itertuples():
+        t = traces[row.trace]
+        with torch.no_grad():
+            plain = model(t.tokens[None], use_cache=False)[0]
+            with knockout(model, t, "summary", "thinking", layers=[row.layer]):
+                knocked = model(t.tokens[None], use_cache=False)[0]
+        assert row.before == pytest.approx(measure("summary_loss", plain, plain, t))
+        assert row.after == pytest.approx(measure("summary_loss", knocked, plain, t))
+    table = sweep.summary(n_boot=200)
+    assert (table.ci_low <= table.mean_delta).all() and (table.mean_delta <= table.ci_high).all()
+    fig, axes = sweep.plot(n_boot=50)
+    assert len(axes) == 1
+    nothing = stepsal.layer_sweep(model, traces, lambda layer: nullcontext(), metric="summary_kl", progress=False)
+    assert (nothing.frame.delta == 0).all() and (nothing.frame.after == 0).all()
+    kl = stepsal.layer_sweep(model, traces, lambda layer, t: knockout(model, t, "summary", "thinking", layers=[layer]),
+                             metric="summary_kl", progress=False)
+    assert (kl.frame.after > 0).all()

@@ -1,5 +1,6 @@
-"""Studies: interventions and measurements over traces (knockouts; sweeps and evaluation to come)."""
+"""Studies: interventions and measurements over traces (knockouts, layer sweeps; evaluation to come)."""
 
 from .knockout import group_mask, knockout
+from .sweep import SweepResult, layer_sweep
 
-__all__ = ["group_mask", "knockout"]
+__all__ = ["SweepResult", "group_mask", "knockout", "layer_sweep"]

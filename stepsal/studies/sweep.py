@@ -1,0 +1,137 @@
+"""Layer-by-layer sweeps: apply an intervention at one layer at a time, measure what it changes."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..models import backend_of, forward_kwargs
+from ..sites import attention_sites, first_device
+from ..traces import SUMMARY, Trace
+
+Metric = str | Callable[[Tensor, Tensor, Trace], float]
+METRICS = ("loss", "summary_loss", "summary_kl")
+
+
+def _summary_positions(trace: Trace) -> Tensor:
+    """Positions whose next token is a summary token (they predict the summary)."""
+    summary = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
+    return summary[summary > 0] - 1
+
+
+def measure(metric: Metric, logits: Tensor, plain_logits: Tensor, trace: Trace) -> float:
+    """One number per trace: mean next-token loss over all tokens or the summary's, the KL from the
+    plain model's next-token distributions at the summary's positions, or ``metric(logits, plain, trace)``."""
+    tokens = trace.tokens.to(logits.device)
+    if callable(metric):
+        return float(metric(logits, plain_logits, trace))
+    if metric == "loss":
+        return float(F.cross_entropy(logits[:-1].float(), tokens[1:]))
+    positions = _summary_positions(trace).to(logits.device)
+    if positions.numel() == 0:
+        return float("nan")
+    if metric == "summary_loss":
+        return float(F.cross_entropy(logits[positions].float(), tokens[positions + 1]))
+    if metric == "summary_kl":
+        log_p = F.log_softmax(plain_logits[positions].float(), -1)
+        log_q = F.log_softmax(logits[positions].float(), -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    raise ValueError(f"unknown metric {metric!r}: use one of {METRICS} or a callable (logits, plain_logits, trace).")
+
+
+@dataclass
+class SweepResult:
+    """Per (layer, trace): the metric before and after the intervention at that layer."""
+
+    frame: "pandas.DataFrame"  # noqa: F821 - columns layer, trace, before, after, delta
+    metric: str
+
+    def summary(self, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> "pandas.DataFrame":  # noqa: F821
+        """Per layer: mean delta over traces with a percentile bootstrap CI (traces resampled)."""
+        import pandas
+
+        rng = np.random.default_rng(seed)
+        tail = (1 - confidence) / 2
+        rows = []
+        for layer, group in self.frame.groupby("layer", sort=True):
+            deltas = group["delta"].to_numpy(dtype=float)
+            deltas = deltas[np.isfinite(deltas)]
+            if deltas.size == 0:
+                rows.append((layer, 0, float("nan"), float("nan"), float("nan")))
+                continue
+            boot = deltas[rng.integers(0, deltas.size, (n_boot, deltas.size))].mean(-1)
+            low, high = np.quantile(boot, [tail, 1 - tail])
+            rows.append((layer, deltas.size, float(deltas.mean()), float(low), float(high)))
+        return pandas.DataFrame(rows, columns=["layer", "n", "mean_delta", "ci_low", "ci_high"])
+
+    def plot(self, **kwargs: Any):
+        """Mean delta per layer with its CI band: (matplotlib Figure, axes)."""
+        from matplotlib.figure import Figure
+
+        table = self.summary(**kwargs)
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
+        ax.plot(table.layer, table.mean_delta, marker="o", lw=1.2)
+        ax.fill_between(table.layer, table.ci_low, table.ci_high, alpha=0.2, lw=0)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("layer of the intervention")
+        ax.set_ylabel(f"change in {self.metric}")
+        fig.tight_layout()
+        return fig, fig.axes
+
+    def __repr__(self) -> str:
+        return (f"SweepResult({self.frame.layer.nunique()} layers x {self.frame.trace.nunique()} traces, "
+                f"metric {self.metric})")
+
+
+def layer_sweep(model: Any, traces: Sequence[Trace], intervention: Callable[[int], AbstractContextManager],
+                metric: Metric = "summary_loss", layers: Sequence[int] | None = None,
+                progress: bool = True) -> SweepResult:
+    """For each layer, run every trace with ``intervention(layer)`` entered (a knockout at that layer,
+    ``StepFlow(oeb_layers=[layer], smi_layers=[]).attached``-style hooks, your own hooks) and compare
+    ``metric`` with the unmodified model.
+
+    Args:
+        intervention: ``layer -> context manager``, or ``(layer, trace) -> context manager`` (told
+            apart by its number of parameters).
+        metric: "loss", "summary_loss" (default), "summary_kl" or ``fn(logits, plain_logits, trace)``.
+        layers: default: every layer with a usable attention pattern.
+    """
+    import pandas
+
+    backend_of(model)
+    layers = attention_sites(model).attention_layers if layers is None else sorted(set(layers))
+    device = first_device(model)
+    plain = []
+    with torch.no_grad():
+        for trace in traces:
+            plain.append(model(trace.tokens[None].to(device), **forward_kwargs(model))[0])
+    rows = []
+    work = [(layer, index) for layer in layers for index in range(len(traces))]
+    for layer, index in tqdm(work, desc="layer sweep", disable=not progress):
+        trace = traces[index]
+        with torch.no_grad(), _enter(intervention, layer, trace):
+            logits = model(trace.tokens[None].to(device), **forward_kwargs(model))[0]
+        before = measure(metric, plain[index], plain[index], trace)
+        after = measure(metric, logits, plain[index], trace)
+        rows.append((layer, index, before, after, after - before))
+    frame = pandas.DataFrame(rows, columns=["layer", "trace", "before", "after", "delta"])
+    return SweepResult(frame, metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
+
+
+def _enter(intervention: Callable, layer: int, trace: Trace) -> AbstractContextManager:
+    """``intervention(layer, trace)`` when it takes two arguments, else ``intervention(layer)``."""
+    import inspect
+
+    try:
+        takes_trace = len(inspect.signature(intervention).parameters) >= 2
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_trace = False
+    return intervention(layer, trace) if takes_trace else intervention(layer)
