@@ -56,9 +56,10 @@ def knockout(model: Any, trace: Trace, queries: Group, keys: Group, layers: Sequ
     if not heads or not all(0 <= h < model.cfg.n_heads for h in heads):
         raise StepsalError(f"heads must be a non-empty subset of 0..{model.cfg.n_heads - 1}; got {heads}.")
     query_mask, key_mask = group_mask(trace, queries), group_mask(trace, keys)
-    causal = torch.ones(len(trace), len(trace), dtype=torch.bool).tril()
-    left = causal & ~(query_mask[:, None] & key_mask[None, :])
-    starved = (query_mask & ~left.any(-1)).nonzero().flatten().tolist()
+    # a query keeps a key unless every key up to it is knocked out: those before the first free key
+    free = (~key_mask).nonzero().flatten()
+    first_free = int(free[0]) if free.numel() else len(trace)
+    starved = (query_mask & (torch.arange(len(trace)) < first_free)).nonzero().flatten().tolist()
     if starved:
         raise StepsalError(f"query tokens {starved[:5]}{' ...' if len(starved) > 5 else ''} would lose every key "
                            "(they only see keys of the knocked-out group); exclude them from queries or keys.")
