@@ -1,5 +1,5 @@
 """Command line: ``stepsal analyze`` (Step-Saliency of a trace and its report), ``stepsal report`` (one page
-from saved results) and ``stepsal generate`` (with StepFlow)."""
+from saved results), ``stepsal sweep`` (an intervention layer by layer) and ``stepsal generate`` (with StepFlow)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,53 @@ def analyze(args: argparse.Namespace) -> int:
     plot_step_maps(result, path=out / "step_maps.png")
     write_report(out, [result], [f"{args.model}: {'example trace' if args.example else args.trace}"])
     print(f"\nwrote {out}/report.html, step_maps.png, saliency.safetensors, trace.json, metrics.json")
+    return 0
+
+
+def parse_intervention(text: str):
+    """'knockout:QUERIES:KEYS' (groups: question/thinking/summary or step indices like 3+4), 'oeb' or
+    'smi' (StepFlow's part at the swept layer only) -> model -> ((layer, trace) -> context manager)."""
+    parts = text.split(":")
+    if parts[0] == "knockout" and len(parts) == 3:
+        queries, keys = ([int(s) for s in p.split("+")] if p[:1].isdigit() else p for p in parts[1:])
+
+        def knockout_at(model):
+            from .studies import knockout
+
+            return lambda layer, trace: knockout(model, trace, queries, keys, layers=[layer])
+        return knockout_at
+    if text in ("oeb", "smi"):
+        def stepflow_part_at(model):
+            from .stepflow import StepFlow
+
+            def attach(layer: int, trace):
+                only = {"oeb_layers": [layer] if text == "oeb" else [], "smi_layers": [layer] if text == "smi" else []}
+                return StepFlow(**only).attached(model, trace)
+            return attach
+        return stepflow_part_at
+    raise CliError(f"--intervention must be 'knockout:QUERIES:KEYS', 'oeb' or 'smi'; got {text!r}.")
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    make_intervention = parse_intervention(args.intervention)
+    texts = []
+    for path in args.trace:
+        texts.append(read_trace_text(argparse.Namespace(example=False, trace=path)))
+        check_trace_text(texts[-1], args.fmt, 1)
+    out = prepare_out(args.out)
+    from . import Trace, layer_sweep
+
+    model = load_for_cli(args)
+    traces = [Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=1) for text in texts]
+    sweep = layer_sweep(model, traces, make_intervention(model), metric=args.metric, layers=parse_layers(args.layers))
+    with open(out / "sweep.jsonl", "w") as handle:
+        for row in sweep.frame.to_dict("records"):
+            handle.write(json.dumps({**row, "trace_file": args.trace[row["trace"]], "intervention": args.intervention,
+                                     "metric": args.metric}) + "\n")
+    fig, _ = sweep.plot()
+    fig.savefig(out / "sweep.png", dpi=120)
+    print(sweep.summary().to_string(index=False))
+    print(f"\nwrote {out}/sweep.jsonl, sweep.png")
     return 0
 
 
@@ -222,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("folder", help="folder of saved results; two subfolders (e.g. correct/, wrong/) are compared")
     r.add_argument("--out", default=None, help="where report.html goes (default: the folder)")
     r.set_defaults(func=report_command)
+
+    s = sub.add_parser("sweep", parents=[common], help="an intervention at one layer at a time: what it changes")
+    add_model_arguments(s, default_backend=None)
+    s.add_argument("--trace", action="append", required=True, help="a trace file (repeat for several)")
+    s.add_argument("--fmt", default="think", choices=["think", "harmony", "plain"])
+    s.add_argument("--intervention", default="knockout:summary:thinking",
+                   help="'knockout:QUERIES:KEYS' (question/thinking/summary or steps like 3+4), 'oeb' or 'smi'")
+    s.add_argument("--metric", default="summary_loss", choices=["loss", "summary_loss", "summary_kl"])
+    s.add_argument("--layers", help="e.g. '0,1,2' (default: every layer with attention)")
+    s.add_argument("--out", default="stepsal-out", help="output folder (sweep.jsonl, sweep.png)")
+    s.set_defaults(func=sweep_command)
 
     g = sub.add_parser("generate", parents=[common], help="generate with the KV cache, optionally with StepFlow")
     add_model_arguments(g, default_backend="bridge")  # the faster backend for decoding

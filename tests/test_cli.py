@@ -195,3 +195,23 @@ def test_a_warning_explains_a_failure_once(tmp_path, capsys):
     assert code == 1
     warnings_printed = [line for line in err.splitlines() if ": warning: " in line]
     assert len(warnings_printed) == 1 and "2 thinking and 1 summary markers" in warnings_printed[0]
+
+
+def test_sweep_command_writes_what_layer_sweep_computes(saved_llama, tmp_path, capsys):
+    trace_file = tmp_path / "trace.txt"
+    trace_file.write_text(THINK_TRACE)
+    out = tmp_path / "o"
+    code, printed, err = run_cli(["sweep", "--model", str(saved_llama), "--trace", str(trace_file), "--metric",
+                                  "summary_kl", "--intervention", "knockout:summary:thinking", "--out", str(out)],
+                                 capsys)
+    assert code == 0 and "mean_delta" in printed
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    model = stepsal.load_model(str(saved_llama))
+    trace = stepsal.Trace.from_text(THINK_TRACE, model)
+    direct = stepsal.layer_sweep(model, [trace], lambda layer, t: stepsal.knockout(model, t, "summary", "thinking",
+                                                                                   layers=[layer]),
+                                 metric="summary_kl", progress=False)
+    assert [row["after"] for row in rows] == pytest.approx(direct.frame.after.tolist())
+    assert (out / "sweep.png").stat().st_size > 5000
+    one_line_error(["sweep", "--trace", str(trace_file), "--intervention", "ablate", "--out", str(out)], capsys,
+                   "--intervention must be")
