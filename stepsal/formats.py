@@ -39,9 +39,9 @@ class TraceFormat:
         :func:`prompt_thinking_from`) thinking opens at the first marker from there on.
         """
         code = code_spans(text)
-        thinking = [m for m in re.finditer(self.thinking_start, text) if not inside(m.start(), code)
-                    and (thinking_from is None or m.start() >= thinking_from)]
-        summaries = [m for m in re.finditer(self.summary_start, text) if not inside(m.start(), code)]
+        thinking = [m for m in markers_outside(self.thinking_start, text, code)
+                    if thinking_from is None or m.start() >= thinking_from]
+        summaries = markers_outside(self.summary_start, text, code)
         if not thinking:
             in_code = " (only inside code, which is not counted)" if re.search(self.thinking_start, text) else ""
             raise TraceFormatError(
@@ -79,13 +79,18 @@ def inside(position: int, spans: list[tuple[int, int]]) -> bool:
     return any(start <= position < end for start, end in spans)
 
 
+def markers_outside(pattern: str, text: str, code: list[tuple[int, int]]) -> list[re.Match[str]]:
+    """Matches of a marker pattern that do not start inside the ``code`` spans."""
+    return [m for m in re.finditer(pattern, text) if not inside(m.start(), code)]
+
+
 def prompt_thinking_from(prompt: str, fmt: "TraceFormat") -> int:
     """Where a generated sequence's thinking marker may start: the prompt's last thinking marker
     outside code when nothing closes it (the prompt opened the thinking), else the prompt's end
     (the model writes the marker; earlier pairs belong to the chat history or are quoted)."""
     code = code_spans(prompt)
-    opened = [m for m in re.finditer(fmt.thinking_start, prompt) if not inside(m.start(), code)]
-    closes = [m for m in re.finditer(fmt.summary_start, prompt) if not inside(m.start(), code)]
+    opened = markers_outside(fmt.thinking_start, prompt, code)
+    closes = markers_outside(fmt.summary_start, prompt, code)
     if opened and not any(s.start() >= opened[-1].end() for s in closes):
         return opened[-1].start()
     return len(prompt)

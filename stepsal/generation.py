@@ -214,7 +214,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     if stepflow is not None:
         run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens)
         tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=model.cfg.d_vocab)
-        tracker.read_prompts(rows)  # markers the prompt quotes (in code, or before its last one) are not counted
+        tracker.read_prompts(rows)  # markers the prompt only quotes (in code, or closed history) do not count
         for position in range(prompt_length):
             pads = [len(ids) < prompt_length - position for ids in rows]
             ids = [r[position - (prompt_length - len(r))] if not pad else pad_id for r, pad in zip(rows, pads)]

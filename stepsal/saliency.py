@@ -210,14 +210,16 @@ class _LayerPooler:
         pattern = self.pending.pop(row)
         scores = saliency_scores(pattern[0], grad[0], self.rule)  # [H, T, T], this layer only
         del pattern
+        members = self._members_on(scores.device)
         if self.per_head:
-            self.head_sums[row] = pool(scores.float(), self._members_on(scores.device)).to(self.sums.device)
+            self.head_sums[row] = pool(scores.float(), members).to(self.sums.device)
             self.sums[row] = self.head_sums[row].mean(0)
-        else:
-            self.sums[row] = pool(scores.mean(0).float(), self._members_on(scores.device)).to(self.sums.device)
-        if self.token_sums is not None:
-            members = self._members_on(scores.device)
-            self.token_sums[row] = (members @ scores.mean(0).float()).to(self.sums.device)
+        if not self.per_head or self.token_sums is not None:
+            mean_over_heads = scores.mean(0).float()  # [T, T], once per layer
+            if not self.per_head:
+                self.sums[row] = pool(mean_over_heads, members).to(self.sums.device)
+            if self.token_sums is not None:
+                self.token_sums[row] = (members @ mean_over_heads).to(self.sums.device)
         # NaN and inf survive the pooling product (0 * NaN = NaN), so checking [S, S] is enough
         if not torch.isfinite(self.sums[row]).all():
             self.nonfinite.append(self.layers[row])

@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from tiny import THINK_TRACE
+from tiny import THINK_TRACE, save_folder
 
 import stepsal
 from stepsal import StepSaliency
@@ -32,10 +32,7 @@ def test_analyze_writes_a_report_that_matches_the_api(tmp_path, hf_models, token
 
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory, hf_models, tokenizer):
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    hf_models["llama"].save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_folder(tmp_path_factory.mktemp("models") / "tiny-llama", hf_models["llama"], tokenizer)
 
 
 def run_cli(args, capsys):

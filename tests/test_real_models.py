@@ -9,7 +9,7 @@ import torch
 from archs import make_arch_model
 from conftest import BACKENDS, needs_hooked
 from test_stepflow import capture
-from tiny import THINK_TRACE, make_hf_model, make_opt_bridge
+from tiny import THINK_TRACE, make_hf_model, make_opt_bridge, save_folder
 
 import stepsal
 from stepsal import StepFlow, Trace, generate, step_saliency
@@ -22,10 +22,7 @@ from stepsal.traces import THINKING
 
 @pytest.fixture(scope="module")
 def saved_qwen2(tmp_path_factory, hf_models, tokenizer):
-    folder = tmp_path_factory.mktemp("saved") / "model"
-    hf_models["qwen2"].save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_folder(tmp_path_factory.mktemp("saved") / "model", hf_models["qwen2"], tokenizer)
 
 
 def quiet_load(*args, **kwargs):

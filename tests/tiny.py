@@ -76,3 +76,10 @@ def make_opt_bridge(tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers("opt", hf_model=opt.eval(), tokenizer=tokenizer)
+
+
+def save_folder(folder, model, tokenizer):
+    """A model and its tokenizer saved as load_model's folder source; returns the folder."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

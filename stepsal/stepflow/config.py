@@ -91,12 +91,12 @@ class StepFlow:
         sites.require_attention(oeb, f"StepFlow's Odds-Equal Bridge on {label}")
         sites.require_attention(smi, f"StepFlow's Step Momentum Injection on {label}")
         no_values = [layer for layer in smi if layer not in sites.value_layout]
-        if no_values and self.alpha > 0:
+        if no_values:
             raise UnsupportedModelError(
                 f"Step Momentum Injection on {label}: hook_v never fires in layers {no_values}, so there are "
                 "no value vectors to average. Choose other smi_layers or set alpha=0.")
         no_z = [layer for layer in smi if layer not in sites.z_layers]
-        if self.smi_site == "z" and no_z and self.alpha > 0:
+        if self.smi_site == "z" and no_z:
             raise UnsupportedModelError(
                 f"Step Momentum Injection on {label}: hook_z does not split heads as [batch, pos, head, "
                 f"d_value] in layers {no_z} on this adapter (multi-head latent attention, for one). Use "
