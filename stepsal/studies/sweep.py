@@ -74,6 +74,7 @@ class SweepResult:
     def plot(self, **kwargs: Any):
         """Mean delta per layer with its CI band: (matplotlib Figure, axes)."""
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         table = self.summary(**kwargs)
         fig = Figure(figsize=(6, 3))
@@ -82,6 +83,7 @@ class SweepResult:
         ax.fill_between(table.layer, table.ci_low, table.ci_high, alpha=0.2, lw=0)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("layer of the intervention")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"change in {self.metric}")
         fig.tight_layout()
         return fig, fig.axes

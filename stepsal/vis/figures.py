@@ -7,6 +7,7 @@ import os
 from typing import Sequence
 
 from matplotlib.figure import Figure  # object-oriented: no pyplot state, no backend switch
+from matplotlib.ticker import MaxNLocator
 
 from ..traces import QUESTION, SUMMARY, THINKING, StepLayout
 
@@ -159,6 +160,7 @@ def plot_group_curves(comparison, measures: Sequence[str] = GROUP_MEASURES,
             ax.fill_between(comparison.layers, low, high, color=colour, alpha=0.2, lw=0)
         ax.set_title(measure.replace("_", " "), fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, title=f"mean, {pct}% CI", title_fontsize=7)
     fig.tight_layout()

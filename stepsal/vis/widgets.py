@@ -13,11 +13,12 @@ from .render import Widget
 
 
 def step_names(layout: StepLayout, width: int = 24) -> list[str]:
-    """'T3 So the total cost..' for every step: its label and the start of its text."""
+    """'T3:So·the·total·cost..' for every step: its label and the start of its text. circuitsvis's
+    attention views delete every whitespace character from labels, so words are joined by '·'."""
     names = []
     for label, step in zip(step_labels(layout), layout.steps):
-        text = " ".join(step.text.split())
-        names.append(f"{label} {text[:width]}{'..' if len(text) > width else ''}")
+        text = "\u00b7".join(step.text.split())
+        names.append(f"{label}:{text[:width]}{'..' if len(text) > width else ''}")
     return names
 
 
