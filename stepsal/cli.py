@@ -1,5 +1,6 @@
 """Command line: ``stepsal analyze`` (Step-Saliency of a trace and its report), ``stepsal report`` (one page
-from saved results), ``stepsal sweep`` (an intervention layer by layer) and ``stepsal generate`` (with StepFlow)."""
+from saved results), ``stepsal sweep`` (an intervention layer by layer), ``stepsal generate`` (with StepFlow),
+``stepsal eval`` (accuracy with and without StepFlow) and ``stepsal study`` (correct vs wrong traces)."""
 
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.message:
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": args.message}], tokenize=False,
                                                      add_generation_prompt=True)
-        prompt += "<think>\n" if args.start_thinking else ""
+        if args.start_thinking and not prompt.rstrip().endswith("<think>"):  # R1-style templates open it already
+            prompt += "<think>\n"
     flow = None
     if args.stepflow:
         defaults = StepFlow()
@@ -235,8 +237,10 @@ def load_for_cli(args: argparse.Namespace):
     return model
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | None) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name or a save_pretrained folder")
+def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | None,
+                        default_model: str = "smollm2-135m") -> None:
+    parser.add_argument("--model", default=default_model,
+                        help=f"embedded name or a save_pretrained folder (default {default_model})")
     parser.add_argument("--backend", choices=["hooked", "bridge"], default=default_backend)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -282,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=sweep_command)
 
     g = sub.add_parser("generate", parents=[common], help="generate with the KV cache, optionally with StepFlow")
-    add_model_arguments(g, default_backend="bridge")  # the faster backend for decoding
+    # the faster backend for decoding; the small reasoner, which writes <think> steps </think> summary
+    add_model_arguments(g, default_backend="bridge", default_model="smollm2-135m-reasoner")
     g.add_argument("--prompt", help="prompt text, used as is (include the chat template)")
     g.add_argument("--message", help="a user message; the chat template is applied")
     g.add_argument("--start-thinking", action="store_true", help="with --message: append '<think>\\n'")
@@ -300,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--out", default="stepsal-out", help="output folder")
     g.set_defaults(func=generate_command)
+
+    from .cli_studies import add_study_parsers
+
+    add_study_parsers(sub, common, add_model_arguments)
     return parser
 
 

@@ -24,11 +24,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import StepsalWarning
 from .traces import QUESTION, SUMMARY, THINKING
 
 LAYER_MEASURES = ("local_share", "question_share", "summary_thinking_share", "summary_self_share", "recency")
 TRACE_MEASURES = ("lock_in", "question_share", "summary_thinking", "summary_self", "recency", "decay")
 RECENT_STEPS = 3
+MIN_TRACES = 10  # per group, below which a comparison is descriptive only (no significance claims)
 
 
 @dataclass
@@ -191,6 +193,11 @@ class GroupComparison:
     layer_mean: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # group -> measure -> [layer]
     layer_mean_ci: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # group -> measure -> [2, layer]
 
+    @property
+    def descriptive_only(self) -> bool:
+        """A group has fewer than MIN_TRACES traces: the intervals describe, they support no claims."""
+        return min((min(r.n_a, r.n_b) for r in self.rows), default=0) < MIN_TRACES
+
     def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
         """One row per per-trace measure: group means, difference and Hedges' g with CIs."""
         from .vis.tables import comparison_frame
@@ -207,7 +214,9 @@ class GroupComparison:
     def __repr__(self) -> str:
         n_a, n_b = (max((getattr(r, n) for r in self.rows), default=0) for n in ("n_a", "n_b"))
         return (f"GroupComparison({self.label_a} vs {self.label_b}: {n_a} vs {n_b} traces, {len(self.rows)} measures, "
-                f"{round(self.confidence * 100)}% bootstrap CIs over {self.n_boot} resamples)")
+                f"{round(self.confidence * 100)}% bootstrap CIs over {self.n_boot} resamples"
+                + (f"; fewer than {MIN_TRACES} traces in a group: descriptive only, no significance claims)"
+                   if self.descriptive_only else ")"))
 
     def _repr_html_(self) -> str:
         from .vis.html import comparison_html
@@ -216,7 +225,9 @@ class GroupComparison:
 
     def table(self) -> str:
         pct = round(self.confidence * 100)
-        lines = [f"{'measure':<17} {self.label_a:>9} {self.label_b:>9} {'diff':>8}  {pct}% CI{'':<12} "
+        lines = [f"(fewer than {MIN_TRACES} traces in a group: descriptive only, no significance claims)"] \
+            if self.descriptive_only else []
+        lines += [f"{'measure':<17} {self.label_a:>9} {self.label_b:>9} {'diff':>8}  {pct}% CI{'':<12} "
                  f"{'g':>6}  {pct}% CI"]
         for r in self.rows:
             lines.append(f"{r.measure:<17} {r.mean_a:9.4f} {r.mean_b:9.4f} {r.diff:8.4f}  "
@@ -241,6 +252,11 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
     metrics_b = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_b]
     if len(metrics_a) < 2 or len(metrics_b) < 2:
         raise ValueError(f"each group needs at least 2 traces; got {len(metrics_a)} and {len(metrics_b)}.")
+    if min(len(metrics_a), len(metrics_b)) < MIN_TRACES:
+        warnings.warn(f"{labels[0]}: {len(metrics_a)} traces, {labels[1]}: {len(metrics_b)}; with fewer than "
+                      f"{MIN_TRACES} traces in a group the bootstrap intervals are too unreliable for significance "
+                      "claims (they describe these traces only). Study more problems or samples.",
+                      StepsalWarning, stacklevel=2)
     rng = np.random.default_rng(seed)
     tail = (1 - confidence) / 2
     rows = []

@@ -12,6 +12,8 @@ from jaxtyping import install_import_hook  # noqa: E402
 with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal  # noqa: F401
     import stepsal.cli  # noqa: F401
+    import stepsal.cli_studies  # noqa: F401
+    import stepsal.studies.study  # noqa: F401
     import stepsal.embedded  # noqa: F401
     import stepsal.generation  # noqa: F401
     import stepsal.vis.html  # noqa: F401

@@ -120,3 +120,22 @@ def test_reference_measures_equal_a_loop_over_block_normalised_entries(tl_models
         assert float(got["final_block_intensity"][i]) == pytest.approx(final, rel=1e-5)
         assert float(got["analysis_block_intensity"][i]) == pytest.approx(analysis, rel=1e-5)
         assert float(got["final_heat_anomaly"][i]) == pytest.approx(final / analysis, rel=1e-5)
+
+
+def test_small_groups_warn_and_make_no_claims():
+    """Under 10 traces a group, the comparison says it is descriptive only (2 traces once printed a CI)."""
+    import warnings
+
+    from stepsal.errors import StepsalWarning
+
+    rng = np.random.default_rng(2)
+    with pytest.warns(StepsalWarning, match="fewer than 10 traces"):
+        small = compare_groups([synthetic(0.5, rng) for _ in range(9)], [synthetic(0.7, rng) for _ in range(12)],
+                               n_boot=100)
+    assert small.descriptive_only
+    assert "no significance claims" in small.table() and "no significance claims" in repr(small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepsalWarning)
+        enough = compare_groups([synthetic(0.5, rng) for _ in range(10)], [synthetic(0.7, rng) for _ in range(10)],
+                                n_boot=100)
+    assert not enough.descriptive_only and "claims" not in enough.table()

@@ -110,7 +110,8 @@ def evaluate(model: Any, problems: Sequence[Any], flow: StepFlow | None = None, 
                        "answer": answer, "correct": is_correct(answer, problem.answer),
                        "steps": getattr(problem, "n_steps", None), "new_tokens": len(tokens) - start,
                        "closed_think": "</think>" in text, "boxed": "\\boxed{" in text,
-                       "text": text, "flow": flow_stats}
+                       "text": text, "flow": flow_stats,
+                       "prompt_length": start, "tokens": tokens.tolist()}  # exact ids: traces without retokenising
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
     return load_samples(folder)
@@ -172,10 +173,10 @@ class EvalResult:
         rows = []
         for (condition, mode, problem), group in self.frame.groupby(["condition", "mode", "problem"], sort=False):
             n, c = len(group), int(group["correct"].sum())
-            majority = _majority(list(group["answer"]))
-            rows.append({"condition": condition, "mode": mode, "problem": problem, "steps": group["steps"].iloc[0],
+            majority = _majority([a if isinstance(a, str) else None for a in group["answer"]])  # NaN: none
+            rows.append({"condition": condition, "mode": mode, "problem": problem, "steps": group["steps"].tolist()[0],
                          "n": n, "correct": c, "pass@1": c / n,
-                         "majority": is_correct(majority, group["gold"].iloc[0])})
+                         "majority": is_correct(majority, group["gold"].tolist()[0])})
         import pandas
 
         return pandas.DataFrame(rows)

@@ -1,0 +1,120 @@
+"""``stepsal eval`` (accuracy with and without StepFlow, paired) and ``stepsal study`` (correct vs wrong)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli import CliError, load_for_cli, parse_layers, prepare_out
+
+REASONER = "smollm2-135m-reasoner"
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser, k_default: int) -> None:
+    parser.add_argument("--problems", help="a JSONL file of {id, question, answer} (default: the shipped 200)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N problems only")
+    parser.add_argument("--k", type=int, default=k_default, help=f"samples per problem (default {k_default})")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy answer")
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1: 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (R1: 0.95)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments) -> None:
+    e = sub.add_parser("eval", parents=[common], help="accuracy with and without StepFlow on word problems (paired)")
+    add_model_arguments(e, default_backend="bridge", default_model=REASONER)
+    add_problem_arguments(e, k_default=4)
+    e.add_argument("--no-stepflow", action="store_true", help="the baseline only")
+    e.add_argument("--oeb-layers", help="e.g. '0,1,2', or 'off' (default: bottom quarter)")
+    e.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
+    e.add_argument("--shard", default=None, help="i/n: this process takes every n-th problem from the i-th")
+    e.add_argument("--merge", action="store_true", help="only summarise the samples already in --out (all shards)")
+    e.add_argument("--out", default="stepsal-eval", help="folder of samples*.jsonl and summary.json")
+    e.set_defaults(func=eval_command)
+
+    s = sub.add_parser("study", parents=[common], help="correct vs wrong traces: generate, Step-Saliency, compare")
+    add_model_arguments(s, default_backend="bridge", default_model=REASONER)
+    add_problem_arguments(s, k_default=0)
+    s.add_argument("--target", default="all", choices=["all", "summary"])
+    s.add_argument("--norm", default="causal", choices=["causal", "block", "row"])
+    s.add_argument("--out", default="stepsal-study", help="folder: samples/, correct/, wrong/, report.html")
+    s.set_defaults(func=study_command)
+
+
+def _problems(args: argparse.Namespace):
+    from .tasks.problems import load_problems
+
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit must be at least 1; got {args.limit}.")
+    if args.problems and not Path(args.problems).is_file():
+        raise CliError(f"--problems {args.problems}: no such file (JSONL of id, question, answer).")
+    if args.k < 0 or (args.k == 0 and args.no_greedy):
+        raise CliError("nothing to generate: pass --k 1 or more, or drop --no-greedy.")
+    return load_problems(args.problems, args.limit)
+
+
+def print_eval_summary(result, out: Path) -> None:
+    summary = result.summary()
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    report = {"summary": summary.to_dict("records"), "paired": {}}
+    for mode in summary["mode"].unique():
+        if set(summary[summary["mode"] == mode]["condition"]) >= {"baseline", "stepflow"}:
+            paired = result.paired(mode)
+            report["paired"][mode] = paired
+            low, high = paired["ci"]
+            print(f"{mode}: StepFlow - baseline pass@1 = {paired['difference']:+.3f} "
+                  f"(95% CI [{low:+.3f}, {high:+.3f}], paired over {paired['problems']} problems; sign-flip "
+                  f"p = {paired['p_value']:.3f}; {paired['problems_changed']} problems changed)")
+    (out / "summary.json").write_text(json.dumps(report, indent=1, default=float))
+    print(f"wrote {out}/summary.json")
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from .studies.evaluate import accelerate_shard, load_samples, parse_shard
+
+    out = prepare_out(args.out)
+    if args.merge:
+        print_eval_summary(load_samples(out), out)
+        return 0
+    problems = _problems(args)
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
+    launched = accelerate_shard()  # under `accelerate launch`: this rank's share and device
+    if launched is not None:
+        if args.shard:
+            raise CliError("--shard and accelerate launch both split the problems; use one of them.")
+        shard, args.device = launched[0], str(launched[1])
+    from . import StepFlow
+    from .studies.evaluate import evaluate
+
+    model = load_for_cli(args)
+    flow = None
+    if not args.no_stepflow:
+        flow = StepFlow(oeb_layers=parse_layers(args.oeb_layers), smi_layers=parse_layers(args.smi_layers))
+        print(flow.describe(model))
+    result = evaluate(model, problems, flow, out=out, k=args.k, greedy=not args.no_greedy,
+                      temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                      seed=args.seed, shard=shard)
+    if shard[1] > 1:
+        print(f"shard {shard[0]}/{shard[1]} done; when every shard is: stepsal eval --merge --out {out}")
+        return 0
+    print_eval_summary(result, out)
+    return 0
+
+
+def study_command(args: argparse.Namespace) -> int:
+    from .studies.study import run_study
+
+    out = prepare_out(args.out)
+    problems = _problems(args)
+    model = load_for_cli(args)
+    result = run_study(model, problems, out=out, k=args.k, greedy=not args.no_greedy, temperature=args.temperature,
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, target=args.target,
+                       norm=args.norm)
+    print(result.samples.summary().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(repr(result))
+    if result.comparison is not None:
+        print(result.comparison.table())
+    print(f"wrote {out}/study.json and {out}/report.html" if any(result.groups.values()) else f"wrote {out}/study.json")
+    return 0

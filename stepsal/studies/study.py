@@ -1,0 +1,100 @@
+"""Correct-vs-wrong studies: generate traces, label them, compute Step-Saliency, compare the groups.
+
+``run_study(model, problems, out=folder)``:
+
+1. answers every problem (greedy and/or ``k`` samples) through :func:`evaluate` (``folder/samples/``,
+   resumable, the exact token ids kept);
+2. segments each answer that closed its thinking into a trace (others are counted, not studied)
+   and saves its Step-Saliency under ``folder/correct/`` or ``folder/wrong/`` (files already there
+   are reused: resumable);
+3. compares the groups per measure and per layer (:func:`stepsal.compare_groups`; descriptive only
+   under 10 traces a group) and writes ``folder/report.html`` and ``folder/study.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from ..errors import StepsalWarning
+from .evaluate import EvalResult, R1_SAMPLING, evaluate
+
+
+@dataclass
+class StudyResult:
+    """What a study produced: the samples, the saliency results per group and their comparison."""
+
+    samples: EvalResult
+    groups: dict[str, list[Any]]  # "correct" / "wrong" -> StepSaliency results
+    skipped: dict[str, int]  # reason -> samples not studied
+    comparison: Any = None  # GroupComparison, None when a group has fewer than 2 traces
+    folder: Path | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{name} {len(results)}" for name, results in self.groups.items())
+        skipped = f"; not studied: {dict(self.skipped)}" if self.skipped else ""
+        return f"StudyResult({counts} traces{skipped}; {self.comparison!r})"
+
+
+def _trace_of(row: dict, model: Any, min_thinking_steps: int):
+    from ..traces import Trace
+
+    return Trace.from_tokens(row["tokens"], model, prompt_length=row["prompt_length"],
+                             min_thinking_steps=min_thinking_steps)
+
+
+def run_study(model: Any, problems: Sequence[Any], *, out: str | Path, k: int = 0, greedy: bool = True,
+              temperature: float = R1_SAMPLING["temperature"], top_p: float = R1_SAMPLING["top_p"],
+              max_new_tokens: int = 256, seed: int = 0, target: str = "all", norm: str = "causal",
+              min_thinking_steps: int = 2, progress: bool = True) -> StudyResult:
+    """Generate, label, analyse and compare (see the module docstring). Rerunning resumes."""
+    from ..metrics import compare_groups
+    from ..saliency import StepSaliency, step_saliency
+    from ..vis.report import report_from_folder
+
+    folder = Path(out)
+    samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
+                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    wanted = {p.id for p in problems}
+    rows = [r for r in samples.frame.to_dict("records") if r["problem"] in wanted]
+    groups: dict[str, list[Any]] = {"correct": [], "wrong": []}
+    skipped: Counter = Counter()
+    for row in tqdm(rows, desc="saliency", disable=not progress, unit="trace"):
+        if not row["closed_think"]:
+            skipped["thinking never closed"] += 1
+            continue
+        group = "correct" if row["correct"] else "wrong"
+        path = folder / group / f"{row['problem']}.{row['mode']}.{row['sample']}.safetensors"
+        if path.exists():
+            groups[group].append(StepSaliency.load(path))
+            continue
+        try:
+            trace = _trace_of(row, model, min_thinking_steps)
+        except ValueError as error:  # TraceFormatError: too few steps, no summary, ...
+            skipped[str(error).split(":")[0][:80]] += 1
+            continue
+        result = step_saliency(model, trace, target=target, norm=norm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.save(path)
+        groups[group].append(result)
+    comparison = None
+    if all(len(results) >= 2 for results in groups.values()):
+        comparison = compare_groups(groups["correct"], groups["wrong"], labels=("correct", "wrong"))
+    else:
+        warnings.warn(f"no comparison: {len(groups['correct'])} correct and {len(groups['wrong'])} wrong traces "
+                      "(each group needs at least 2; 10 for claims). Study more problems or samples.",
+                      StepsalWarning, stacklevel=2)
+    summary = {"problems": len(wanted), "samples": len(rows), "traces": {g: len(r) for g, r in groups.items()},
+               "skipped": dict(skipped), "accuracy": samples.summary().to_dict("records"),
+               "comparison": None if comparison is None else comparison.to_dataframe().to_dict("records"),
+               "descriptive_only": None if comparison is None else comparison.descriptive_only}
+    (folder / "study.json").write_text(json.dumps(summary, indent=1, default=float))
+    if any(groups.values()):
+        report_from_folder(folder)
+    return StudyResult(samples, groups, dict(skipped), comparison, folder)

@@ -1,0 +1,94 @@
+"""`stepsal eval` and `stepsal study` from the command line."""
+
+import json
+
+import pytest
+
+from tiny import save_folder
+
+from stepsal.cli import main
+from stepsal.reasoner import CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory, hf_models, tokenizer):
+    """The tiny llama with the reasoner's chat template (its prompts open the thinking)."""
+    import copy
+
+    chat = copy.copy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return save_folder(tmp_path_factory.mktemp("models") / "chat-llama", hf_models["llama"], chat)
+
+
+@pytest.fixture
+def problems(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} plus 2?", "answer": i + 2}) + "\n"
+                            for i in range(3)))
+    return path
+
+
+def test_eval_command_is_paired_resumable_and_merges_shards(chat_llama, problems, tmp_path, capsys):
+    common = ["eval", "--model", str(chat_llama), "--problems", str(problems), "--k", "2", "--max-new-tokens", "4"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "stepflow" in out and "StepFlow - baseline pass@1" in out
+    report = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(report["paired"]) == {"greedy", "sampled"} and report["paired"]["sampled"]["problems"] == 3
+    lines = (tmp_path / "a" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2 * (1 + 2)
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0  # everything is there: nothing regenerated
+    assert (tmp_path / "a" / "samples.jsonl").read_text().splitlines() == lines
+
+    for shard in ("0/2", "1/2"):
+        assert main([*common, "--shard", shard, "--out", str(tmp_path / "b")]) == 0
+    assert "stepsal eval --merge" in capsys.readouterr().out
+    assert main(["eval", "--merge", "--out", str(tmp_path / "b")]) == 0
+    merged = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert merged["summary"] == report["summary"]  # the same seeds per problem, whichever shard ran it
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--shard", "2/2"], "0 <= i < n"),
+    (["--k", "0", "--no-greedy"], "nothing to generate"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--problems", "missing.jsonl"], "no such file"),
+])
+def test_eval_errors_are_one_line(args, expected, problems, tmp_path, capsys):
+    args = [a if a != "missing.jsonl" else str(tmp_path / a) for a in args]
+    code = main(["eval", "--model", "no-such-model", "--problems", str(problems), *args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_merge_without_samples_says_what_to_run(tmp_path, capsys):
+    assert main(["eval", "--merge", "--out", str(tmp_path / "empty")]) == 1
+    assert "run stepsal eval --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_study_command_on_the_small_reasoner(tmp_path, capsys):
+    """Traces labelled by their answers, saved per group; the saved saliency equals a fresh computation."""
+    import stepsal
+    from stepsal.saliency import StepSaliency
+
+    out = tmp_path / "study"
+    assert main(["study", "--limit", "6", "--k", "2", "--max-new-tokens", "160", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    study = json.loads((out / "study.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples" / "samples.jsonl").read_text().splitlines()]
+    closed = [r for r in rows if r["closed_think"]]
+    assert study["samples"] == len(rows) == 6 * 3
+    for group, flag in (("correct", True), ("wrong", False)):
+        files = sorted((out / group).glob("*.safetensors")) if (out / group).exists() else []
+        assert len(files) == study["traces"][group] == sum(r["correct"] == flag for r in closed)
+    assert "warning" in printed.err  # under 10 traces a group: descriptive only, said once
+    row = closed[0]
+    model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
+    fresh = stepsal.step_saliency(model, stepsal.Trace.from_tokens(row["tokens"], model,
+                                                                   prompt_length=row["prompt_length"]))
+    group = "correct" if row["correct"] else "wrong"
+    saved = StepSaliency.load(out / group / f"{row['problem']}.{row['mode']}.{row['sample']}.safetensors")
+    assert saved.maps.shape == fresh.maps.shape
+    assert (saved.maps - fresh.maps).abs().max() <= 1e-5 * fresh.maps.abs().max()
+    assert (out / "report.html").exists()
