@@ -80,6 +80,270 @@ metrics.per_trace()"""),
 ]
 
 
+LAYER_ABLATION = [
+    new_markdown_cell("""# Layer by layer: which layers carry the step flow?
+
+Step-Saliency says where each step *looks*. Ablations say what the model *needs*: remove some
+attention and measure what changes. This notebook uses the small reasoner shipped with stepsal
+(SmolLM2-135M taught to write `<think> steps </think> summary`) on a CPU, offline.
+
+A **knockout** removes the attention from the tokens of one group (queries) to those of another
+(keys) and renormalises each row over its remaining keys: the same as masking those keys out of the
+softmax. A **layer sweep** applies an intervention at one layer at a time and measures a metric
+against the unmodified model."""),
+    new_code_cell("""import torch
+import stepsal
+from stepsal.tasks.problems import load_problems
+
+model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")  # built from the embedded base on first use
+problems = [p for p in load_problems(limit=20) if p.n_steps == 3][:3]
+out = stepsal.generate(model, [p.messages() for p in problems], max_new_tokens=120)
+for problem, text in zip(problems, out.texts):
+    answer = stepsal.extract_answer(text)
+    print(problem.question, "\\n->", repr(text[-60:]), "| gold", problem.answer,
+          "| correct" if stepsal.is_correct(answer, problem.answer) else "| wrong")
+traces = [t for t in out.traces if t is not None]
+trace = traces[0]
+print(trace.describe())"""),
+    new_markdown_cell("""## 1. One knockout: the summary without its thinking
+
+`summary_loss` is the mean next-token loss over the summary's tokens (teacher forcing: the trace is
+fixed). If the summary copies its answer from the thinking, cutting summary -> thinking at every
+layer should make the summary much harder to predict."""),
+    new_code_cell("""from stepsal.studies.sweep import measure
+
+with torch.no_grad():
+    plain = model(trace.tokens[None])[0]
+    with stepsal.knockout(model, trace, queries="summary", keys="thinking"):
+        knocked = model(trace.tokens[None])[0]
+print(f"summary loss: plain {measure('summary_loss', plain, plain, trace):.3f}, "
+      f"summary->thinking knocked out {measure('summary_loss', knocked, plain, trace):.3f}")"""),
+    new_markdown_cell("""## 2. A layer sweep
+
+The same knockout, one layer at a time, over all traces: per layer the change in summary loss with a
+bootstrap interval over traces (three traces here: a demonstration, not a finding)."""),
+    new_code_cell("""sweep = stepsal.layer_sweep(model, traces,
+                            lambda layer, t: stepsal.knockout(model, t, "summary", "thinking", layers=[layer]),
+                            metric="summary_loss", progress=False)
+sweep.summary().nlargest(5, "mean_delta")"""),
+    new_code_cell("""%matplotlib inline
+sweep.plot();"""),
+    new_markdown_cell("""## 3. A StepFlow band sweep
+
+StepFlow's Odds-Equal Bridge acts on shallow layers. Where does it change the model most? Attach it
+at one layer at a time (no Step Momentum Injection) and measure the KL divergence of the summary's
+next-token distributions from the plain model's."""),
+    new_code_cell("""oeb_sweep = stepsal.layer_sweep(
+    model, traces, lambda layer, t: stepsal.StepFlow(oeb_layers=[layer], smi_layers=[]).attached(model, t),
+    metric="summary_kl", layers=range(0, model.cfg.n_layers, 3), progress=False)
+oeb_sweep.summary()[["layer", "mean_delta", "ci_low", "ci_high"]]"""),
+    new_markdown_cell("""## Exercises
+
+1. Knock out the **question** from the thinking steps (`queries="thinking", keys="question"`) one
+   layer at a time. In which layers do the steps read the numbers of the story?
+2. Knock out only the **last thinking step** from the summary (`keys=[index]`, a step index from
+   `trace.describe()`): is the answer copied from that step alone?
+3. At the layer that matters most in exercise 1, knock out one head at a time (`heads=[h]`)."""),
+    new_markdown_cell("""### Solutions"""),
+    new_code_cell("""# 1. the question, layer by layer
+question = stepsal.layer_sweep(model, traces,
+                               lambda layer, t: stepsal.knockout(model, t, "thinking", "question", layers=[layer]),
+                               metric="loss", progress=False)
+top = question.summary().nlargest(3, "mean_delta")
+top"""),
+    new_code_cell("""# 2. only the last thinking step, at every layer
+last_step = max(i for i, step in enumerate(trace.layout.steps) if step.kind == "thinking")
+with torch.no_grad(), stepsal.knockout(model, trace, queries="summary", keys=[last_step]):
+    knocked = model(trace.tokens[None])[0]
+print(f"last step {last_step} knocked out: summary loss {measure('summary_loss', knocked, plain, trace):.3f}")"""),
+    new_code_cell("""# 3. one head at a time at the layer exercise 1 found
+layer = int(top.iloc[0]["layer"])
+per_head = []
+for head in range(model.cfg.n_heads):
+    with torch.no_grad(), stepsal.knockout(model, trace, "thinking", "question", layers=[layer], heads=[head]):
+        per_head.append(measure("loss", model(trace.tokens[None])[0], plain, trace))
+print(f"layer {layer}: loss per knocked-out head", [round(v, 3) for v in per_head])"""),
+]
+
+STEPFLOW = [
+    new_markdown_cell("""# StepFlow: what the Odds-Equal Bridge and Step Momentum Injection do
+
+StepFlow repairs the step flow at test time, without training, with two hooks:
+
+- **Odds-Equal Bridge (OEB)**, shallow layers, on `hook_pattern`: while the model writes thinking,
+  every attention row gives the *question* (the bridge) at least `tau_B` (about 15%) of its mass,
+  by rescaling the bridge and the current segment (the KL projection onto that constraint).
+- **Step Momentum Injection (SMI)**, deep layers, on `hook_resid_post`: at the first token of each
+  new thinking step, add `alpha` times the previous step's mean attention output.
+
+We look at both on a trace of the small reasoner, then generate with StepFlow."""),
+    new_code_cell("""import torch
+import stepsal
+from stepsal.tasks.problems import load_problems
+from stepsal.traces import QUESTION, THINKING, SUMMARY
+
+model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
+problem = [p for p in load_problems(limit=20) if p.n_steps == 4][0]
+trace = stepsal.generate(model, problem.messages(), max_new_tokens=140).trace
+flow = stepsal.StepFlow()
+print(flow.describe(model))
+print(trace.describe())"""),
+    new_markdown_cell("""## 1. OEB on the attention pattern
+
+Capture the pattern of the first OEB layer without and with StepFlow (our hook is registered after
+StepFlow's, so it sees the edited pattern) and sum each thinking query's attention over the keys of
+each segment."""),
+    new_code_cell("""oeb_layer = flow.layers_for(model)[0][0]
+name = f"blocks.{oeb_layer}.attn.hook_pattern"
+captured = {}
+
+def keep(tag):
+    def hook(pattern, hook):
+        captured[tag] = pattern[0].detach().clone()   # [head, query, key]
+    return hook
+
+with torch.no_grad():
+    with model.hooks(fwd_hooks=[(name, keep("plain"))]):
+        model(trace.tokens[None])
+    with flow.attached(model, trace) as run, model.hooks(fwd_hooks=[(name, keep("stepflow"))]):
+        model(trace.tokens[None])
+
+segment = trace.layout.token_segment
+thinking_rows = (segment == THINKING).nonzero().flatten()
+for tag in ("plain", "stepflow"):
+    mass = {kind: captured[tag][:, thinking_rows][..., segment == code].sum(-1)
+            for kind, code in (("question", QUESTION), ("thinking", THINKING))}
+    low = (mass["question"] < 0.15).float().mean()
+    print(f"{tag:9s} question mass of thinking rows: mean {mass['question'].mean():.3f}, "
+          f"min {mass['question'].min():.3f}, rows below 0.15: {low:.0%}")
+print(run.stats.table())"""),
+    new_markdown_cell("""With StepFlow no thinking row gives the question less than its target (rows that already gave
+more are untouched: bit-identical). The statistics table counts the rows OEB changed and the bridge
+mass before -> after.
+
+## 2. SMI on the residual stream
+
+Capture `hook_resid_post` of an SMI layer without and with StepFlow: the difference is zero except at
+the first token of each thinking step after the first, where it is `alpha * sum_h m_h W_O`."""),
+    new_code_cell("""smi_layer = flow.layers_for(model)[1][0]
+name = f"blocks.{smi_layer}.hook_resid_post"
+captured = {}
+with torch.no_grad():
+    with model.hooks(fwd_hooks=[(name, keep("plain"))]):
+        model(trace.tokens[None])
+    with flow.attached(model, trace), model.hooks(fwd_hooks=[(name, keep("stepflow"))]):
+        model(trace.tokens[None])
+changed = (captured["stepflow"] - captured["plain"]).norm(dim=-1)   # [position] (hook_resid_post has no head axis)
+positions = changed.nonzero().flatten().tolist()
+starts = [step.token_span[0] for step in trace.layout.steps if step.kind == "thinking"]
+print("positions SMI changed:", positions)
+print("thinking step starts:  ", starts)"""),
+    new_markdown_cell("""Only step starts change, from the second thinking step on (the first has no previous step);
+later layers differ everywhere downstream, since the residual stream carries the injection on.
+
+## 3. Generate with and without StepFlow
+
+Greedy answers to a few held-out problems; then the paper's mechanistic check, Step-Saliency of the
+same trace with and without StepFlow (teacher forcing)."""),
+    new_code_cell("""few = load_problems(limit=6)
+for condition, f in (("baseline", None), ("stepflow", flow)):
+    out = stepsal.generate(model, [p.messages() for p in few], f, max_new_tokens=140)
+    right = [stepsal.is_correct(stepsal.extract_answer(t), p.answer) for p, t in zip(few, out.texts)]
+    print(f"{condition:9s} {sum(right)}/{len(few)} correct", out.stats if f is not None else "")"""),
+    new_code_cell("""%matplotlib inline
+effect = stepsal.saliency_change(model, trace, flow)
+effect.plot();"""),
+    new_markdown_cell("""Six problems say nothing about accuracy: `stepsal eval` runs the paired comparison (k samples
+per problem, the same seeds with and without StepFlow, bootstrap CIs and a paired test); the
+figures for this model are in `docs/results.md`.
+
+## Exercises
+
+1. Raise `tau_max` to 0.3: how many rows does OEB change now, and how far does the question's mass
+   move?
+2. Check the OEB equation by hand for one changed row: rescale its bridge and thinking keys by
+   `tau_B / p(B)` and `tau_S / p(S)` and compare with the captured pattern.
+3. Set `alpha=0.0`: what does StepFlow still do?"""),
+    new_markdown_cell("""### Solutions"""),
+    new_code_cell("""# 1.
+with torch.no_grad(), stepsal.StepFlow(tau_max=0.3).attached(model, trace) as run:
+    model(trace.tokens[None])
+print(run.stats.table())"""),
+    new_code_cell("""# 2. one changed row of the OEB layer (question = bridge B, thinking = current segment S, summary = O)
+plain, edited = captured_oeb = None, None
+name = f"blocks.{oeb_layer}.attn.hook_pattern"
+captured = {}
+with torch.no_grad():
+    with model.hooks(fwd_hooks=[(name, keep("plain"))]):
+        model(trace.tokens[None])
+    with flow.attached(model, trace), model.hooks(fwd_hooks=[(name, keep("stepflow"))]):
+        model(trace.tokens[None])
+diff = (captured["stepflow"] - captured["plain"]).abs().sum(-1)      # [head, query]
+head, query = [int(i) for i in (diff == diff.max()).nonzero()[0]]
+row = captured["plain"][head, query]
+causal = torch.arange(len(row)) <= query
+bridge, current = (segment == QUESTION) & causal, (segment == THINKING) & causal
+other = row[~bridge & ~current].sum()
+p_b, p_s = row[bridge].sum(), row[current].sum()
+tau_b = min((bridge.sum() / (bridge.sum() + current.sum())).sqrt().item(), flow.tau_max)
+expected = row.clone()
+expected[bridge] *= tau_b / p_b
+expected[current] *= (1 - other - tau_b) / p_s
+print(f"head {head}, query {query}: p(B) {p_b:.3f} -> {captured['stepflow'][head, query][bridge].sum():.3f}; "
+      f"largest deviation from the equation {(expected - captured['stepflow'][head, query]).abs().max():.2e}")"""),
+    new_code_cell("""# 3. OEB only: SMI's band is empty with alpha = 0
+print(stepsal.StepFlow(alpha=0.0).describe(model))"""),
+]
+
+CORRECT_VS_WRONG = [
+    new_markdown_cell("""# Correct vs wrong: do wrong traces show Shallow Lock-in and Deep Decay?
+
+The paper's claim is about groups of traces: in wrong ones, shallow layers lock onto the current
+step (*Shallow Lock-in*) and the summary, in deep layers, draws on the last few thinking steps only
+(*Deep Decay*). A study answers it for a model: generate answers, label them by the gold answer,
+compute Step-Saliency for each trace, and compare the groups per measure and per layer with
+bootstrap confidence intervals. `stepsal study` does it from the command line; here it is in Python,
+on a handful of problems (a demonstration: a study needs many more traces per group)."""),
+    new_code_cell("""import stepsal
+from stepsal.studies.study import run_study
+from stepsal.tasks.problems import load_problems
+
+model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
+problems = load_problems(limit=12)
+study = run_study(model, problems, out="study-demo", k=0, greedy=True, max_new_tokens=160, progress=False)
+study"""),
+    new_markdown_cell("""The samples sit in `study-demo/samples/samples.jsonl` (one row per answer, with its exact token
+ids), the saliency results in `study-demo/correct/` and `study-demo/wrong/`, the page in
+`study-demo/report.html`. Rerunning resumes: nothing already there is recomputed."""),
+    new_code_cell("""study.samples.summary()"""),
+    new_code_cell("""print(study.comparison.table())"""),
+    new_code_cell("""%matplotlib inline
+study.comparison.plot();"""),
+    new_markdown_cell("""With fewer than 10 traces in a group, stepsal warns and marks the comparison *descriptive only*:
+the intervals describe these traces and support no claims. `docs/results.md` has the study run on
+all 200 shipped problems with samples.
+
+## Exercises
+
+1. Add sampled answers (`k=2`, temperature 0.6, top-p 0.95) to get more traces per group. Which
+   measures move?
+2. Look at one wrong trace's maps next to a correct one's: `study.groups["wrong"][0].show()`.
+3. The paper's code reports the summary x summary over thinking x thinking block intensity ratio
+   (`final_heat_anomaly`): compare it between the groups with `result.reference_measures()`."""),
+    new_markdown_cell("""### Solutions"""),
+    new_code_cell("""# 1. (resumes: the greedy answers are reused)
+more = run_study(model, problems, out="study-demo", k=2, greedy=True, max_new_tokens=160, progress=False)
+print(more.comparison.table() if more.comparison is not None else more)"""),
+    new_code_cell("""# 2.
+study.groups["wrong"][0].show()"""),
+    new_code_cell("""# 3.
+import numpy as np
+for group, results in study.groups.items():
+    anomaly = [r.reference_measures()["final_heat_anomaly"].nanmean().item() for r in results]
+    print(f"{group:8s} mean final_heat_anomaly over layers: {np.mean(anomaly):.3f} ({len(results)} traces)")"""),
+]
+
+
 def write(name: str, cells: list) -> None:
     notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                  "language": "python"}})
@@ -88,3 +352,6 @@ def write(name: str, cells: list) -> None:
 
 if __name__ == "__main__":
     write("01_step_saliency.ipynb", STEP_SALIENCY)
+    write("02_layer_ablation.ipynb", LAYER_ABLATION)
+    write("03_stepflow.ipynb", STEPFLOW)
+    write("04_correct_vs_wrong.ipynb", CORRECT_VS_WRONG)

@@ -92,3 +92,28 @@ def test_study_command_on_the_small_reasoner(tmp_path, capsys):
     assert saved.maps.shape == fresh.maps.shape
     assert (saved.maps - fresh.maps).abs().max() <= 1e-5 * fresh.maps.abs().max()
     assert (out / "report.html").exists()
+
+
+def test_eval_under_accelerate_launch_splits_problems_across_ranks(chat_llama, problems, tmp_path):
+    """`accelerate launch` with two CPU processes: each rank answers its share into its own file, and
+    the merged samples equal a single-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    from stepsal.studies.evaluate import load_samples
+
+    common = ["eval", "--model", str(chat_llama), "--problems", str(problems), "--k", "2", "--max-new-tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepsal.cli"]
+    done = subprocess.run([*launch, *common, "--out", str(tmp_path / "ranks")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ranks").glob("samples*")) == ["samples.0-of-2.jsonl",
+                                                                          "samples.1-of-2.jsonl"]
+    assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    key = ["problem", "condition", "mode", "sample"]
+    ranks = load_samples(tmp_path / "ranks").frame.sort_values(key).reset_index(drop=True)
+    single = load_samples(tmp_path / "single").frame.sort_values(key).reset_index(drop=True)
+    assert ranks[key + ["text", "tokens"]].equals(single[key + ["text", "tokens"]])

@@ -62,7 +62,8 @@ def run_study(model: Any, problems: Sequence[Any], *, out: str | Path, k: int = 
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     wanted = {p.id for p in problems}
-    rows = [r for r in samples.frame.to_dict("records") if r["problem"] in wanted]
+    # the model as it is (an evaluation's folder may also hold StepFlow samples: not these)
+    rows = [r for r in samples.frame.to_dict("records") if r["problem"] in wanted and r["condition"] == "baseline"]
     groups: dict[str, list[Any]] = {"correct": [], "wrong": []}
     skipped: Counter = Counter()
     for row in tqdm(rows, desc="saliency", disable=not progress, unit="trace"):
