@@ -1,8 +1,8 @@
 """The figures the README quotes, measured again: SmolLM2 load times from the cache (both backends,
 each in a fresh process, import of torch and stepsal apart) and the README's StepFlow example
-(rows OEB changed, bridge mass before -> after, SMI injections).
+on the small reasoner (rows OEB changed, bridge mass before -> after, SMI injections).
 
-Usage: .venv/bin/python benchmarks/readme_figures.py
+Usage: .venv/bin/python benchmarks/readme_figures.py [--stepflow-only]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ stepsal.load_model("smollm2-135m", backend="{backend}")
 print(f"{{imported - started:.1f}} {{time.perf_counter() - imported:.1f}}")
 """
 
-MESSAGES = [{"role": "user", "content": "A pen costs 3 dollars. Tom buys 4 pens and pays with 20 dollars. "
-                                        "What is his change?"}]
+PROBLEM = 2  # the README's example: stepsal.load_problems()[2]
 
 
 def load_times() -> None:
@@ -40,15 +39,18 @@ def stepflow_example() -> None:
 
     warnings.simplefilter("ignore")
     flow = stepsal.StepFlow()
-    model = stepsal.load_model("smollm2-135m", backend="bridge")
-    prompt = model.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) + "<think>\n"
-    out = stepsal.generate(model, prompt, flow, max_new_tokens=96)
-    print(f"\nREADME StepFlow example: {len(out.tokens[0]) - out.prompt_lengths[0]} new tokens, answer "
-          f"{stepsal.extract_answer(out.text)!r}")
+    model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
+    problem = stepsal.load_problems()[PROBLEM]
+    for f in (None, flow):
+        out = stepsal.generate(model, problem.messages(), f, max_new_tokens=160)
+        print(f"\nREADME StepFlow example, {'with' if f else 'without'} StepFlow: "
+              f"{len(out.tokens[0]) - out.prompt_lengths[0]} new tokens, answer {stepsal.extract_answer(out.text)!r} "
+              f"(gold {problem.answer})\n{out.text}")
     print(repr(out.stats))
     print(out.stats.table())
 
 
 if __name__ == "__main__":
-    load_times()
+    if "--stepflow-only" not in sys.argv:
+        load_times()
     stepflow_example()

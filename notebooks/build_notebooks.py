@@ -128,6 +128,9 @@ bootstrap interval over traces (three traces here: a demonstration, not a findin
 sweep.summary().nlargest(5, "mean_delta")"""),
     new_code_cell("""%matplotlib inline
 sweep.plot();"""),
+    new_markdown_cell("""Compare these per-layer deltas with the all-layer knockout above: when removing one layer's
+summary -> thinking attention barely matters but removing all of them does, the copy is spread
+over many layers (each can stand in for the others)."""),
     new_markdown_cell("""## 3. A StepFlow band sweep
 
 StepFlow's Odds-Equal Bridge acts on shallow layers. Where does it change the model most? Attach it
@@ -158,6 +161,7 @@ with torch.no_grad(), stepsal.knockout(model, trace, queries="summary", keys=[la
 print(f"last step {last_step} knocked out: summary loss {measure('summary_loss', knocked, plain, trace):.3f}")"""),
     new_code_cell("""# 3. one head at a time at the layer exercise 1 found
 layer = int(top.iloc[0]["layer"])
+print(f"plain loss {measure('loss', plain, plain, trace):.3f}")
 per_head = []
 for head in range(model.cfg.n_heads):
     with torch.no_grad(), stepsal.knockout(model, trace, "thinking", "question", layers=[layer], heads=[head]):
@@ -213,25 +217,28 @@ thinking_rows = (segment == THINKING).nonzero().flatten()
 for tag in ("plain", "stepflow"):
     mass = {kind: captured[tag][:, thinking_rows][..., segment == code].sum(-1)
             for kind, code in (("question", QUESTION), ("thinking", THINKING))}
-    low = (mass["question"] < 0.15).float().mean()
+    low = (mass["question"] < 0.15 - 1e-6).float().mean()
     print(f"{tag:9s} question mass of thinking rows: mean {mass['question'].mean():.3f}, "
           f"min {mass['question'].min():.3f}, rows below 0.15: {low:.0%}")
 print(run.stats.table())"""),
-    new_markdown_cell("""With StepFlow no thinking row gives the question less than its target (rows that already gave
-more are untouched: bit-identical). The statistics table counts the rows OEB changed and the bridge
+    new_markdown_cell("""With StepFlow no thinking row of this layer gives the question less than its target (rows that
+already gave more are untouched: bit-identical). In deeper OEB layers and in summary rows the
+"after" mass can sit below 0.15: there the bridge is the thinking and the target is capped at what the
+question leaves (`1 - p(O)`). The statistics table counts the rows OEB changed and the bridge
 mass before -> after.
 
 ## 2. SMI on the residual stream
 
-Capture `hook_resid_post` of an SMI layer without and with StepFlow: the difference is zero except at
-the first token of each thinking step after the first, where it is `alpha * sum_h m_h W_O`."""),
+Attach SMI alone (`oeb_layers=[]`: OEB would change every thinking row upstream) and capture
+`hook_resid_post` of the first SMI layer without and with it: the difference is zero except at the
+first token of each thinking step after the first, where it is `alpha * sum_h m_h W_O`."""),
     new_code_cell("""smi_layer = flow.layers_for(model)[1][0]
 name = f"blocks.{smi_layer}.hook_resid_post"
 captured = {}
 with torch.no_grad():
     with model.hooks(fwd_hooks=[(name, keep("plain"))]):
         model(trace.tokens[None])
-    with flow.attached(model, trace), model.hooks(fwd_hooks=[(name, keep("stepflow"))]):
+    with stepsal.StepFlow(oeb_layers=[]).attached(model, trace), model.hooks(fwd_hooks=[(name, keep("stepflow"))]):
         model(trace.tokens[None])
 changed = (captured["stepflow"] - captured["plain"]).norm(dim=-1)   # [position] (hook_resid_post has no head axis)
 positions = changed.nonzero().flatten().tolist()

@@ -24,6 +24,8 @@ _PUBLIC = {
     "Trace": "traces",
     "write_report": "vis.report", "report_from_folder": "vis.report",
     "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
+    "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
+    "load_problems": "tasks.problems", "WordProblem": "tasks.problems",
     "extract_answer": "tasks.answers", "is_correct": "tasks.answers", "pass_at_k": "tasks.answers",
 }
 

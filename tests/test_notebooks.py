@@ -1,5 +1,6 @@
 """The teaching notebooks run top to bottom offline and show what they promise."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -25,6 +26,46 @@ def test_step_saliency_notebook_runs_and_shows_the_maps():
     assert any("StepSaliency(smollm2-135m: 30 layers x 10 steps" in page for page in pages)
 
 
+def run_notebook(name: str, folder) -> tuple[str, list]:
+    """Execute a notebook in ``folder`` (it writes files there); its printed text and outputs."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out.output_type == "error"]
+    printed = "".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
+    return printed, outputs
+
+
+@pytest.mark.slow
+def test_layer_ablation_notebook(tmp_path):
+    printed, outputs = run_notebook("02_layer_ablation.ipynb", tmp_path)
+    plain, knocked = (float(v) for v in re.search(r"summary loss: plain ([\d.]+), summary->thinking knocked out "
+                                                   r"([\d.]+)", printed).groups())
+    assert knocked > plain + 0.5, "the summary needs its thinking"
+    assert any("image/png" in out.get("data", {}) for out in outputs)
+    assert "loss per knocked-out head" in printed
+
+
+@pytest.mark.slow
+def test_stepflow_notebook_shows_what_each_hook_changes(tmp_path):
+    printed, _ = run_notebook("03_stepflow.ipynb", tmp_path)
+    assert "stepflow  question mass of thinking rows" in printed
+    assert re.search(r"stepflow  question mass of thinking rows: .* rows below 0.15: 0%", printed)
+    changed = re.search(r"positions SMI changed: \[([\d, ]*)\]", printed).group(1)
+    starts = re.search(r"thinking step starts: +\[([\d, ]*)\]", printed).group(1)
+    assert changed.split(", ") == starts.split(", ")[1:], "SMI acts at every thinking step start but the first"
+    deviation = float(re.search(r"largest deviation from the equation ([\d.e+-]+)", printed).group(1))
+    assert deviation < 1e-6
+
+
+@pytest.mark.slow
+def test_correct_vs_wrong_notebook(tmp_path):
+    printed, outputs = run_notebook("04_correct_vs_wrong.ipynb", tmp_path)
+    assert "StudyResult(correct" in printed and "descriptive only" in printed
+    assert (tmp_path / "study-demo" / "report.html").exists()
+    assert any("image/png" in out.get("data", {}) for out in outputs)
+
+
 def test_notebooks_are_built_from_their_sources():
     """The .ipynb files are what build_notebooks.py writes (no stale copies, no stored outputs)."""
     import importlib.util
@@ -32,6 +73,8 @@ def test_notebooks_are_built_from_their_sources():
     spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOKS / "build_notebooks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    stored = nbformat.read(NOTEBOOKS / "01_step_saliency.ipynb", as_version=4)
-    assert [c.source for c in stored.cells] == [c.source for c in module.STEP_SALIENCY]
-    assert all(not c.get("outputs") for c in stored.cells if c.cell_type == "code")
+    for name, cells in [("01_step_saliency.ipynb", module.STEP_SALIENCY), ("02_layer_ablation.ipynb", module.LAYER_ABLATION),
+                        ("03_stepflow.ipynb", module.STEPFLOW), ("04_correct_vs_wrong.ipynb", module.CORRECT_VS_WRONG)]:
+        stored = nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert [c.source for c in stored.cells] == [c.source for c in cells], name
+        assert all(not c.get("outputs") for c in stored.cells if c.cell_type == "code")
