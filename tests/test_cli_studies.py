@@ -105,7 +105,8 @@ def test_eval_under_accelerate_launch_splits_problems_across_ranks(chat_llama, p
 
     common = ["eval", "--model", str(chat_llama), "--problems", str(problems), "--k", "2", "--max-new-tokens", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # --multi_gpu: accelerate's torchrun launcher (its --cpu mode needs MPI); without GPUs each rank uses the CPU
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepsal.cli"]
     done = subprocess.run([*launch, *common, "--out", str(tmp_path / "ranks")], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -46,14 +46,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def accelerate_shard() -> tuple[tuple[int, int], Any] | None:
-    """(rank, world size) and the rank's device under ``accelerate launch``; None in a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def accelerate_shard() -> tuple[tuple[int, int], str] | None:
+    """(rank, world size) and the rank's device when started by ``accelerate launch`` (or torchrun):
+    read from the launcher's RANK / WORLD_SIZE / LOCAL_RANK; None in a single process. Ranks share no
+    state while they run (each writes its own file), so no process group is started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
-    from accelerate import PartialState
+    import torch
 
-    state = PartialState()
-    return (state.process_index, state.num_processes), state.device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return (rank, world), (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
 
 
 def _flow_summary(stats: Any) -> dict[str, Any] | None:
