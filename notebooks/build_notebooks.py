@@ -127,7 +127,8 @@ bootstrap interval over traces (three traces here: a demonstration, not a findin
                             metric="summary_loss", progress=False)
 sweep.summary().nlargest(5, "mean_delta")"""),
     new_code_cell("""%matplotlib inline
-sweep.plot();"""),
+fig, _ = sweep.plot()
+fig"""),
     new_markdown_cell("""Compare these per-layer deltas with the all-layer knockout above: when removing one layer's
 summary -> thinking attention barely matters but removing all of them does, the copy is spread
 over many layers (each can stand in for the others)."""),
@@ -151,7 +152,7 @@ oeb_sweep.summary()[["layer", "mean_delta", "ci_low", "ci_high"]]"""),
     new_code_cell("""# 1. the question, layer by layer
 question = stepsal.layer_sweep(model, traces,
                                lambda layer, t: stepsal.knockout(model, t, "thinking", "question", layers=[layer]),
-                               metric="loss", progress=False)
+                               metric="loss", layers=range(0, model.cfg.n_layers, 2), progress=False)
 top = question.summary().nlargest(3, "mean_delta")
 top"""),
     new_code_cell("""# 2. only the last thinking step, at every layer
@@ -259,7 +260,8 @@ for condition, f in (("baseline", None), ("stepflow", flow)):
     print(f"{condition:9s} {sum(right)}/{len(few)} correct", out.stats if f is not None else "")"""),
     new_code_cell("""%matplotlib inline
 effect = stepsal.saliency_change(model, trace, flow)
-effect.plot();"""),
+fig, _ = effect.plot()
+fig"""),
     new_markdown_cell("""Six problems say nothing about accuracy: `stepsal eval` runs the paired comparison (k samples
 per problem, the same seeds with and without StepFlow, bootstrap CIs and a paired test); the
 figures for this model are in `docs/results.md`.
@@ -316,7 +318,7 @@ from stepsal.studies.study import run_study
 from stepsal.tasks.problems import load_problems
 
 model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
-problems = load_problems(limit=12)
+problems = load_problems(limit=10)
 study = run_study(model, problems, out="study-demo", k=0, greedy=True, max_new_tokens=160, progress=False)
 study"""),
     new_markdown_cell("""The samples sit in `study-demo/samples/samples.jsonl` (one row per answer, with its exact token
@@ -325,21 +327,24 @@ ids), the saliency results in `study-demo/correct/` and `study-demo/wrong/`, the
     new_code_cell("""study.samples.summary()"""),
     new_code_cell("""print(study.comparison.table())"""),
     new_code_cell("""%matplotlib inline
-study.comparison.plot();"""),
+fig, _ = study.comparison.plot()
+fig"""),
     new_markdown_cell("""With fewer than 10 traces in a group, stepsal warns and marks the comparison *descriptive only*:
 the intervals describe these traces and support no claims. `docs/results.md` has the study run on
 all 200 shipped problems with samples.
 
 ## Exercises
 
-1. Add sampled answers (`k=2`, temperature 0.6, top-p 0.95) to get more traces per group. Which
-   measures move?
+1. Add a sampled answer per problem (`k=1`, temperature 0.6, top-p 0.95) to get more traces per
+   group. How many of the samples differ from the greedy answers? Which measures move?
 2. Look at one wrong trace's maps next to a correct one's: `study.groups["wrong"][0].show()`.
 3. The paper's code reports the summary x summary over thinking x thinking block intensity ratio
    (`final_heat_anomaly`): compare it between the groups with `result.reference_measures()`."""),
     new_markdown_cell("""### Solutions"""),
     new_code_cell("""# 1. (resumes: the greedy answers are reused)
-more = run_study(model, problems, out="study-demo", k=2, greedy=True, max_new_tokens=160, progress=False)
+more = run_study(model, problems, out="study-demo", k=1, greedy=True, max_new_tokens=160, progress=False)
+texts = more.samples.frame.pivot(index="problem", columns="mode", values="text")
+print(f"{(texts['sampled'] != texts['greedy']).sum()} of {len(texts)} samples differ from the greedy answer")
 print(more.comparison.table() if more.comparison is not None else more)"""),
     new_code_cell("""# 2.
 study.groups["wrong"][0].show()"""),

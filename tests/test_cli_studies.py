@@ -73,12 +73,12 @@ def test_study_command_on_the_small_reasoner(tmp_path, capsys):
     from stepsal.saliency import StepSaliency
 
     out = tmp_path / "study"
-    assert main(["study", "--limit", "6", "--k", "2", "--max-new-tokens", "160", "--out", str(out)]) == 0
+    assert main(["study", "--limit", "4", "--k", "1", "--max-new-tokens", "140", "--out", str(out)]) == 0
     printed = capsys.readouterr()
     study = json.loads((out / "study.json").read_text())
     rows = [json.loads(line) for line in (out / "samples" / "samples.jsonl").read_text().splitlines()]
     closed = [r for r in rows if r["closed_think"]]
-    assert study["samples"] == len(rows) == 6 * 3
+    assert study["samples"] == len(rows) == 4 * 2
     for group, flag in (("correct", True), ("wrong", False)):
         files = sorted((out / group).glob("*.safetensors")) if (out / group).exists() else []
         assert len(files) == study["traces"][group] == sum(r["correct"] == flag for r in closed)
@@ -118,3 +118,16 @@ def test_eval_under_accelerate_launch_splits_problems_across_ranks(chat_llama, p
     ranks = load_samples(tmp_path / "ranks").frame.sort_values(key).reset_index(drop=True)
     single = load_samples(tmp_path / "single").frame.sort_values(key).reset_index(drop=True)
     assert ranks[key + ["text", "tokens"]].equals(single[key + ["text", "tokens"]])
+
+
+def test_study_takes_only_the_samples_asked_for(chat_llama, problems, tmp_path, capsys):
+    """A study folder seeded with an evaluation's samples (StepFlow, k=2) studies the baseline greedy
+    answers when asked for k=0, and counts what it could not study instead of dropping it."""
+    out = tmp_path / "study"
+    assert main(["eval", "--model", str(chat_llama), "--problems", str(problems), "--k", "2", "--max-new-tokens", "4",
+                 "--out", str(out / "samples")]) == 0
+    assert main(["study", "--model", str(chat_llama), "--problems", str(problems), "--k", "0",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["samples"] == 3 and study["skipped"] == {"thinking never closed": 3}
+    assert "no comparison" in capsys.readouterr().err

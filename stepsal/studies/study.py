@@ -62,8 +62,10 @@ def run_study(model: Any, problems: Sequence[Any], *, out: str | Path, k: int = 
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     wanted = {p.id for p in problems}
-    # the model as it is (an evaluation's folder may also hold StepFlow samples: not these)
-    rows = [r for r in samples.frame.to_dict("records") if r["problem"] in wanted and r["condition"] == "baseline"]
+    # the samples asked for, of the model as it is (an evaluation's folder may hold more: StepFlow, other k)
+    asked = lambda r: (r["mode"] == "greedy" and greedy) or (r["mode"] == "sampled" and r["sample"] < k)  # noqa: E731
+    rows = [r for r in samples.frame.to_dict("records")
+            if r["problem"] in wanted and r["condition"] == "baseline" and asked(r)]
     groups: dict[str, list[Any]] = {"correct": [], "wrong": []}
     skipped: Counter = Counter()
     for row in tqdm(rows, desc="saliency", disable=not progress, unit="trace"):
