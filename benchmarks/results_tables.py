@@ -52,6 +52,29 @@ def main(eval_folder: str, study_folder: str | None = None) -> None:
             import pandas
 
             print(markdown(pandas.DataFrame(study["comparison"])))
+            print("\n## Correct vs wrong at the same number of steps (per-trace means; n correct / wrong)\n")
+            print(markdown(by_steps_table(Path(study_folder), result)))
+
+
+def by_steps_table(folder: Path, result) -> "pandas.DataFrame":
+    """Per number of steps in the problem: each per-trace measure's mean in correct and wrong traces, so
+    that a difference is not only the harder problems' longer traces."""
+    import pandas
+
+    from stepsal.saliency import StepSaliency
+
+    steps = dict(zip(result.frame["problem"], result.frame["steps"]))
+    rows = []
+    for group in ("correct", "wrong"):
+        for path in sorted((folder / group).glob("*.safetensors")):
+            measures = StepSaliency.load(path).metrics().per_trace()
+            rows.append({"group": group, "steps": steps[path.name.split(".")[0]], **measures})
+    frame = pandas.DataFrame(rows)
+    table = frame.groupby(["steps", "group"]).agg(n=("lock_in", "size"), lock_in=("lock_in", "mean"),
+                                                   recency=("recency", "mean"), decay=("decay", "mean"))
+    wide = table.unstack("group")
+    wide.columns = [f"{measure} {group}" for measure, group in wide.columns]
+    return wide.reset_index()
 
 
 if __name__ == "__main__":
