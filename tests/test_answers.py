@@ -22,6 +22,9 @@ R1 = "<|im_start|>assistant\n<think>\nMaybe it is \\boxed{5}. Let me check again
     (R1 + "No number here at all.", None),
     ("<think>\nThe answer is 4 and \\boxed{4}\n</think>\nIt is 1,234 in all.", "1,234"),  # thinking ignored
     ("no markers: the answer is 9", "9"),                                    # no thinking: the whole text
+    ("So the answer is 90.<|im_end|>", "90"),                                # end-of-turn token: not the answer
+    (R1 + "The answer is \\boxed{12}.<|im_end|>", "12"),
+    ("Put your answer in \\boxed{}. I think it is 7 apples.", "7"),          # an echoed empty box: no answer
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected

@@ -17,6 +17,7 @@ from ..formats import TraceFormat, get_format
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 PHRASES = re.compile(r"(?:final answer is|the answer is|answer\s*:)\s*(?P<rest>[^\n]*)", re.IGNORECASE)
+SPECIAL_TOKEN = re.compile(r"<\|[^<>|]*\|>")
 NUMBER = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+\u2212]?\.\d+")
 
 
@@ -42,9 +43,9 @@ def last_boxed(text: str) -> str | None:
 
 def extract_answer(text: str, fmt: str | TraceFormat = "think") -> str | None:
     """The final answer of a generated trace, as written (None when there is nothing to take)."""
-    part = after_thinking(text, fmt)
+    part = SPECIAL_TOKEN.sub(" ", after_thinking(text, fmt))  # '<|im_end|>' and the like are not the answer
     boxed = last_boxed(part)
-    if boxed is not None:
+    if boxed is not None and boxed.strip():  # an empty \boxed{} (an echoed instruction) is no answer
         return boxed.strip()
     phrases = [m.group("rest") for m in PHRASES.finditer(part) if m.group("rest").strip()]
     if phrases:
