@@ -53,10 +53,10 @@ demo: venv
 test: test-pinned test-tl4
 
 test-pinned: venv chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-tl4: venv-tl4 chromium
-	$(VENV4)/bin/python -m pytest -q
+	$(VENV4)/bin/python -m pytest -q --durations=10
 
 test-fast: venv chromium
 	$(PY) -m pytest -q -m "not slow"

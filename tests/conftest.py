@@ -71,6 +71,10 @@ def tl_models(hf_models, tokenizer):
                 for arch in ARCHS for backend in BACKENDS}
 needs_hooked = pytest.mark.skipif(hooked_transformer_class() is None,
                                   reason="needs HookedTransformer, which TransformerLens 4.x does not have")
+# minutes-long end-to-end runs (notebooks, a study) whose parts the TransformerLens 4 stack tests one by one
+pinned_stack_only = pytest.mark.skipif(hooked_transformer_class() is None,
+                                       reason="end-to-end run kept to the pinned stack for CI time; its parts are "
+                                              "tested on this stack too")
 
 
 def _embedded_model_available() -> bool:

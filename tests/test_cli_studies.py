@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import pinned_stack_only
+
 from tiny import save_folder
 
 from stepsal.cli import main
@@ -66,6 +68,7 @@ def test_merge_without_samples_says_what_to_run(tmp_path, capsys):
     assert "run stepsal eval --out" in capsys.readouterr().err
 
 
+@pinned_stack_only
 @pytest.mark.slow
 def test_study_command_on_the_small_reasoner(tmp_path, capsys):
     """Traces labelled by their answers, saved per group; the saved saliency equals a fresh computation."""

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from conftest import pinned_stack_only
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -36,6 +38,7 @@ def run_notebook(name: str, folder) -> tuple[str, list]:
     return printed, outputs
 
 
+@pinned_stack_only
 @pytest.mark.slow
 def test_layer_ablation_notebook(tmp_path):
     printed, outputs = run_notebook("02_layer_ablation.ipynb", tmp_path)
@@ -46,6 +49,7 @@ def test_layer_ablation_notebook(tmp_path):
     assert "loss per knocked-out head" in printed
 
 
+@pinned_stack_only
 @pytest.mark.slow
 def test_stepflow_notebook_shows_what_each_hook_changes(tmp_path):
     printed, _ = run_notebook("03_stepflow.ipynb", tmp_path)
@@ -58,6 +62,7 @@ def test_stepflow_notebook_shows_what_each_hook_changes(tmp_path):
     assert deviation < 1e-6
 
 
+@pinned_stack_only
 @pytest.mark.slow
 def test_correct_vs_wrong_notebook(tmp_path):
     printed, outputs = run_notebook("04_correct_vs_wrong.ipynb", tmp_path)
