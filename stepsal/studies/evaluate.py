@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..metrics import _bootstrap_indices
 from ..stepflow.config import StepFlow
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 
@@ -212,7 +213,7 @@ class EvalResult:
         table = table.dropna()
         diff = (table["stepflow"] - table["baseline"]).to_numpy()
         rng = np.random.default_rng(seed)
-        boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+        boots = diff[_bootstrap_indices(rng, len(diff), n_boot)].mean(1)
         tail = (1 - confidence) / 2
         return {"mode": mode, "problems": len(diff), "baseline": float(table["baseline"].mean()),
                 "stepflow": float(table["stepflow"].mean()), "difference": float(diff.mean()),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..metrics import _bootstrap_indices
 from ..models import backend_of, forward_kwargs
 from ..sites import attention_sites, first_device
 from ..traces import SUMMARY, Trace
@@ -66,7 +67,7 @@ class SweepResult:
             if deltas.size == 0:
                 rows.append((layer, 0, float("nan"), float("nan"), float("nan")))
                 continue
-            boot = deltas[rng.integers(0, deltas.size, (n_boot, deltas.size))].mean(-1)
+            boot = deltas[_bootstrap_indices(rng, deltas.size, n_boot)].mean(-1)
             low, high = np.quantile(boot, [tail, 1 - tail])
             rows.append((layer, deltas.size, float(deltas.mean()), float(low), float(high)))
         return pandas.DataFrame(rows, columns=["layer", "n", "mean_delta", "ci_low", "ci_high"])
