@@ -30,6 +30,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 
+LONG_CONTEXT = 32768  # positions the long-trace runs allow (SmolLM2's own config says 8192)
+
+
 def random_model(n_layers: int):
     import stepsal
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -38,8 +41,21 @@ def random_model(n_layers: int):
     folder = embedded_folder("smollm2-135m")
     config = LlamaConfig.from_pretrained(folder)
     config.num_hidden_layers = n_layers
+    config.max_position_embeddings = LONG_CONTEXT
     torch.manual_seed(0)
     hf = LlamaForCausalLM(config).eval()
+    return stepsal.load_model(hf, AutoTokenizer.from_pretrained(folder))
+
+
+def smollm2_long_context():
+    """The real SmolLM2-135M-Instruct with its context raised to LONG_CONTEXT (rotary extends; the
+    outputs past 8192 tokens are extrapolation, which does not change cost)."""
+    import stepsal
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from stepsal.embedded import embedded_folder
+
+    folder = embedded_folder("smollm2-135m")
+    hf = LlamaForCausalLM.from_pretrained(folder, max_position_embeddings=LONG_CONTEXT).eval()
     return stepsal.load_model(hf, AutoTokenizer.from_pretrained(folder))
 
 
@@ -105,7 +121,7 @@ def peak_rss_bytes() -> int:
 def worker(kind: str, n_layers: int, n_tokens: int, repeats: int) -> None:
     """One measurement in a fresh process: best time of ``repeats`` and peak RSS over the call."""
     torch.set_grad_enabled(True)
-    model = random_model(n_layers) if n_layers > 0 else __import__("stepsal").load_model("smollm2-135m")
+    model = random_model(n_layers) if n_layers > 0 else smollm2_long_context()
     trace = synthetic_trace(model, n_tokens)
     run_once(kind, model, synthetic_trace(model, 32))  # warm-up
     times = []

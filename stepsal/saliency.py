@@ -4,15 +4,21 @@ One forward and one backward pass. A forward hook on each layer's pattern regist
 on that tensor; when the backward pass reaches it, the layer's [H, T, T] saliency is computed and
 pooled at once (``P @ I @ P.T``), so at most one layer's saliency exists at any time.
 
-Long traces (``checkpoint=True``): the forward pass keeps only each block's input residual; the
-backward pass then recomputes one block at a time and pulls the gradient through it, so peak memory
-holds one layer's attention tensors plus O(L * T * d) residuals.
+Long traces (``checkpoint=True``, memory linear in T): attention runs through the blockwise kernel
+(:mod:`stepsal.blockwise`), which never forms an [H, T, T] tensor. The forward pass keeps only
+each block's input residual and stops before the logits; the loss is taken over chunks of rows of
+logits; the backward pass recomputes one block at a time, and the kernel's backward pass hands
+each block of queries' A and dL/dA = dL/dz . v to the pooler. Where the kernel cannot reproduce a
+model (checked on a probe input, see :func:`stepsal.linear_attention.linear_mode_problem`), the
+long-trace mode recomputes blocks with the model's own attention instead (one layer's [H, T, T]
+tensors at a time), with a warning that says why.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import ModelMismatchError, NonFiniteGradientError
+from .linear_attention import blockwise_attention_layers, final_residual, linear_mode_problem, logits_from_residual
 from .models import backend_of, forward_kwargs, hook_name, hooks_attached, model_label
 from .pooling import NORMS, normalize, pool
 from .sites import attention_sites, first_device
-from .targets import Target, make_target
+from .targets import RowTarget, Target, make_target, row_target
 from .traces import StepLayout, Trace, tokenizer_fingerprint
 
 RULES = ("ag", "ag_signed", "g")
@@ -199,6 +206,32 @@ class _LayerPooler:
 
         return on_pattern
 
+    def observer(self, layer: int) -> Callable[[int, int, Tensor, Tensor], None]:
+        """Pools the blockwise kernel's blocks: A and dL/dA [H, b, n] of queries from ``start``, keys
+        from ``key_start`` (keys outside the block have A = 0 and add nothing)."""
+        row = self.layers.index(layer)
+
+        @torch.no_grad()
+        def on_block(start: int, key_start: int, weights: Tensor, grad: Tensor) -> None:
+            scores = saliency_scores(weights, grad, self.rule)  # [H, b, n], float32
+            members = self._members_on(scores.device)
+            queries = members[:, start:start + scores.shape[1]]
+            keys = members[:, key_start:key_start + scores.shape[2]]
+            mean_over_heads = scores.mean(0)
+            if self.per_head:
+                self.head_sums[row] += (queries @ scores @ keys.transpose(0, 1)).to(self.sums.device)
+            self.sums[row] += (queries @ mean_over_heads @ keys.transpose(0, 1)).to(self.sums.device)
+            if self.token_sums is not None:
+                self.token_sums[row, :, key_start:key_start + scores.shape[2]] += \
+                    (queries @ mean_over_heads).to(self.sums.device)
+            self.done.add(layer)
+
+        return on_block
+
+    def check_finite(self, layer: int) -> None:
+        if not torch.isfinite(self.sums[self.layers.index(layer)]).all():
+            self.nonfinite.append(layer)
+
     def _members_on(self, device: torch.device) -> Tensor:
         """The membership matrix on a layer's device (layers split over GPUs), copied once per device."""
         if device not in self._members_by_device:
@@ -221,8 +254,7 @@ class _LayerPooler:
             if self.token_sums is not None:
                 self.token_sums[row] = (members @ mean_over_heads).to(self.sums.device)
         # NaN and inf survive the pooling product (0 * NaN = NaN), so checking [S, S] is enough
-        if not torch.isfinite(self.sums[row]).all():
-            self.nonfinite.append(self.layers[row])
+        self.check_finite(self.layers[row])
         self.done.add(self.layers[row])
 
 
@@ -278,20 +310,13 @@ def _strip_caches(value: Any) -> Any:
 
 
 def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
+    """The long-trace mode with the model's own attention (models the blockwise kernel does not cover)."""
     n_layers = model.cfg.n_layers
     block_inputs: list[Any] = [None] * n_layers
     store: dict[str, Tensor] = {}
-
-    def capture(layer: int) -> Callable:
-        def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-            block_inputs[layer] = (_strip_caches(args), _strip_caches(kwargs))
-        return pre_hook
-
     # 1. forward with no graph through the blocks: keep block inputs, a leaf after the last block
-    with ExitStack() as stack:
-        for layer, block in enumerate(model.blocks):
-            stack.callback(block.register_forward_pre_hook(capture(layer), with_kwargs=True).remove)
-        stack.enter_context(hooks_attached(model, [(hook_name(n_layers - 1, "resid_post"), _leaf_hook(store))]))
+    with _capture_block_inputs(model, block_inputs), \
+            hooks_attached(model, [(hook_name(n_layers - 1, "resid_post"), _leaf_hook(store))]):
         logits = model(tokens[None], **forward_kwargs(model))
     loss = _checked_loss(target_fn(logits[0]))
     (grad,) = torch.autograd.grad(loss, store["leaf"])
@@ -302,15 +327,82 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
         block_inputs[layer] = None
         fwd_hooks = [(hook_name(layer, "pattern"), pooler.forward_hook(layer))] if layer in pooler.layers else []
         with hooks_attached(model, fwd_hooks):
-            if args:
-                resid = args[0].detach().requires_grad_(True)
-                out = model.blocks[layer](resid, *args[1:], **kwargs)
-            else:
-                resid = kwargs["hidden_states"].detach().requires_grad_(True)
-                out = model.blocks[layer](**{**kwargs, "hidden_states": resid})
-            out = out[0] if isinstance(out, tuple) else out
-            (grad,) = torch.autograd.grad(out, resid, grad.to(out.device))  # layers may sit on several GPUs
-    return loss.detach()
+            grad = _recompute_block(model, layer, args, kwargs, grad)
+    return loss
+
+
+def _capture_block_inputs(model: Any, block_inputs: list[Any]) -> ExitStack:
+    def capture(layer: int) -> Callable:
+        def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+            block_inputs[layer] = (_strip_caches(args), _strip_caches(kwargs))
+        return pre_hook
+
+    stack = ExitStack()
+    for layer, block in enumerate(model.blocks):
+        stack.callback(block.register_forward_pre_hook(capture(layer), with_kwargs=True).remove)
+    return stack
+
+
+def _recompute_block(model: Any, layer: int, args: tuple, kwargs: dict, grad: Tensor) -> Tensor:
+    """Run block ``layer`` again from its input and pull ``grad`` (dL/d its output) back to its input."""
+    if args:
+        resid = args[0].detach().requires_grad_(True)
+        out = model.blocks[layer](resid, *args[1:], **kwargs)
+    else:
+        resid = kwargs["hidden_states"].detach().requires_grad_(True)
+        out = model.blocks[layer](**{**kwargs, "hidden_states": resid})
+    out = out[0] if isinstance(out, tuple) else out
+    (grad,) = torch.autograd.grad(out, resid, grad.to(out.device))  # layers may sit on several GPUs
+    return grad
+
+
+LOGIT_ROWS = 512  # rows of logits per chunk in the linear mode: [512, vocab] at a time
+
+
+def _loss_and_grad(model: Any, resid: Tensor, tokens: Tensor, rows: RowTarget | None,
+                   target_fn: Callable) -> tuple[Tensor, Tensor]:
+    """The target and dL/d(final residual) [T, d], from logits computed a chunk of rows at a time."""
+    grad = torch.zeros_like(resid)
+    if rows is None:  # a callable target reads the logits of every row
+        leaf = resid.detach().requires_grad_(True)
+        loss = _checked_loss(target_fn(logits_from_residual(model, leaf)))
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return loss.detach(), grad
+    total = torch.zeros((), device=resid.device)
+    for start in range(rows.start, rows.end, LOGIT_ROWS):
+        end = min(rows.end, start + LOGIT_ROWS)
+        leaf = resid[start:end].detach().requires_grad_(True)
+        logits = logits_from_residual(model, leaf)
+        if rows.token_id is not None:
+            part = logits[-1, rows.token_id].float()
+        else:
+            part = torch.nn.functional.cross_entropy(logits.float(), tokens[start + 1:end + 1].to(logits.device),
+                                                     reduction="sum") / (rows.end - rows.start)
+        (grad[start:end],) = torch.autograd.grad(part, leaf)
+        total = total + part.detach()
+    return _checked_loss(total), grad
+
+
+def _backward_linear(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler,
+                     rows: RowTarget | None) -> Tensor:
+    n_layers = model.cfg.n_layers
+    block_inputs: list[Any] = [None] * n_layers
+    # 1. forward with no graph (parameters are frozen), keeping each block's input; no logits
+    with _capture_block_inputs(model, block_inputs), blockwise_attention_layers(model):
+        resid = final_residual(model, tokens)
+    loss, grad = _loss_and_grad(model, resid, tokens, rows, target_fn)
+    grad = grad[None]  # [1, T, d], as the blocks' outputs
+    del resid
+    # 2. backward one block at a time; the kernel's backward pass feeds the pooler
+    for layer in reversed(range(pooler.layers[0], n_layers)):
+        args, kwargs = block_inputs[layer]
+        block_inputs[layer] = None
+        observers = {layer: pooler.observer(layer)} if layer in pooler.layers else {}
+        with blockwise_attention_layers(model, observers):
+            grad = _recompute_block(model, layer, args, kwargs, grad)
+        if layer in pooler.layers:
+            pooler.check_finite(layer)
+    return loss
 
 
 def _checked_loss(loss: Tensor) -> Tensor:
@@ -352,8 +444,10 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
         per_head: also keep [layer, head, step, step] maps.
         layers: the layers to compute (default: every layer with a softmax attention pattern, which
             is all of them except in hybrid models; ``result.layers`` names them).
-        checkpoint: recompute one block at a time in the backward pass (long traces); ``None``
-            chooses it when all layers' patterns would not fit in a quarter of memory.
+        checkpoint: the long-trace mode, memory linear in T: attention through the blockwise kernel
+            (no [H, T, T] tensor), one block recomputed at a time in the backward pass, logits in
+            chunks of rows; equal to the pattern-hook result to float rounding. ``None`` chooses it
+            when all layers' patterns would not fit in a quarter of memory.
         token_level: also keep what each token receives from each query step ([layer, step, token],
             for ``show("tokens")`` at token resolution).
 
@@ -383,7 +477,18 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
                           token_level)
     if checkpoint is None:
         checkpoint = not _normal_mode_fits(model, len(trace))
-    run = _backward_checkpointed if checkpoint else _backward_normal
+    if checkpoint:
+        problem = "rule='g' reads dL/dA of masked (future) keys too" if rule == "g" else linear_mode_problem(model)
+        if problem is None:
+            rows = row_target(target, trace, answer)
+            run = partial(_backward_linear, rows=rows)
+        else:
+            warnings.warn(f"Step-Saliency's long-trace mode cannot use the blockwise kernel on {model_label(model)} "
+                          f"({problem}); it recomputes blocks with the model's own attention instead, which holds "
+                          "one layer's [head, T, T] attention tensors at a time.", stacklevel=2)
+            run = _backward_checkpointed
+    else:
+        run = _backward_normal
     try:
         with frozen_parameters(model), torch.enable_grad():
             run(model, tokens, target_fn, pooler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn.functional as F
@@ -62,3 +63,29 @@ def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | No
         return "answer", lambda logits: next_token_loss(logits, tokens, start, end)
     raise ValueError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id (its logit at "
                      "the last position) or a callable on the logits [T, V].")
+
+
+@dataclass(frozen=True)
+class RowTarget:
+    """A built-in target as the logits rows it reads: the mean next-token loss over rows
+    [start, end) (row p predicts token p + 1), or with ``token_id`` that logit in the one row."""
+
+    start: int
+    end: int
+    token_id: int | None = None
+
+
+def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None) -> RowTarget | None:
+    """:class:`RowTarget` of a built-in target (the same value as :func:`make_target`'s function);
+    None for a callable, which needs every row's logits."""
+    if callable(target):
+        return None
+    if isinstance(target, int) and not isinstance(target, bool):
+        return RowTarget(len(trace) - 1, len(trace), target)
+    if target == "all":
+        return RowTarget(0, len(trace) - 1)
+    if target == "summary":
+        positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
+        return RowTarget(max(1, int(positions[0])) - 1, int(positions[-1]))
+    start, end = answer_token_span(trace, answer)
+    return RowTarget(start - 1, end - 1)

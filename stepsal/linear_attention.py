@@ -1,0 +1,234 @@
+"""Run a loaded model's attention layers through :mod:`stepsal.blockwise` (no [H, T, T] tensor).
+
+``HookedTransformer``: each attention module's forward is swapped for one that reuses the module's
+own projections, QK norms and rotary embedding and hands q, k, v to the blockwise kernel.
+``TransformerBridge``: each attention bridge calls the transformers module it wraps, with the
+kernel registered as a transformers attention function (that module applies its own projections,
+norms, rotary embedding, sliding window, softcapping and sinks, and passes them on).
+
+Whether this reproduces the model is not assumed: :func:`linear_mode_problem` runs the probe
+input through it once per model and compares the logits with the model's own (cached).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blockwise import AttentionSpec, Observer, blockwise_attention
+from .errors import UnsupportedModelError
+
+KERNEL_NAME = "stepsal_blockwise"
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+# ---------------------------------------------------------------- HookedTransformer
+
+
+def _hooked_spec(attn: Any) -> AttentionSpec:
+    cfg = attn.cfg
+    unsupported = [name for name, bad in (
+        ("ALiBi", cfg.positional_embedding_type == "alibi"),
+        ("relative position bias", cfg.positional_embedding_type == "relative_positional_bias"),
+        ("log-n query scaling", bool(getattr(cfg, "use_logn_attn", False))),
+        ("bidirectional attention", (attn._attention_dir_override or cfg.attention_dir) != "causal"),
+        ("4-bit weights", bool(cfg.load_in_4bit)),
+    ) if bad]
+    if unsupported:
+        raise UnsupportedModelError(f"the blockwise kernel does not cover {', '.join(unsupported)}")
+    softcap = cfg.attn_scores_soft_cap
+    return AttentionSpec(scale=1.0 / attn.attn_scale, softcap=softcap if softcap and softcap > 0 else None,
+                         window=cfg.window_size if attn.attn_type == "local" else None,
+                         sinks=attn.sinks if getattr(cfg, "use_attention_sinks", False) else None)
+
+
+_OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _hooked_forward(attn: Any, observer: Observer | None, query_input: Tensor, key_input: Tensor,
+                    value_input: Tensor, past_kv_cache_entry: Any = None, additive_attention_mask: Any = None,
+                    attention_mask: Tensor | None = None, position_bias: Any = None) -> Tensor:
+    """AbstractAttention.forward for one unpadded sequence without a cache, through the kernel."""
+    if past_kv_cache_entry is not None or additive_attention_mask is not None or position_bias is not None \
+            or (attention_mask is not None and not bool(attention_mask.all())) or query_input.shape[0] != 1:
+        raise UnsupportedModelError("the blockwise kernel takes one unpadded sequence without a KV cache")
+    cfg = attn.cfg
+    spec = _hooked_spec(attn)
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [1, pos, head, d]
+    if cfg.original_architecture in _OLMO_QK_NORM:  # as AbstractAttention.forward: norms on whole vectors
+        q = attn.q_norm(q.flatten(-2)).unflatten(-1, q.shape[-2:])
+        k = attn.k_norm(k.flatten(-2)).unflatten(-1, k.shape[-2:])
+    if cfg.clip_qkv is not None:
+        q, k, v = (x.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv) for x in (q, k, v))
+    if cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, 0, attention_mask))
+        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+    z = blockwise_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), spec, observer)
+    z = attn.hook_z(z.transpose(0, 1)[None])  # [1, pos, head, d_v]
+    w = einops.rearrange(attn.W_O, "head d_head d_model -> d_model (head d_head)")
+    return F.linear(z.flatten(-2).to(w.dtype), w, attn.b_O)
+
+
+# ---------------------------------------------------------------- TransformerBridge (transformers modules)
+
+_OBSERVERS: dict[int, Observer | None] = {}  # id(transformers attention module) -> its layer's observer
+
+
+def _transformers_kernel(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+                         dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                         softcap: float | None = None, s_aux: Tensor | None = None,
+                         **kwargs: Any) -> tuple[Tensor, None]:
+    """A transformers attention function: query [B, H, T, D], key/value [B, H_kv, T, D] -> [B, T, H, D]."""
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        raise UnsupportedModelError("the blockwise kernel takes one sequence without a KV cache")
+    spec = AttentionSpec(scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+                         softcap=softcap or None, window=sliding_window, sinks=s_aux)
+    z = blockwise_attention(query[0], key[0], value[0], spec, _OBSERVERS.get(id(module)))
+    return z.transpose(0, 1)[None], None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # the kernel builds causal and window masks from positions
+
+
+def _register_kernel() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(KERNEL_NAME, _transformers_kernel)
+    AttentionMaskInterface.register(KERNEL_NAME, _no_mask)
+
+
+def _bridge_forward(component: Any) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return component.original_component(*args, **kwargs)
+    return forward
+
+
+@contextmanager
+def _implementation(config: Any, name: str) -> Iterator[None]:
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@contextmanager
+def blockwise_attention_layers(model: Any, observers: dict[int, Observer] | None = None) -> Iterator[None]:
+    """Inside: every attention layer of ``model`` runs the blockwise kernel; ``observers[layer]``
+    sees that layer's A and dL/dA during the backward pass. Restored on exit, also on an exception."""
+    from .models import backend_of
+
+    observers = observers or {}
+    with ExitStack() as stack:
+        if backend_of(model) == "hooked":
+            for layer, block in enumerate(model.blocks):
+                attn = block.attn
+                attn.__dict__["forward"] = lambda *a, _attn=attn, _obs=observers.get(layer), **kw: \
+                    _hooked_forward(_attn, _obs, *a, **kw)
+                stack.callback(attn.__dict__.pop, "forward", None)
+        else:
+            _register_kernel()
+            configs = {}
+            for layer, block in enumerate(model.blocks):
+                component = getattr(block, "attn", None)
+                if component is None:  # hybrid models: a layer without softmax attention
+                    continue
+                hf_attn = component.original_component
+                component.__dict__["forward"] = _bridge_forward(component)  # bridges forward setattr
+                stack.callback(component.__dict__.pop, "forward", None)
+                _OBSERVERS[id(hf_attn)] = observers.get(layer)
+                stack.callback(_OBSERVERS.pop, id(hf_attn), None)
+                configs[id(hf_attn.config)] = hf_attn.config
+            for config in configs.values():
+                stack.enter_context(_implementation(config, KERNEL_NAME))
+            outer = model.original_model.config
+            if id(outer) not in configs:  # the mask is built from the outer model's config
+                stack.enter_context(_implementation(outer, KERNEL_NAME))
+        yield
+
+
+def final_residual(model: Any, tokens: Tensor, hooks: list[tuple[str, Callable]] = ()) -> Tensor:
+    """The residual after the last block [T, d_model], without computing logits (``hooks``: more
+    forward hooks for the same pass)."""
+    from .models import forward_kwargs, hook_name, hooks_attached
+
+    store: dict[str, Tensor] = {}
+
+    def stop(x: Tensor, hook: Any) -> None:
+        store["resid"] = x[0]
+        raise _Stop
+
+    with hooks_attached(model, [*hooks, (hook_name(model.cfg.n_layers - 1, "resid_post"), stop)]):
+        try:
+            model(tokens[None], **forward_kwargs(model))
+        except _Stop:
+            pass
+    return store["resid"]
+
+
+def logits_from_residual(model: Any, resid: Tensor) -> Tensor:
+    """Final norm, unembedding and output softcap of a final residual [n, d_model] -> [n, vocab]."""
+    from .models import backend_of
+
+    logits = model.unembed(model.ln_final(resid[None]))[0]
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if backend_of(model) == "bridge":
+        cap = getattr(model.original_model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+_PROBLEMS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+
+
+def linear_mode_problem(model: Any) -> str | None:
+    """Why the blockwise mode cannot run ``model`` exactly (None: it can). One probe forward, cached.
+
+    Checked: every attention layer goes through the kernel, and the logits computed through it
+    (and through :func:`logits_from_residual`) equal the model's own on the probe input.
+    """
+    if model in _PROBLEMS:
+        return _PROBLEMS[model]
+    from .models import LOGIT_TOLERANCE, hook_name
+    from .sites import attention_sites, first_device, probe_ids, probe_logits
+
+    tokens = probe_ids(model.cfg.d_vocab).to(first_device(model))
+    expected = probe_logits(model)[0]
+    calls: set[int] = set()
+    observers = {layer: (lambda *a, _layer=layer: calls.add(_layer)) for layer in range(model.cfg.n_layers)}
+    problem = None
+    try:
+        with torch.enable_grad(), blockwise_attention_layers(model, observers):
+            start = lambda x, hook: x.detach().requires_grad_(True)  # noqa: E731 - the graph starts here
+            resid = final_residual(model, tokens, [(hook_name(0, "resid_pre"), start)])
+            logits = logits_from_residual(model, resid)
+            logits.sum().backward()  # the observers run in the backward pass
+    except Exception as error:  # noqa: BLE001 - any failure means "not this way"
+        problem = f"{type(error).__name__}: {error}"
+    else:
+        missing = sorted(set(attention_sites(model).attention_layers) - calls)
+        scale = expected.abs().max().item()
+        error = (logits.detach().double().cpu() - expected).abs().max().item() / max(scale, 1e-12)
+        param = next(model.parameters())
+        if missing:
+            problem = f"layers {missing} do not go through the blockwise kernel"
+        elif error > LOGIT_TOLERANCE[param.dtype]:
+            problem = f"its logits differ from the model's by {error:.1e} (relative) on the probe input"
+    _PROBLEMS[model] = problem
+    return problem
