@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from .formats import TraceFormat, get_format
 from .models import backend_of, hooks_attached, load_model
 from .sites import first_device
 from .stepflow.config import StepFlow, check_model
+from .stepflow.fast import flow_attached, flow_layers, is_transformers_model
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
 from .traces import Trace
@@ -84,14 +86,19 @@ def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[l
 
 
 class _Decoder:
-    """Runs the model on new tokens, with or without a KV cache, for either backend."""
+    """Runs the model on new tokens, with or without a KV cache, for either backend or a plain
+    transformers model (which computes the last position's logits only)."""
 
     def __init__(self, model: Any, batch: int, use_cache: bool):
         self.model, self.use_cache = model, use_cache
-        self.backend = backend_of(model)
+        self.backend = "transformers" if is_transformers_model(model) else backend_of(model)
         self.device = first_device(model)
         self.cache: Any = None
-        if use_cache and self.backend == "hooked":
+        if use_cache and self.backend == "transformers":
+            from transformers.cache_utils import DynamicCache
+
+            self.cache = DynamicCache()  # keeps every key (the mask applies sliding windows)
+        elif use_cache and self.backend == "hooked":
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
             self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch)
@@ -99,7 +106,13 @@ class _Decoder:
             self.cache = _bridge_cache(model)
 
     def __call__(self, tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
-        """Logits [batch, n_new, vocab] for the last ``n_new`` of ``tokens`` [batch, k] (mask: 1 = real)."""
+        """Logits [batch, n, vocab] ending at the last of ``tokens`` [batch, k] (mask: 1 = real), for
+        ``n_new`` new tokens (n = n_new; 1 on a transformers model)."""
+        if self.backend == "transformers":
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            new = slice(-n_new, None) if self.use_cache else slice(None)
+            return self.model(input_ids=tokens[:, new], attention_mask=mask, position_ids=positions[:, new],
+                              past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=1).logits
         if self.backend == "hooked":
             if self.use_cache:
                 return self.model(tokens[:, -n_new:], past_kv_cache=self.cache, attention_mask=mask[:, -n_new:])
@@ -158,13 +171,16 @@ HOOKED_DECODE_WARNING = (
 def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow: StepFlow | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              seed: int | None = None, fmt: str | TraceFormat = "think", use_cache: bool = True,
-             stop_at_eos: bool = True, marker_in_output: bool = False) -> Generation:
+             stop_at_eos: bool = True, marker_in_output: bool = False, tokenizer: Any = None) -> Generation:
     """Generate with the KV cache on and, optionally, StepFlow attached.
 
     Args:
-        model: a TransformerLens model from :func:`stepsal.load_model` (either backend), or a name or
-            folder for :func:`stepsal.load_model`, then loaded with ``backend="bridge"`` (the faster
-            one for decoding; see docs/performance.md).
+        model: a TransformerLens model from :func:`stepsal.load_model` (either backend), a name or
+            folder for :func:`stepsal.load_model` (then loaded with ``backend="bridge"``, the faster
+            for decoding), or a plain transformers causal LM with ``tokenizer=``: the fast path,
+            StepFlow through transformers' attention functions and module hooks at the speed of
+            transformers itself (docs/performance.md); greedy tokens and StepFlow statistics equal
+            the hook path's.
         prompt_or_messages: text (used as is: include the chat template), chat messages (the
             template is applied with the generation prompt), token ids, or a list of these (a
             left-padded batch; each row tracks its own phases).
@@ -175,6 +191,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
         stop_at_eos: a row stops at the tokenizer's EOS token.
         marker_in_output: with StepFlow, allow prompts without the thinking marker (the model is
             expected to write it); by default such a prompt is refused, since StepFlow would do nothing.
+        tokenizer: the tokenizer of a plain transformers model (TransformerLens models bring their own).
 
     Returns:
         :class:`Generation`: texts, token sequences, traces and StepFlow statistics.
@@ -186,18 +203,25 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     fmt = get_format(fmt)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, backend="bridge")
-    elif backend_of(model) == "hooked":
-        warnings.warn(HOOKED_DECODE_WARNING, StepsalWarning, stacklevel=3)
-    tokenizer = model.tokenizer
+    fast = is_transformers_model(model)
+    if fast and tokenizer is None:
+        raise StepsalError("a transformers model needs its tokenizer: generate(model, prompt, tokenizer=tokenizer).")
+    if not fast:
+        if backend_of(model) == "hooked":
+            warnings.warn(HOOKED_DECODE_WARNING, StepsalWarning, stacklevel=3)
+        tokenizer = model.tokenizer
     rows = _encode_prompts(tokenizer, prompt_or_messages)
     if any(len(r) == 0 for r in rows):
         raise StepsalError("a prompt has no tokens.")
     if stepflow is not None:
-        check_model(model, stepflow)
+        layers = flow_layers(model, stepflow) if fast else None
+        if not fast:
+            check_model(model, stepflow)
         if not marker_in_output:
             _require_thinking_marker(tokenizer, rows, fmt)
     batch, prompt_length = len(rows), max(len(r) for r in rows)
-    n_ctx = model.cfg.n_ctx
+    config = model.config.get_text_config() if fast else None
+    n_ctx = getattr(config, "max_position_embeddings", None) if fast else model.cfg.n_ctx
     if n_ctx is not None and prompt_length + max_new_tokens > n_ctx:
         raise StepsalError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                            f"context of {n_ctx}; lower max_new_tokens.")
@@ -212,8 +236,8 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
 
     run, tracker = None, None
     if stepflow is not None:
-        run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens)
-        tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=model.cfg.d_vocab)
+        run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens, layers)
+        tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=config.vocab_size if fast else model.cfg.d_vocab)
         tracker.read_prompts(rows)  # markers the prompt only quotes (in code, or closed history) do not count
         for position in range(prompt_length):
             pads = [len(ids) < prompt_length - position for ids in rows]
@@ -223,8 +247,11 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     decoder = _Decoder(model, batch, use_cache)
     stop_ids = {tokenizer.eos_token_id} - {None} if stop_at_eos else set()
     finished = [False] * batch
-    hooks = run.hooks() if run is not None else []
-    with hooks_attached(model, hooks):
+    if fast:
+        attached = flow_attached(model, run) if run is not None else nullcontext()
+    else:
+        attached = hooks_attached(model, run.hooks() if run is not None else [])
+    with attached:
         n_new = prompt_length
         for _ in range(max_new_tokens):
             if run is not None:
@@ -246,7 +273,7 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
                 break
     if run is not None and not run.stats.acted():
         warnings.warn(_never_acted_reason(run, fmt), StepsalWarning, stacklevel=3)  # past torch.no_grad
-    return _collect(model, tokens, mask, rows, prompt_length, fmt, run, stepflow)
+    return _collect(tokenizer, tokens, mask, rows, prompt_length, fmt, run, stepflow)
 
 
 def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
@@ -275,9 +302,8 @@ def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFo
                 "the model, or marker_in_output=True if the model writes the marker itself.")
 
 
-def _collect(model: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]], prompt_length: int,
+def _collect(tokenizer: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]], prompt_length: int,
              fmt: TraceFormat, run: FlowRun | None, flow: StepFlow | None) -> Generation:
-    tokenizer = model.tokenizer
     full, texts, traces, errors = [], [], [], []
     for b, ids in enumerate(rows):
         row = tokens[b][mask[b].bool()].cpu()

@@ -96,11 +96,13 @@ class FlowStats:
 class FlowRun:
     """State and hooks of one StepFlow run (a generation, or teacher-forced forwards over a trace)."""
 
-    def __init__(self, flow: StepFlow, model: Any, batch: int, capacity: int):
+    def __init__(self, flow: StepFlow, model: Any, batch: int, capacity: int,
+                 layers: tuple[list[int], list[int]] | None = None):
+        """``layers``: (OEB, SMI) layers where ``model`` is not a TransformerLens model (the fast path)."""
         self.flow, self.model = flow, model
-        self.oeb_layers, self.smi_layers = flow.layers_for(model)
+        self.oeb_layers, self.smi_layers = flow.layers_for(model) if layers is None else layers
         device = first_device(model)
-        self.value_layout = attention_sites(model).value_layout
+        self.value_layout = attention_sites(model).value_layout if layers is None else {}
         self.batch, self.capacity, self.device = batch, capacity, device
         full = lambda value, dtype: torch.full((batch, capacity), value, dtype=dtype, device=device)  # noqa: E731
         # Labels as first given (= as seen when the position was processed), the current ones (a
@@ -223,23 +225,27 @@ class FlowRun:
 
     def _oeb_hook(self, index: int) -> Callable:
         def odds_equal_bridge_hook(pattern: Float[Tensor, "batch head query key"], hook: Any) -> Tensor | None:
-            batch, heads, q, k = pattern.shape
-            self._check_window(batch, q, k)
-            if not self.any_active:
-                return None
-            query_segment, key_segment, positions, groups = self._forward_groups(q, k, pattern.device)
-            edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max, groups)
-            with torch.no_grad():
-                stats = self.stats
-                here = stats.oeb_rows.device  # layers split over GPUs: counters live on the first
-                stats.oeb_rows[index] += (((query_segment == THINKING) | (query_segment == SUMMARY)).sum()
-                                          * heads).to(here)
-                stats.oeb_changed[index] += edit.changed.sum().to(here)
-                stats.oeb_before[index] += (edit.mass_before * edit.changed).sum().to(here)  # masks, not
-                stats.oeb_after[index] += (edit.mass_after * edit.changed).sum().to(here)    # indexing: no sync
-            return edit.pattern
+            return self.bridge(index, pattern)
 
         return odds_equal_bridge_hook
+
+    def bridge(self, index: int, pattern: Float[Tensor, "batch head query key"]) -> Tensor | None:
+        """OEB on one layer's pattern of the current forward (None: nothing to do), counted in stats."""
+        batch, heads, q, k = pattern.shape
+        self._check_window(batch, q, k)
+        if not self.any_active:
+            return None
+        query_segment, key_segment, positions, groups = self._forward_groups(q, k, pattern.device)
+        edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max, groups)
+        with torch.no_grad():
+            stats = self.stats
+            here = stats.oeb_rows.device  # layers split over GPUs: counters live on the first
+            stats.oeb_rows[index] += (((query_segment == THINKING) | (query_segment == SUMMARY)).sum()
+                                      * heads).to(here)
+            stats.oeb_changed[index] += edit.changed.sum().to(here)
+            stats.oeb_before[index] += (edit.mass_before * edit.changed).sum().to(here)  # masks, not
+            stats.oeb_after[index] += (edit.mass_after * edit.changed).sum().to(here)    # indexing: no sync
+        return edit.pattern
 
     def _forward_groups(self, q: int, k: int, device: torch.device
                         ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
@@ -258,13 +264,16 @@ class FlowRun:
         head_first = self.value_layout.get(layer) == "head_pos"  # MLA adapters: [batch, head, pos, d]
 
         def remember_values(v: Tensor, hook: Any) -> None:
-            v = v.transpose(1, 2) if head_first else v  # [batch, pos, kv_head, d_head]
-            self._check_window(v.shape[0], v.shape[1])
-            if layer not in self.values:
-                self.values[layer] = v.new_zeros(self.batch, self.capacity, *v.shape[2:])
-            self.values[layer][:, self.offset:self.offset + v.shape[1]] = v.detach()
+            self.remember(layer, v.transpose(1, 2) if head_first else v)
 
         return remember_values
+
+    def remember(self, layer: int, v: Float[Tensor, "batch pos kv_head d_head"]) -> None:
+        """Keep the value vectors of the current forward's positions for SMI."""
+        self._check_window(v.shape[0], v.shape[1])
+        if layer not in self.values:
+            self.values[layer] = v.new_zeros(self.batch, self.capacity, *v.shape[2:])
+        self.values[layer][:, self.offset:self.offset + v.shape[1]] = v.detach()
 
     def momentum(self, layer: int, q: int, n_heads: int) -> tuple[Tensor, Tensor]:
         """Mean value vector [batch, q, head, d_head] of each injection's source step, and where to inject."""
@@ -286,30 +295,34 @@ class FlowRun:
         return mean, (self.inject[:, start:end] & (counts > 0)).to(values.device)
 
     def _smi_hook(self, index: int, layer: int) -> Callable:
-        alpha, site = self.flow.alpha, self.flow.smi_site
-        n_heads = self.model.cfg.n_heads
-
         def step_momentum_injection(x: Tensor, hook: Any) -> Tensor | None:
-            self._check_window(x.shape[0], x.shape[1])
-            if not self.any_inject:
-                return None
-            mean, where = self.momentum(layer, x.shape[1], n_heads)
-            if site == "z":
-                added = alpha * mean.to(x.dtype)  # [b, q, head, d_head]
-                norms = added.flatten(2).norm(dim=-1)
-                mask = where[..., None, None]
-            else:
-                w_o = output_weights(self.model, layer).to(x.dtype)  # [head, d_head, d_model]
-                added = alpha * torch.einsum("bqhd,hdm->bqm", mean.to(x.dtype), w_o)
-                norms = added.norm(dim=-1)
-                mask = where[..., None]
-            with torch.no_grad():
-                here = self.stats.smi_count.device
-                self.stats.smi_count[index] += where.sum().to(here)
-                self.stats.smi_norm[index] += (norms * where).sum().to(here)
-            return torch.where(mask, x + added, x)
+            w_o = output_weights(self.model, layer) if self.flow.smi_site != "z" else None
+            return self.inject_momentum(index, layer, x, self.model.cfg.n_heads, w_o)
 
         return step_momentum_injection
+
+    def inject_momentum(self, index: int, layer: int, x: Tensor, n_heads: int,
+                        w_o: Float[Tensor, "head d_head d_model"] | None) -> Tensor | None:
+        """SMI on the current forward: x is [b, q, head, d_head] (site z) or [b, q, d_model] with
+        ``w_o``; None where nothing is injected. Counted in stats."""
+        self._check_window(x.shape[0], x.shape[1])
+        if not self.any_inject:
+            return None
+        alpha = self.flow.alpha
+        mean, where = self.momentum(layer, x.shape[1], n_heads)
+        if w_o is None:
+            added = alpha * mean.to(x.dtype)  # [b, q, head, d_head]
+            norms = added.flatten(2).norm(dim=-1)
+            mask = where[..., None, None]
+        else:
+            added = alpha * torch.einsum("bqhd,hdm->bqm", mean.to(x.dtype), w_o.to(x.dtype))
+            norms = added.norm(dim=-1)
+            mask = where[..., None]
+        with torch.no_grad():
+            here = self.stats.smi_count.device
+            self.stats.smi_count[index] += where.sum().to(here)
+            self.stats.smi_norm[index] += (norms * where).sum().to(here)
+        return torch.where(mask, x + added, x)
 
 
 def output_weights(model: Any, layer: int) -> Float[Tensor, "head d_head d_model"]:

@@ -1,0 +1,171 @@
+"""StepFlow on a plain transformers model: the fast path of :func:`stepsal.generate`.
+
+The same :class:`~stepsal.stepflow.hooks.FlowRun` (labels, OEB, SMI, statistics) acts through
+transformers' own seams instead of TransformerLens hook points:
+
+- attention runs through a registered attention function. Layers without OEB work, and forwards
+  where no query is in thinking or summary, go to transformers' SDPA kernel untouched; an OEB
+  layer with work computes its pattern (scaling, softcap, mask, sinks as the model's eager
+  attention), applies :meth:`FlowRun.bridge` and multiplies by the values. SMI layers keep their
+  value vectors from here too.
+- SMI adds its vector on the decoder layer's output (site ``resid_post``) or on the input of the
+  output projection (site ``z``), through forward hooks.
+
+Everything is removed on exit, also when an exception escapes.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedModelError
+from .config import StepFlow
+from .hooks import FlowRun
+
+KERNEL_NAME = "stepsal_flow"
+ATTENTION_TYPES = {"full_attention", "sliding_attention"}
+_RUNS: dict[int, tuple[FlowRun, dict[int, int]]] = {}  # id(attention module) -> (run, OEB index by layer)
+
+
+def is_transformers_model(model: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers of a transformers causal LM whose attention StepFlow can drive, or a refusal."""
+    config = model.config.get_text_config()
+    types = set(getattr(config, "layer_types", None) or [])
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if types - ATTENTION_TYPES or layers is None or not all(
+            hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj") for layer in layers):
+        raise UnsupportedModelError(
+            f"StepFlow's transformers fast path covers decoder-only models whose every layer has softmax "
+            f"self-attention with an o_proj ({type(model).__name__} does not). Load it with stepsal.load_model "
+            "and generate through TransformerLens hooks instead.")
+    return list(layers)
+
+
+def flow_layers(model: Any, flow: StepFlow) -> tuple[list[int], list[int]]:
+    oeb, smi = flow.layers(len(decoder_layers(model)))
+    return oeb, (smi if flow.alpha > 0 else [])
+
+
+def _visible(q: int, k: int, window: int | None, device: torch.device) -> Tensor:
+    """Causal (and window) visibility [q, k] of the last q positions of k."""
+    queries = torch.arange(k - q, k, device=device)[:, None]
+    keys = torch.arange(k, device=device)[None, :]
+    visible = keys <= queries
+    return visible & (keys > queries - window) if window else visible
+
+
+def _pattern(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, window: int | None,
+             softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """Attention weights [B, H, q, k] as the model's eager attention computes them."""
+    group = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query, key.repeat_interleave(group, 1).transpose(-1, -2)) * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        scores = scores.masked_fill(~_visible(query.shape[2], key.shape[2], window, query.device), -math.inf)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., -key.shape[2]:], -math.inf)
+    else:
+        scores = scores + mask[..., -key.shape[2]:]
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        pattern = torch.softmax(torch.cat([scores, sink], -1).float(), -1)[..., :-1]
+    else:
+        pattern = torch.softmax(scores.float(), -1)
+    return torch.nan_to_num(pattern, nan=0.0).to(query.dtype)  # rows with no visible key (padding)
+
+
+def _flow_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                    softcap: float | None = None, s_aux: Tensor | None = None,
+                    **kwargs: Any) -> tuple[Tensor, None]:
+    """A transformers attention function: query [B, H, q, D], key/value [B, H_kv, k, D] -> [B, q, H, D]."""
+    run, oeb_index = _RUNS[id(module)]
+    layer = module.layer_idx
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer in run.smi_layers:
+        run.remember(layer, value[:, :, -query.shape[2]:].transpose(1, 2))
+    bridged = layer in oeb_index and run.any_active
+    if not bridged and not softcap and s_aux is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    pattern = _pattern(query, key, attention_mask, scaling, sliding_window, softcap, s_aux)
+    if bridged:
+        edited = run.bridge(oeb_index[layer], pattern)
+        pattern = pattern if edited is None else edited
+    group = query.shape[1] // key.shape[1]
+    z = torch.matmul(pattern.to(value.dtype), value.repeat_interleave(group, 1))
+    return z.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KERNEL_NAME, _flow_attention)
+    AttentionMaskInterface.register(KERNEL_NAME, sdpa_mask)
+
+
+def _output_weights(attn: Any, n_heads: int) -> Tensor:
+    """o_proj as W_O [head, d_head, d_model]."""
+    weight = attn.o_proj.weight  # [d_model, head * d_head]
+    return weight.T.reshape(n_heads, -1, weight.shape[0])
+
+
+def _smi_output_hook(run: FlowRun, index: int, layer: int, n_heads: int, w_o: Tensor):
+    def hook(module: Any, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        changed = run.inject_momentum(index, layer, hidden, n_heads, w_o)
+        if changed is None:
+            return None
+        return (changed, *output[1:]) if isinstance(output, tuple) else changed
+    return hook
+
+
+def _smi_z_hook(run: FlowRun, index: int, layer: int, n_heads: int):
+    def pre_hook(module: Any, args: tuple) -> Any:
+        z = args[0]
+        changed = run.inject_momentum(index, layer, z.unflatten(-1, (n_heads, -1)), n_heads, None)
+        return None if changed is None else (changed.flatten(-2), *args[1:])
+    return pre_hook
+
+
+@contextmanager
+def flow_attached(model: Any, run: FlowRun) -> Iterator[None]:
+    """StepFlow on a transformers model for the duration (attention function and SMI hooks)."""
+    _register()
+    layers = decoder_layers(model)
+    config = model.config
+    n_heads = config.get_text_config().num_attention_heads
+    oeb_index = {layer: i for i, layer in enumerate(run.oeb_layers)}
+    with ExitStack() as stack:
+        for layer in layers:
+            _RUNS[id(layer.self_attn)] = (run, oeb_index)
+            stack.callback(_RUNS.pop, id(layer.self_attn), None)
+        for index, layer in enumerate(run.smi_layers):
+            attn = layers[layer].self_attn
+            if run.flow.smi_site == "z":
+                handle = attn.o_proj.register_forward_pre_hook(_smi_z_hook(run, index, layer, n_heads))
+            else:
+                w_o = _output_weights(attn, n_heads).detach()
+                handle = layers[layer].register_forward_hook(_smi_output_hook(run, index, layer, n_heads, w_o))
+            stack.callback(handle.remove)
+        configs = {id(config): config, id(config.get_text_config()): config.get_text_config()}
+        for one in configs.values():
+            before = one._attn_implementation
+            one._attn_implementation = KERNEL_NAME
+            stack.callback(setattr, one, "_attn_implementation", before)
+        yield
