@@ -118,10 +118,17 @@ class StepFlow:
         """Attach StepFlow for teacher-forced forwards over ``trace`` (full sequence, no cache).
 
         Yields the :class:`FlowRun` whose ``stats`` fill as forwards run. Hooks are removed on
-        exit, also when an exception escapes.
+        exit, also when an exception escapes. ``model`` may be a plain transformers model (the fast
+        path of :mod:`stepsal.stepflow.fast`).
         """
+        from .fast import flow_attached, flow_layers, is_transformers_model
         from .hooks import FlowRun
 
+        if is_transformers_model(model):
+            run = FlowRun.for_trace(self, model, trace, flow_layers(model, self))
+            with flow_attached(model, run):
+                yield run
+            return
         check_model(model, self)
         run = FlowRun.for_trace(self, model, trace)
         with hooks_attached(model, run.hooks()):

@@ -129,9 +129,10 @@ class FlowRun:
     # ------------------------------------------------------------ labels
 
     @classmethod
-    def for_trace(cls, flow: StepFlow, model: Any, trace: Trace) -> "FlowRun":
+    def for_trace(cls, flow: StepFlow, model: Any, trace: Trace,
+                  layers: tuple[list[int], list[int]] | None = None) -> "FlowRun":
         """Labels from a trace's layout, for teacher-forced full-sequence forwards."""
-        run = cls(flow, model, 1, len(trace))
+        run = cls(flow, model, 1, len(trace), layers)
         thinking = [s for s in trace.layout.steps if s.segment == THINKING]
         labels = []
         for position, segment in enumerate(trace.layout.token_segment.tolist()):
