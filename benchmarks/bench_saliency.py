@@ -7,8 +7,9 @@
    the floor of any attention x gradient method). Target: <= 1.15x.
 2. peak memory (each measurement in a fresh process: peak RSS during the call, reset through
    /proc/self/clear_refs, minus RSS before it) vs the same
-   baselines; target <= 1.25x. Long-trace mode on SmolLM2-135M at T = 4096 (target < 8 GB) and
-   against the normal mode at T = 2048.
+   baselines; target <= 1.25x. Long-trace mode (blockwise kernel): on the 2-layer model against a
+   plain forward+backward at T = 2048 and 4096 (time <= 1.5x), alone at T = 8192 and 16384
+   (<= 3 GB); on SmolLM2-135M against the normal mode at T = 2048 and alone up to T = 16384 (< 8 GB).
 3. pooling: one matrix product vs the reference's double loop over step pairs at S = 60, T = 2000;
    target >= 100x.
 
@@ -155,17 +156,31 @@ def bench_time_and_memory(sizes: list[int], layer_counts: list[int], repeats: in
                   f"{r['saliency']['peak'] / r['fb_input']['peak']:12.2f}", flush=True)
 
 
-def bench_long_mode() -> None:
-    print("\n== 2b. long-trace mode (checkpointed) on SmolLM2-135M (30 layers)")
-    print(f"{'T':>5} {'mode':>14} {'time s':>8} {'peak GB':>8}")
-    rows = {}
-    for n_tokens, kind in ((2048, "saliency"), (2048, "saliency_long"), (4096, "saliency_long")):
-        rows[(n_tokens, kind)] = r = measure(kind, 0, n_tokens, 1)
-        print(f"{n_tokens:5d} {kind:>14} {r['time']:8.1f} {r['peak'] / 2**30:8.2f}", flush=True)
-    normal, long = rows[(2048, "saliency")], rows[(2048, "saliency_long")]
-    print(f"T=2048 long/normal: time {long['time'] / normal['time']:.2f}x, peak memory "
-          f"{long['peak'] / normal['peak']:.2f}x; T=4096 long peak "
-          f"{rows[(4096, 'saliency_long')]['peak'] / 2**30:.2f} GB (target < 8 GB)")
+def bench_linear_mode(long_sizes: list[int]) -> None:
+    """The long-trace mode (blockwise kernel, memory linear in T) on the 2-layer SmolLM2-width model:
+    against a plain forward+backward where that fits, alone at T = 16384."""
+    print("\n== 2b. long-trace mode (checkpoint=True, blockwise kernel), 2 layers with SmolLM2's widths")
+    print(f"{'T':>6} {'fb_input s':>10} {'pattern s':>9} {'long s':>8} {'long/fb_input':>13} "
+          f"{'fb_input GB':>11} {'pattern GB':>10} {'long GB':>8}")
+    for n_tokens in (2048, 4096):
+        r = {kind: measure(kind, 2, n_tokens, 2) for kind in ("fb_input", "saliency", "saliency_long")}
+        print(f"{n_tokens:6d} {r['fb_input']['time']:10.2f} {r['saliency']['time']:9.2f} "
+              f"{r['saliency_long']['time']:8.2f} {r['saliency_long']['time'] / r['fb_input']['time']:13.2f} "
+              f"{r['fb_input']['peak'] / 2**30:11.2f} {r['saliency']['peak'] / 2**30:10.2f} "
+              f"{r['saliency_long']['peak'] / 2**30:8.2f}", flush=True)
+    for n_tokens in long_sizes:
+        r = measure("saliency_long", 2, n_tokens, 1)
+        print(f"{n_tokens:6d} {'-':>10} {'-':>9} {r['time']:8.2f} {'-':>13} {'-':>11} {'-':>10} "
+              f"{r['peak'] / 2**30:8.2f}   (target at 16384: <= 3 GB)", flush=True)
+
+
+def bench_long_mode(sizes: list[int]) -> None:
+    print("\n== 2c. long-trace mode on SmolLM2-135M-Instruct (30 layers; context raised past 8192)")
+    print(f"{'T':>6} {'mode':>14} {'time s':>8} {'peak GB':>8}")
+    for n_tokens, kind in [(2048, "saliency"), *((t, "saliency_long") for t in sizes)]:
+        r = measure(kind, 0, n_tokens, 1)
+        print(f"{n_tokens:6d} {kind:>14} {r['time']:8.1f} {r['peak'] / 2**30:8.2f}", flush=True)
+    print("target: T = 16384 within 8 GB")
 
 
 def bench_pooling(n_steps: int = 60, n_tokens: int = 2000) -> None:
@@ -202,7 +217,7 @@ def bench_pooling(n_steps: int = 60, n_tokens: int = 2000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="T = 256 only, 4 layers")
-    parser.add_argument("--skip-long", action="store_true", help="skip the SmolLM2 T=4096 long-mode run")
+    parser.add_argument("--skip-long", action="store_true", help="skip the long-trace runs (T up to 16384, ~1 h)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -215,7 +230,8 @@ def main() -> None:
         return
     bench_time_and_memory([256, 1024, 2048], [4, 8], 2)
     if not args.skip_long:
-        bench_long_mode()
+        bench_linear_mode([8192, 16384])
+        bench_long_mode([2048, 4096, 16384])
 
 
 if __name__ == "__main__":

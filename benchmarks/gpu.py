@@ -3,14 +3,16 @@
 Model: random weights shaped like R1-Distill-Qwen-1.5B (Qwen2, 28 layers, d_model 1536, 12 heads,
 2 KV heads, vocab 151936), bf16. Measured side by side, in this one process:
 
-1. Step-Saliency at T = 2k, 4k, 8k, 16k, 32k: ``normal`` and ``long`` (checkpointed) modes against
+1. Step-Saliency at T = 2k, 4k, 8k, 16k, 32k (the long-trace mode also at 64k and 128k): ``normal`` and
+   ``long`` (blockwise kernel, memory linear in T) modes against
    two baselines, a forward+backward through the same TransformerLens model (gradient to the
    embeddings, frozen parameters: ``tl_fb``) and the floor, plain transformers with sdpa attention
    and gradient checkpointing (``hf_sdpa_ckpt_fb``). Time (best of 2 after a warm-up at the smallest
    T) and peak memory (torch.cuda.max_memory_allocated over the call, minus what was allocated
    before). Out of memory is recorded as such and larger T of that kind are skipped.
 2. Decoding, 128 new tokens, greedy, batch 1 and 8: transformers ``generate`` (sdpa, eager),
-   ``stepsal.generate`` on the bridge without and with StepFlow (tok/s, best of 2 interleaved).
+   ``stepsal.generate`` on the bridge and on the transformers fast path (the sdpa model), without and
+   with StepFlow (tok/s, best of 2 interleaved).
 
 Usage:
     python benchmarks/gpu.py --out gpu-bench.json            # on the GPU machine
@@ -154,7 +156,7 @@ def bench_saliency(bench: Bench, model, hf_sdpa, lengths: list[int]) -> None:
     for n_tokens in lengths:
         trace = synthetic_trace(n_tokens, model.cfg.d_vocab)
         for kind, fn in kinds.items():
-            if kind in failed or bench.left() < 30:
+            if kind in failed or bench.left() < 30 or (n_tokens > 32768 and kind != "saliency_long"):
                 continue
             row = {"T": n_tokens, "kind": kind}
             try:
@@ -187,6 +189,11 @@ def bench_decoding(bench: Bench, hf_by_attn: dict, model, tokenizer, n_new: int,
                                                           stop_at_eos=False)
         runs["stepsal bridge + StepFlow"] = lambda: stepsal.generate(model, prompt.cpu(), flow,
                                                                      max_new_tokens=n_new, stop_at_eos=False)
+        fast = hf_by_attn["sdpa"]  # the transformers fast path (plain model, no TransformerLens)
+        runs["stepsal fast path"] = lambda: stepsal.generate(fast, prompt.cpu(), None, max_new_tokens=n_new,
+                                                             stop_at_eos=False, tokenizer=tokenizer)
+        runs["stepsal fast path + StepFlow"] = lambda: stepsal.generate(fast, prompt.cpu(), flow, max_new_tokens=n_new,
+                                                                        stop_at_eos=False, tokenizer=tokenizer)
         if bench.left() < 60:
             break
         for fn in runs.values():  # warm-up
@@ -221,7 +228,7 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     shape = TINY if args.tiny else R1_QWEN_1_5B
-    lengths = args.lengths or ([128, 256] if args.tiny else [2048, 4096, 8192, 16384, 32768])
+    lengths = args.lengths or ([128, 256] if args.tiny else [2048, 4096, 8192, 16384, 32768, 65536, 131072])
     bench = Bench(args.out, args.budget_s, device)
     bench.results["setup"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -43,32 +43,20 @@ def answer_token_span(trace: Trace, answer: str | tuple[int, int]) -> tuple[int,
 def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None,
                 ) -> tuple[str, TargetFn]:
     """(description, function of the logits [T, V] of one trace -> scalar)."""
-    tokens = trace.tokens
     if callable(target):
         return getattr(target, "__name__", "callable"), target
-    if isinstance(target, int) and not isinstance(target, bool):
-        return f"logit[{target}]@last", lambda logits: logits[-1, target].float()
-    if target == "all":
-        return "all", lambda logits: next_token_loss(logits, tokens, 1, len(tokens))
-    if target == "summary":
-        positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()  # one contiguous run
-        if positions.numel() == 0 or positions[-1] == 0:
-            raise ValueError("target='summary' needs summary tokens; this trace has none. Use target='all'.")
-        start, end = max(1, int(positions[0])), int(positions[-1]) + 1
-        return "summary", lambda logits: next_token_loss(logits, tokens, start, end)
-    if target == "answer":
-        if answer is None:
-            raise ValueError("target='answer' needs answer='...' (text in the summary) or answer=(start, end).")
-        start, end = answer_token_span(trace, answer)
-        return "answer", lambda logits: next_token_loss(logits, tokens, start, end)
-    raise ValueError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id (its logit at "
-                     "the last position) or a callable on the logits [T, V].")
+    rows = row_target(target, trace, answer)
+    if rows.token_id is not None:
+        return f"logit[{rows.token_id}]@last", lambda logits: logits[-1, rows.token_id].float()
+    tokens = trace.tokens
+    return str(target), lambda logits: next_token_loss(logits, tokens, rows.start + 1, rows.end + 1)
 
 
 @dataclass(frozen=True)
 class RowTarget:
     """A built-in target as the logits rows it reads: the mean next-token loss over rows
-    [start, end) (row p predicts token p + 1), or with ``token_id`` that logit in the one row."""
+    [start, end) (row p predicts token p + 1), or with ``token_id`` that logit in the one row
+    (the long-trace mode computes logits for these rows only, in chunks)."""
 
     start: int
     end: int
@@ -76,8 +64,8 @@ class RowTarget:
 
 
 def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None) -> RowTarget | None:
-    """:class:`RowTarget` of a built-in target (the same value as :func:`make_target`'s function);
-    None for a callable, which needs every row's logits."""
+    """The logits rows a target reads (None for a callable, which may read all of them); bad
+    targets are refused here."""
     if callable(target):
         return None
     if isinstance(target, int) and not isinstance(target, bool):
@@ -85,7 +73,14 @@ def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | Non
     if target == "all":
         return RowTarget(0, len(trace) - 1)
     if target == "summary":
-        positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
+        positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()  # one contiguous run
+        if positions.numel() == 0 or positions[-1] == 0:
+            raise ValueError("target='summary' needs summary tokens; this trace has none. Use target='all'.")
         return RowTarget(max(1, int(positions[0])) - 1, int(positions[-1]))
-    start, end = answer_token_span(trace, answer)
-    return RowTarget(start - 1, end - 1)
+    if target == "answer":
+        if answer is None:
+            raise ValueError("target='answer' needs answer='...' (text in the summary) or answer=(start, end).")
+        start, end = answer_token_span(trace, answer)
+        return RowTarget(start - 1, end - 1)
+    raise ValueError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id (its logit at "
+                     "the last position) or a callable on the logits [T, V].")

@@ -106,14 +106,20 @@ def test_eval_under_accelerate_launch_splits_problems_across_ranks(chat_llama, p
 
     from stepsal.studies.evaluate import load_samples
 
+    import socket
+
     common = ["eval", "--model", str(chat_llama), "--problems", str(problems), "--k", "2", "--max-new-tokens", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port for rank 0's store (the default 29500 may be taken)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     # --multi_gpu: accelerate's torchrun launcher (its --cpu mode needs MPI); without GPUs each rank uses the CPU
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepsal.cli"]
+              "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "stepsal.cli"]
     done = subprocess.run([*launch, *common, "--out", str(tmp_path / "ranks")], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-1500:]
     assert sorted(p.name for p in (tmp_path / "ranks").glob("samples*")) == ["samples.0-of-2.jsonl",
                                                                           "samples.1-of-2.jsonl"]
     assert main([*common, "--out", str(tmp_path / "single")]) == 0
