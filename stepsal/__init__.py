@@ -17,7 +17,7 @@ _PUBLIC = {
     "FORMATS": "formats", "TraceFormat": "formats", "custom_format": "formats",
     "Generation": "generation", "generate": "generation",
     "LayerMetrics": "metrics", "compare_groups": "metrics", "layer_metrics": "metrics",
-    "load_model": "models",
+    "load_model": "models", "embedded_folder": "embedded",
     "StepSaliency": "saliency", "step_saliency": "saliency",
     "FlowEffect": "stepflow", "StepFlow": "stepflow", "saliency_change": "stepflow",
     "QUESTION": "traces", "SUMMARY": "traces", "THINKING": "traces", "Step": "traces", "StepLayout": "traces",

@@ -328,10 +328,12 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
         fwd_hooks = [(hook_name(layer, "pattern"), pooler.forward_hook(layer))] if layer in pooler.layers else []
         with hooks_attached(model, fwd_hooks):
             grad = _recompute_block(model, layer, args, kwargs, grad)
-    return loss
+    return loss.detach()
 
 
 def _capture_block_inputs(model: Any, block_inputs: list[Any]) -> ExitStack:
+    """Forward pre-hooks (removed when the returned stack closes) that keep each block's inputs."""
+
     def capture(layer: int) -> Callable:
         def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
             block_inputs[layer] = (_strip_caches(args), _strip_caches(kwargs))
