@@ -34,6 +34,12 @@ class AttentionSpec:
     block: int = BLOCK
 
 
+def visibility(queries: Tensor, keys: Tensor, window: int | None) -> Tensor:
+    """[q, k] booleans: key position k is visible to query position t (k <= t, within the window)."""
+    visible = keys[None, :] <= queries[:, None]
+    return visible & (keys[None, :] > queries[:, None] - window) if window else visible
+
+
 def _key_start(spec: AttentionSpec, query_start: int) -> int:
     return 0 if spec.window is None else max(0, query_start - spec.window + 1)
 
@@ -48,11 +54,8 @@ def _block_scores(q: Tensor, k: Tensor, spec: AttentionSpec, start: int, end: in
     if spec.softcap:
         capped = torch.tanh(scores / spec.softcap)
         scores = capped * spec.softcap
-    queries = torch.arange(start, end, device=q.device)[:, None]
-    keys = torch.arange(key_start, key_end, device=q.device)[None, :]
-    visible = keys <= queries
-    if spec.window is not None:
-        visible = visible & (keys > queries - spec.window)
+    visible = visibility(torch.arange(start, end, device=q.device), torch.arange(key_start, key_end, device=q.device),
+                         spec.window)
     return scores.masked_fill(~visible, -math.inf), capped
 
 
@@ -135,11 +138,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) ->
     scores = q.float() @ k.float().transpose(-1, -2) * spec.scale
     if spec.softcap:
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
-    t = torch.arange(q.shape[1])
-    visible = t[None, :] <= t[:, None]
-    if spec.window is not None:
-        visible = visible & (t[None, :] > t[:, None] - spec.window)
-    scores = scores.masked_fill(~visible, -math.inf)
+    positions = torch.arange(q.shape[1])
+    scores = scores.masked_fill(~visibility(positions, positions, spec.window), -math.inf)
     if spec.sinks is not None:
         sink = spec.sinks.float().reshape(-1, 1, 1).expand(-1, q.shape[1], 1)
         pattern = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]

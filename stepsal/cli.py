@@ -157,7 +157,7 @@ def report_command(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise CliError(f"{folder} is not a folder; pass the folder that holds saved results (*.safetensors).")
     out = prepare_out(args.out) if args.out else None
-    path = report_from_folder(folder, out)
+    path = report_from_folder(folder, out, max_sections=None if args.max_sections < 0 else args.max_sections)
     print(f"wrote {path}")
     return 0
 
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one offline HTML page from saved results (a folder of *.safetensors)")
     r.add_argument("folder", help="folder of saved results; two subfolders (e.g. correct/, wrong/) are compared")
     r.add_argument("--out", default=None, help="where report.html goes (default: the folder)")
+    r.add_argument("--max-sections", type=int, default=20,
+                   help="full sections (widgets, figure) for the first N results; all are listed (-1: all)")
     r.set_defaults(func=report_command)
 
     s = sub.add_parser("sweep", parents=[common], help="an intervention at one layer at a time: what it changes")

@@ -87,6 +87,12 @@ def test_study_report_from_a_folder_of_saved_results(result, tmp_path):
     assert "correct vs wrong" in dom and "hedges_g" in dom
     for name in ("correct/trace0.safetensors", "wrong/trace1.safetensors"):
         assert name in dom
+    assert dom.index("correct vs wrong") < dom.index("<h2>Results</h2>")  # the comparison opens the page
+    short = report_from_folder(tmp_path, tmp_path / "short", max_sections=1).read_text()
+    assert short.count("<section id=") == 1 and "first 1 of 4 results" in short
+    assert len(short) < path.stat().st_size  # widgets and figures of three results left out
+    for name in ("correct/trace1.safetensors", "wrong/trace0.safetensors"):
+        assert name in short  # still listed
 
 
 def test_notebook_widgets_mount_offline_and_share_one_bundle(result, tokenizer, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from ..blockwise import visibility
 from ..errors import UnsupportedModelError
 from .config import StepFlow
 from .hooks import FlowRun
@@ -57,14 +58,6 @@ def flow_layers(model: Any, flow: StepFlow) -> tuple[list[int], list[int]]:
     return oeb, (smi if flow.alpha > 0 else [])
 
 
-def _visible(q: int, k: int, window: int | None, device: torch.device) -> Tensor:
-    """Causal (and window) visibility [q, k] of the last q positions of k."""
-    queries = torch.arange(k - q, k, device=device)[:, None]
-    keys = torch.arange(k, device=device)[None, :]
-    visible = keys <= queries
-    return visible & (keys > queries - window) if window else visible
-
-
 def _pattern(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, window: int | None,
              softcap: float | None, sinks: Tensor | None) -> Tensor:
     """Attention weights [B, H, q, k] as the model's eager attention computes them."""
@@ -73,7 +66,10 @@ def _pattern(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, wi
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     if mask is None:
-        scores = scores.masked_fill(~_visible(query.shape[2], key.shape[2], window, query.device), -math.inf)
+        n_queries, n_keys = query.shape[2], key.shape[2]  # the queries are the last of the keys
+        visible = visibility(torch.arange(n_keys - n_queries, n_keys, device=query.device),
+                             torch.arange(n_keys, device=query.device), window)
+        scores = scores.masked_fill(~visible, -math.inf)
     elif mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask[..., -key.shape[2]:], -math.inf)
     else:

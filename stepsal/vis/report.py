@@ -57,17 +57,25 @@ def build_page(title: str, sections: Sequence[str], subtitle: str = "") -> str:
 
 
 def write_report(out_dir: str | os.PathLike, results: Sequence, names: Sequence[str] | None = None,
-                 title: str = "Step-Saliency report", extra_sections: Sequence[str] = ()) -> Path:
-    """Write ``out_dir/report.html`` with one section per result."""
+                 title: str = "Step-Saliency report", extra_sections: Sequence[str] = (),
+                 max_sections: int | None = None) -> Path:
+    """Write ``out_dir/report.html``: ``extra_sections`` first, then a table of all results (when
+    there are several), then one full section per result, for the first ``max_sections`` of them
+    (None: all; each section holds widgets and a figure, ~0.3 MB)."""
     names = list(names) if names is not None else [f"trace {i}" for i in range(len(results))]
+    shown = len(results) if max_sections is None else min(max_sections, len(results))
     sections = list(extra_sections)
     if len(results) > 1:
-        rows = [(f"<a href='#r{i}'>{html.escape(n)}</a>", html.escape(r.model), len(r.layers), r.layout.n_steps,
-                 *(round(v, 4) for v in r.metrics().per_trace().values()))
+        rows = [(f"<a href='#r{i}'>{html.escape(n)}</a>" if i < shown else html.escape(n), html.escape(r.model),
+                 len(r.layers), r.layout.n_steps, *(round(v, 4) for v in r.metrics().per_trace().values()))
                 for i, (n, r) in enumerate(zip(names, results))]
-        sections.insert(0, "<h2>Results</h2>" + _raw_table(
-            ["result", "model", "layers", "steps", *results[0].metrics().per_trace()], rows))
-    sections += [result_section(r, n, f"r{i}") for i, (n, r) in enumerate(zip(names, results))]
+        note = "" if shown == len(results) else (
+            f"<p style='font-size:12px;color:#666'>Sections below for the first {shown} of {len(results)} results; "
+            "open any other with <code>StepSaliency.load(path).show()</code>, or write the page with "
+            "<code>max_sections=None</code>.</p>")
+        sections.append("<h2>Results</h2>" + _raw_table(
+            ["result", "model", "layers", "steps", *results[0].metrics().per_trace()], rows) + note)
+    sections += [result_section(r, n, f"r{i}") for i, (n, r) in enumerate(zip(names[:shown], results[:shown]))]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
@@ -83,9 +91,11 @@ def _raw_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
             f"<tbody>{body}</tbody></table>")
 
 
-def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                       max_sections: int | None = 20) -> Path:
     """One page from every saved result (``*.safetensors``) under ``folder``; two subfolders of
-    results are compared as groups (per-trace measures with CIs, per-layer curves)."""
+    results are compared as groups first (per-trace measures with CIs, per-layer curves), then all
+    results are listed, with full sections for the first ``max_sections`` (None: all)."""
     from ..metrics import compare_groups
     from ..saliency import StepSaliency
 
@@ -120,4 +130,4 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
                      f"stepsal results: {html.escape(', '.join(str(p.relative_to(root)) for p in others[:5]))}"
                      f"{' ...' if len(others) > 5 else ''}</p>")
     return write_report(out_dir or root, results, names, title=f"Step-Saliency study: {root.name}",
-                        extra_sections=extra)
+                        extra_sections=extra, max_sections=max_sections)
