@@ -5,7 +5,10 @@ prompts from the shipped problems (left-padded at batch 8). Each figure is the b
 interleaved rounds after a warm-up. Target: fast path with StepFlow >= 0.9x transformers (its default
 attention, SDPA). Also measured: transformers with a static cache (our loop uses a dynamic one).
 
-Usage: python benchmarks/bench_fast_path.py [--tokens 48] [--repeats 3]
+With ``--compile``: the same runs with the model's forward wrapped in ``torch.compile(dynamic=True)``
+(compile time reported separately, from the warm-up).
+
+Usage: python benchmarks/bench_fast_path.py [--tokens 48] [--repeats 3] [--compile]
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="wrap the forward in torch.compile(dynamic=True)")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     args = parser.parse_args()
     import stepsal
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,11 +42,15 @@ def main() -> None:
     folder = embedded_folder("smollm2-135m-reasoner")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()  # default attention: SDPA
+    if args.compile:
+        import time
+
+        model.forward = torch.compile(model.forward, dynamic=True)
     problems = stepsal.load_problems(limit=8)
     flow = stepsal.StepFlow()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, attention "
           f"{model.config._attn_implementation}, {args.tokens} new tokens, greedy")
-    for batch in (1, 8):
+    for batch in args.batches:
         messages = [p.messages() for p in problems[:batch]]
         texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
         tokenizer.padding_side = "left"
@@ -56,8 +65,15 @@ def main() -> None:
             "stepsal fast path+StepFlow": lambda: stepsal.generate(model, messages, flow, max_new_tokens=args.tokens,
                                                                    stop_at_eos=False, tokenizer=tokenizer),
         }
+        if args.compile:
+            runs.pop("transformers static cache")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if args.compile:  # the first call of each compiles: timed on its own
+                for name, fn in runs.items():
+                    started = time.perf_counter()
+                    fn()
+                    print(f"first call (compiles) {name}: {time.perf_counter() - started:.1f} s", flush=True)
             rates = interleaved_rates(runs, args.tokens * batch, args.repeats)
         base = rates["transformers"]
         print(f"\n== batch {batch}, prompts {encoded['input_ids'].shape[1]} tokens (padded)")

@@ -416,6 +416,25 @@ def _checked_loss(loss: Tensor) -> Tensor:
     return loss
 
 
+LINEAR_FROM = 1024  # from this many tokens the long-trace mode is also the faster one (docs/performance.md)
+
+
+def _choose_mode(model: Any, trace: Trace, rule: str, checkpoint: bool | None) -> Callable:
+    """The backward pass to run: pattern hooks, the blockwise kernel, or (where the kernel cannot
+    reproduce the model) the long-trace recompute with the model's own attention."""
+    if checkpoint is False:
+        return _backward_normal
+    problem = "rule='g' reads dL/dA of masked (future) keys too" if rule == "g" else linear_mode_problem(model)
+    if checkpoint is None and _normal_mode_fits(model, len(trace)):
+        return _backward_linear if problem is None and len(trace) >= LINEAR_FROM else _backward_normal
+    if problem is None:
+        return _backward_linear
+    warnings.warn(f"Step-Saliency's long-trace mode cannot use the blockwise kernel on {model_label(model)} "
+                  f"({problem}); it recomputes blocks with the model's own attention instead, which holds "
+                  "one layer's [head, T, T] attention tensors at a time.", stacklevel=3)
+    return _backward_checkpointed
+
+
 def _normal_mode_fits(model: Any, n_tokens: int) -> bool:
     """Whether autograd's saved patterns of all layers (about 2 x L x H x T^2) fit in a quarter of memory."""
     param = model.embed.W_E if hasattr(model, "embed") else next(model.parameters())
@@ -449,7 +468,8 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
         checkpoint: the long-trace mode, memory linear in T: attention through the blockwise kernel
             (no [H, T, T] tensor), one block recomputed at a time in the backward pass, logits in
             chunks of rows; equal to the pattern-hook result to float rounding. ``None`` chooses it
-            when all layers' patterns would not fit in a quarter of memory.
+            from 1024 tokens (where it is also faster) and whenever all layers' patterns would not
+            fit in a quarter of memory; ``False`` always uses the pattern hooks.
         token_level: also keep what each token receives from each query step ([layer, step, token],
             for ``show("tokens")`` at token resolution).
 
@@ -477,20 +497,9 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
     tokens = trace.tokens.to(device)
     pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads,
                           token_level)
-    if checkpoint is None:
-        checkpoint = not _normal_mode_fits(model, len(trace))
-    if checkpoint:
-        problem = "rule='g' reads dL/dA of masked (future) keys too" if rule == "g" else linear_mode_problem(model)
-        if problem is None:
-            rows = row_target(target, trace, answer)
-            run = partial(_backward_linear, rows=rows)
-        else:
-            warnings.warn(f"Step-Saliency's long-trace mode cannot use the blockwise kernel on {model_label(model)} "
-                          f"({problem}); it recomputes blocks with the model's own attention instead, which holds "
-                          "one layer's [head, T, T] attention tensors at a time.", stacklevel=2)
-            run = _backward_checkpointed
-    else:
-        run = _backward_normal
+    run = _choose_mode(model, trace, rule, checkpoint)
+    if run is _backward_linear:
+        run = partial(_backward_linear, rows=row_target(target, trace, answer))
     try:
         with frozen_parameters(model), torch.enable_grad():
             run(model, tokens, target_fn, pooler)

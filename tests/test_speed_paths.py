@@ -97,7 +97,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_long_trace_mode_never_forms_an_attention_sized_tensor(tl_models, tokenizer, backend):
+def test_long_trace_mode_never_forms_an_attention_sized_tensor(tl_models, tokenizer, backend, monkeypatch):
     model = tl_models[("qwen2", backend)]
     trace = Trace.from_text(THINK_TRACE.replace(CHECK, CHECK * 22), tokenizer)  # T ~ 480
     n_tokens, n_heads = len(trace), model.cfg.n_heads
@@ -108,6 +108,11 @@ def test_long_trace_mode_never_forms_an_attention_sized_tensor(tl_models, tokeni
     with _LargestTensor() as watch:
         step_saliency(model, trace, checkpoint=False)
     assert watch.largest >= n_heads * n_tokens * n_tokens  # the pattern path does form it
+    for threshold, linear in ((n_tokens + 1, False), (n_tokens, True)):  # automatic: from LINEAR_FROM tokens
+        monkeypatch.setattr(stepsal.saliency, "LINEAR_FROM", threshold)
+        with _LargestTensor() as watch:
+            step_saliency(model, trace)
+        assert (watch.largest <= n_heads * 256 * n_tokens) == linear
 
 
 def test_rule_g_falls_back_with_a_warning_and_the_same_result(tl_models, trace_for_g):
