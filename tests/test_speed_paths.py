@@ -156,6 +156,22 @@ def test_fast_path_generates_the_hook_paths_tokens_and_statistics(hf_models, tl_
     assert injections > 0 and changed > 0  # both parts acted
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "gemma2", "qwen3", "olmo3", "deepseek_v3"])
+def test_fast_path_on_sinks_windows_softcapping_qk_norms_and_mla(arch, tokenizer):
+    flow = StepFlow(oeb_layers=[0], smi_layers=[1], tau_max=0.9, alpha=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = stepsal.load_model(make_arch_model(arch, len(tokenizer)), tokenizer, backend="bridge")
+    fast_model = make_arch_model(arch, len(tokenizer))  # the same weights, never wrapped by a bridge
+    hooked = generate(bridge, PROMPTS, flow, max_new_tokens=12)
+    fast = generate(fast_model, PROMPTS, flow, max_new_tokens=12, tokenizer=tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens))
+    assert hooked.stats.oeb_changed.tolist() == fast.stats.oeb_changed.tolist()
+    assert hooked.stats.smi_count.tolist() == fast.stats.smi_count.tolist()
+    assert torch.allclose(hooked.stats.oeb_after, fast.stats.oeb_after, rtol=1e-4)
+    assert fast.stats.oeb_changed.sum() > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fast_path_teacher_forced_logits_equal_the_hook_paths(hf_models, tl_models, tokenizer, arch):
     trace = Trace.from_text(THINK_TRACE, tokenizer)
