@@ -115,7 +115,8 @@ def _bridge_forward(component: Any) -> Callable[..., Any]:
 
 
 @contextmanager
-def _implementation(config: Any, name: str) -> Iterator[None]:
+def attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """A transformers config's ``_attn_implementation`` set to ``name`` for the duration."""
     before = config._attn_implementation
     config._attn_implementation = name
     try:
@@ -155,10 +156,10 @@ def blockwise_attention_layers(model: Any, observers: dict[int, Observer] | None
                 stack.callback(_OBSERVERS.pop, id(hf_attn), None)
                 configs[id(hf_attn.config)] = hf_attn.config
             for config in configs.values():
-                stack.enter_context(_implementation(config, KERNEL_NAME))
+                stack.enter_context(attention_implementation(config, KERNEL_NAME))
             outer = model.original_model.config
             if id(outer) not in configs:  # the mask is built from the outer model's config
-                stack.enter_context(_implementation(outer, KERNEL_NAME))
+                stack.enter_context(attention_implementation(outer, KERNEL_NAME))
         yield
 
 

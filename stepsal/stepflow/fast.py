@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..blockwise import visibility
 from ..errors import UnsupportedModelError
+from ..linear_attention import attention_implementation
 from .config import StepFlow
 from .hooks import FlowRun
 
@@ -161,7 +162,5 @@ def flow_attached(model: Any, run: FlowRun) -> Iterator[None]:
             stack.callback(handle.remove)
         configs = {id(config): config, id(config.get_text_config()): config.get_text_config()}
         for one in configs.values():
-            before = one._attn_implementation
-            one._attn_implementation = KERNEL_NAME
-            stack.callback(setattr, one, "_attn_implementation", before)
+            stack.enter_context(attention_implementation(one, KERNEL_NAME))
         yield
