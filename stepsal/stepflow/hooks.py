@@ -297,6 +297,9 @@ class FlowRun:
 
     def _smi_hook(self, index: int, layer: int) -> Callable:
         def step_momentum_injection(x: Tensor, hook: Any) -> Tensor | None:
+            self._check_window(x.shape[0], x.shape[1])
+            if not self.any_inject:  # before fetching W_O (a property on the bridge): most decode steps
+                return None
             w_o = output_weights(self.model, layer) if self.flow.smi_site != "z" else None
             return self.inject_momentum(index, layer, x, self.model.cfg.n_heads, w_o)
 
