@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,8 +44,6 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()  # default attention: SDPA
     if args.compile:
-        import time
-
         model.forward = torch.compile(model.forward, dynamic=True)
     problems = stepsal.load_problems(limit=8)
     flow = stepsal.StepFlow()

@@ -131,18 +131,35 @@ def blockwise_attention(q: Float[Tensor, "head token d"], k: Float[Tensor, "kv_h
     return BlockwiseAttention.apply(q, k, v, spec, observer)
 
 
+def eager_pattern(query: Float[Tensor, "batch head query d"], key: Float[Tensor, "batch kv_head key d"],
+                  scale: float, softcap: float | None = None, sinks: Tensor | None = None,
+                  mask: Tensor | None = None, window: int | None = None) -> Float[Tensor, "batch head query key"]:
+    """Attention weights as eager attention computes them: the queries are the last of the keys;
+    ``mask`` [B, 1, q, k] (bool: visible, or additive), else causal within ``window``. Rows with no
+    visible key (padding) are 0."""
+    group = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query, key.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    if mask is None:
+        visible = visibility(torch.arange(n_keys - n_queries, n_keys, device=query.device),
+                             torch.arange(n_keys, device=query.device), window)
+        scores = scores.masked_fill(~visible, -math.inf)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., -n_keys:], -math.inf)
+    else:
+        scores = scores + mask[..., -n_keys:]
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        pattern = torch.softmax(torch.cat([scores, sink], -1).float(), -1)[..., :-1]
+    else:
+        pattern = torch.softmax(scores.float(), -1)
+    return torch.nan_to_num(pattern, nan=0.0).to(query.dtype)
+
+
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
     """The same attention with the full [H, T, T] pattern (tests): (z, pattern)."""
-    group = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-    scores = q.float() @ k.float().transpose(-1, -2) * spec.scale
-    if spec.softcap:
-        scores = spec.softcap * torch.tanh(scores / spec.softcap)
-    positions = torch.arange(q.shape[1])
-    scores = scores.masked_fill(~visibility(positions, positions, spec.window), -math.inf)
-    if spec.sinks is not None:
-        sink = spec.sinks.float().reshape(-1, 1, 1).expand(-1, q.shape[1], 1)
-        pattern = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
-    else:
-        pattern = torch.softmax(scores, -1)
-    return pattern @ v.float(), pattern
+    pattern = eager_pattern(q[None].float(), k[None].float(), spec.scale, spec.softcap, spec.sinks,
+                            window=spec.window)[0]
+    return pattern @ v.float().repeat_interleave(q.shape[0] // k.shape[0], 0), pattern

@@ -422,11 +422,12 @@ LINEAR_FROM = 1024  # from this many tokens the long-trace mode is also the fast
 def _choose_mode(model: Any, trace: Trace, rule: str, checkpoint: bool | None) -> Callable:
     """The backward pass to run: pattern hooks, the blockwise kernel, or (where the kernel cannot
     reproduce the model) the long-trace recompute with the model's own attention."""
-    if checkpoint is False:
-        return _backward_normal
+    fits = checkpoint is None and _normal_mode_fits(model, len(trace))
+    if checkpoint is False or (fits and len(trace) < LINEAR_FROM):
+        return _backward_normal  # no probe of the kernel needed
     problem = "rule='g' reads dL/dA of masked (future) keys too" if rule == "g" else linear_mode_problem(model)
-    if checkpoint is None and _normal_mode_fits(model, len(trace)):
-        return _backward_linear if problem is None and len(trace) >= LINEAR_FROM else _backward_normal
+    if fits:
+        return _backward_linear if problem is None else _backward_normal
     if problem is None:
         return _backward_linear
     warnings.warn(f"Step-Saliency's long-trace mode cannot use the blockwise kernel on {model_label(model)} "

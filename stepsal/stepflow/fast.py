@@ -16,14 +16,13 @@ Everything is removed on exit, also when an exception escapes.
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
-from ..blockwise import visibility
+from ..blockwise import eager_pattern
 from ..errors import UnsupportedModelError
 from ..linear_attention import attention_implementation
 from .config import StepFlow
@@ -59,30 +58,6 @@ def flow_layers(model: Any, flow: StepFlow) -> tuple[list[int], list[int]]:
     return oeb, (smi if flow.alpha > 0 else [])
 
 
-def _pattern(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, window: int | None,
-             softcap: float | None, sinks: Tensor | None) -> Tensor:
-    """Attention weights [B, H, q, k] as the model's eager attention computes them."""
-    group = query.shape[1] // key.shape[1]
-    scores = torch.matmul(query, key.repeat_interleave(group, 1).transpose(-1, -2)) * scaling
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    if mask is None:
-        n_queries, n_keys = query.shape[2], key.shape[2]  # the queries are the last of the keys
-        visible = visibility(torch.arange(n_keys - n_queries, n_keys, device=query.device),
-                             torch.arange(n_keys, device=query.device), window)
-        scores = scores.masked_fill(~visible, -math.inf)
-    elif mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask[..., -key.shape[2]:], -math.inf)
-    else:
-        scores = scores + mask[..., -key.shape[2]:]
-    if sinks is not None:
-        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
-        pattern = torch.softmax(torch.cat([scores, sink], -1).float(), -1)[..., :-1]
-    else:
-        pattern = torch.softmax(scores.float(), -1)
-    return torch.nan_to_num(pattern, nan=0.0).to(query.dtype)  # rows with no visible key (padding)
-
-
 def _flow_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                     dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
                     softcap: float | None = None, s_aux: Tensor | None = None,
@@ -99,7 +74,7 @@ def _flow_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, atte
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    pattern = _pattern(query, key, attention_mask, scaling, sliding_window, softcap, s_aux)
+    pattern = eager_pattern(query, key, scaling, softcap, s_aux, attention_mask, sliding_window)
     if bridged:
         edited = run.bridge(oeb_index[layer], pattern)
         pattern = pattern if edited is None else edited
