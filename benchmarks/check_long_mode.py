@@ -1,8 +1,8 @@
 """The long-trace mode (blockwise kernel) against the pattern hooks on every architecture of docs/models.md.
 
 For each tiny architecture (tests/archs.py) and backend that loads: the relative difference of the
-step sums, per-head sums and token-level sums between ``checkpoint=False`` (pattern hooks) and
-``checkpoint=True`` (blockwise kernel), targets "all" and a token's logit; or why the kernel does
+step sums, per-head sums and token-level sums between ``mode="patterns"`` (pattern hooks) and
+``mode="blockwise"`` (blockwise kernel), targets "all" and a token's logit; or why the kernel does
 not cover the model (then the long-trace mode falls back to the model's own attention).
 
 Usage: python benchmarks/check_long_mode.py   (about a minute on 2 cores)
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import stepsal  # noqa: E402
 from archs import ARCHITECTURES, make_arch_model  # noqa: E402
-from stepsal.linear_attention import linear_mode_problem  # noqa: E402
+from stepsal.blockwise_layers import blockwise_problem  # noqa: E402
 from stepsal.models import hooked_transformer_class  # noqa: E402
 from tiny import THINK_TRACE, make_tokenizer  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> None:
             except stepsal.UnsupportedModelError:
                 print(f"{arch.name:12s} {backend:6s} does not load")
                 continue
-            problem = linear_mode_problem(model)
+            problem = blockwise_problem(model)
             if problem:
                 print(f"{arch.name:12s} {backend:6s} falls back: {problem[:150]}")
                 continue
@@ -50,8 +50,8 @@ def main() -> None:
             worst = 0.0
             for target in ("all", 5):
                 kwargs = dict(target=target, per_head=True, token_level=True)
-                a = stepsal.step_saliency(model, trace, checkpoint=False, **kwargs)
-                b = stepsal.step_saliency(model, trace, checkpoint=True, **kwargs)
+                a = stepsal.step_saliency(model, trace, mode="patterns", **kwargs)
+                b = stepsal.step_saliency(model, trace, mode="blockwise", **kwargs)
                 worst = max(worst, relative(a.sums, b.sums), relative(a.head_sums, b.head_sums),
                             relative(a.token_sums, b.token_sums))
             print(f"{arch.name:12s} {backend:6s} max relative difference {worst:.1e} (T = {len(trace)}, "

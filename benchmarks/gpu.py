@@ -146,8 +146,8 @@ def bench_saliency(bench: Bench, model, hf_sdpa, lengths: list[int]) -> None:
     kinds = {
         "tl_fb": lambda trace: tl_forward_backward(model, trace.tokens.to(device)),
         "hf_sdpa_ckpt_fb": lambda trace: hf_checkpointed_forward_backward(hf_sdpa, trace.tokens.to(device)),
-        "saliency_normal": lambda trace: stepsal.step_saliency(model, trace, checkpoint=False),
-        "saliency_long": lambda trace: stepsal.step_saliency(model, trace, checkpoint=True),
+        "saliency_normal": lambda trace: stepsal.step_saliency(model, trace, mode="patterns"),
+        "saliency_long": lambda trace: stepsal.step_saliency(model, trace, mode="blockwise"),
     }
     warm = synthetic_trace(min(lengths), model.cfg.d_vocab)
     for fn in kinds.values():

@@ -22,7 +22,7 @@ computed on every layer's attention pattern `A` (TransformerLens `hook_pattern`)
 and pooled over the tokens of each pair of steps into a step -> step map per layer. One forward and
 one backward pass; nothing else. This notebook runs it on SmolLM2-135M-Instruct, a real (small)
 model shipped through PyPI, entirely offline on a CPU."""),
-    new_code_cell("""import stepsal  # sets HF_HUB_OFFLINE=1 and friends: nothing is downloaded
+    new_code_cell("""import stepsal  # offline: stepsal loads local and embedded models only, unless asked to download
 from stepsal.cli import example_trace_text
 
 model = stepsal.load_model("smollm2-135m")  # first call converts and caches the model (~30 s)
@@ -58,9 +58,8 @@ Everything renders offline."""),
     new_code_cell("""result.show("tokens")"""),
     new_code_cell("""result.to_dataframe().query("layer == 29 and kind_q == 'summary'").nlargest(5, "value")"""),
     new_code_cell("""%matplotlib inline
-from stepsal.vis import plot_step_maps
-
-plot_step_maps(result, layers=[0, 7, 15, 22, 29])"""),
+fig, axes = result.plot(layers=[0, 7, 15, 22, 29])
+fig"""),
     new_markdown_cell("""## 3. Shallow Lock-in and Deep Decay
 
 On row-normalised maps (each step's row is a distribution over earlier steps):

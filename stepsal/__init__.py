@@ -7,10 +7,6 @@ names below are imported on first use.
 from importlib import import_module
 from typing import Any
 
-from ._offline import apply_offline_defaults
-
-apply_offline_defaults()  # before anything imports huggingface_hub
-
 _PUBLIC = {
     "ModelMismatchError": "errors", "NonFiniteGradientError": "errors", "StepsalError": "errors",
     "TraceFormatError": "errors", "UnsupportedModelError": "errors", "StepsalWarning": "errors",
@@ -22,7 +18,7 @@ _PUBLIC = {
     "FlowEffect": "stepflow", "StepFlow": "stepflow", "saliency_change": "stepflow",
     "QUESTION": "traces", "SUMMARY": "traces", "THINKING": "traces", "Step": "traces", "StepLayout": "traces",
     "Trace": "traces",
-    "write_report": "vis.report", "report_from_folder": "vis.report",
+    "write_report": "vis.report", "report_from_folder": "studies.report",
     "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
     "load_problems": "tasks.problems", "WordProblem": "tasks.problems",

@@ -1,8 +1,10 @@
-"""Offline defaults, applied before anything imports huggingface_hub.
+"""Offline by default, without touching the user's environment.
 
-stepsal never downloads unless the user asks for it: these variables are only set when the user
-has not set them. To allow downloads, set ``HF_HUB_OFFLINE=0`` before importing stepsal and pass
-``allow_download=True`` to :func:`stepsal.load_model`.
+Importing stepsal changes no environment variable. stepsal's own loaders pass
+``local_files_only=True`` to transformers unless the user asks for a download
+(``load_model(..., allow_download=True)``), so they never reach the network on their own. The
+command line, the Makefile and the test suite are programs rather than a library: they set
+:data:`OFFLINE_DEFAULTS` for their own process with :func:`apply_offline_defaults`.
 """
 
 import os
@@ -17,9 +19,11 @@ OFFLINE_DEFAULTS = {
 
 
 def apply_offline_defaults() -> None:
+    """Set the offline variables that the user has not set (for programs: the CLI, scripts)."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
 
 def hub_offline() -> bool:
+    """Whether the user switched the Hugging Face hub off (``HF_HUB_OFFLINE=1``)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")

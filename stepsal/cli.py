@@ -13,17 +13,15 @@ from importlib import resources
 from pathlib import Path
 
 from ._offline import apply_offline_defaults
-
-apply_offline_defaults()
+from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
+from .cli_studies import add_study_parsers
+from .formats import FORMATS
+from .options import BACKENDS, DTYPE_NAMES, MODES, NORMS, RULES, SWEEP_METRICS, TARGET_NAMES
 
 
 def example_trace_text() -> str:
     """The example trace shipped with the package (SmolLM2 chat template, ``think`` format)."""
     return resources.files("stepsal").joinpath("data/example_trace.txt").read_text()
-
-
-class CliError(Exception):
-    """A problem the user can fix, printed as one line."""
 
 
 def read_trace_text(args: argparse.Namespace) -> str:
@@ -41,7 +39,7 @@ def read_trace_text(args: argparse.Namespace) -> str:
 
 def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", answer: str | None = None) -> None:
     """Markers, thinking steps and the answer target, from the text alone (before the model loads)."""
-    from .traces import THINKING, segment_text
+    from .traces import THINKING, segment_text  # lazy: keeps --help torch-free
 
     if target == "answer" and not answer:
         raise CliError("--target answer needs --answer TEXT (the answer as written in the summary).")
@@ -56,26 +54,12 @@ def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", a
                        "--min-steps.")
 
 
-def prepare_out(folder: str) -> Path:
-    """Create the output folder and prove it writable before any long work."""
-    out = Path(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".stepsal-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise CliError(f"--out {out} is not a writable folder ({error.strerror or error}).") from None
-    return out
-
-
 def analyze(args: argparse.Namespace) -> int:
     text = read_trace_text(args)
     check_trace_text(text, args.fmt, args.min_steps, args.target, args.answer)
     out = prepare_out(args.out)
-    from . import Trace, step_saliency
-    from .vis.figures import plot_step_maps
-    from .vis.report import write_report
+    from . import Trace, step_saliency  # lazy: keeps --help torch-free
+    from .vis.report import write_report  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     trace = Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=args.min_steps)
@@ -86,7 +70,7 @@ def analyze(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = step_saliency(model, trace, target=args.target, rule=args.rule, norm=args.norm,
                            per_head=args.per_head, answer=args.answer, token_level=True,
-                           checkpoint={"auto": None, "on": True, "off": False}[args.checkpoint])
+                           mode=args.mode)
     print(f"\nStep-Saliency ({args.rule}, target {result.target}) in {time.perf_counter() - started:.1f} s")
     metrics = result.metrics()
     print("\nper-layer measures (row-normalised maps):")
@@ -97,7 +81,7 @@ def analyze(args: argparse.Namespace) -> int:
     result.save(out / "saliency.safetensors")
     (out / "trace.json").write_text(json.dumps(trace.to_dict()))
     (out / "metrics.json").write_text(json.dumps(metrics.per_trace(), indent=2))
-    plot_step_maps(result, path=out / "step_maps.png")
+    result.plot(path=out / "step_maps.png")
     write_report(out, [result], [f"{args.model}: {'example trace' if args.example else args.trace}"])
     print(f"\nwrote {out}/report.html, step_maps.png, saliency.safetensors, trace.json, metrics.json")
     return 0
@@ -111,13 +95,13 @@ def parse_intervention(text: str):
         queries, keys = ([int(s) for s in p.split("+")] if p[:1].isdigit() else p for p in parts[1:])
 
         def knockout_at(model):
-            from .studies import knockout
+            from .studies import knockout  # lazy: keeps --help torch-free
 
             return lambda layer, trace: knockout(model, trace, queries, keys, layers=[layer])
         return knockout_at
     if text in ("oeb", "smi"):
         def stepflow_part_at(model):
-            from .stepflow import StepFlow
+            from .stepflow import StepFlow  # lazy: keeps --help torch-free
 
             def attach(layer: int, trace):
                 only = {"oeb_layers": [layer] if text == "oeb" else [], "smi_layers": [layer] if text == "smi" else []}
@@ -134,7 +118,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         texts.append(read_trace_text(argparse.Namespace(example=False, trace=path)))
         check_trace_text(texts[-1], args.fmt, 1)
     out = prepare_out(args.out)
-    from . import Trace, layer_sweep
+    from . import Trace, layer_sweep  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     traces = [Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=1) for text in texts]
@@ -151,7 +135,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .vis.report import report_from_folder
+    from .studies.report import report_from_folder  # lazy: keeps --help torch-free
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -160,18 +144,6 @@ def report_command(args: argparse.Namespace) -> int:
     path = report_from_folder(folder, out, max_sections=None if args.max_sections < 0 else args.max_sections)
     print(f"wrote {path}")
     return 0
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """'0,1,2' -> [0, 1, 2]; 'off' -> []; None -> None (the paper's band)."""
-    if text is None:
-        return None
-    if text.strip().lower() == "off":
-        return []
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise CliError(f"layers must look like '0,1,2' or 'off'; got {text!r}.") from None
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -184,7 +156,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if not args.stepflow and any(option is not None for option in flow_options):
         raise CliError("--oeb-layers/--smi-layers/--tau-max/--alpha need --stepflow.")
     out_dir = prepare_out(args.out)
-    from . import StepFlow, generate
+    from . import StepFlow, generate  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     prompt = args.prompt
@@ -220,30 +192,13 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_cli(args: argparse.Namespace):
-    import torch
-
-    from . import load_model
-
-    started = time.perf_counter()
-    from .embedded import EMBEDDED
-
-    if args.model.lower() not in EMBEDDED and not Path(args.model).is_dir():
-        raise CliError(f"--model {args.model!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a folder "
-                       "saved with save_pretrained.")
-    model = load_model(args.model, backend=args.backend, device=args.device, dtype=getattr(torch, args.dtype))
-    print(f"model {args.model} ({type(model).__name__}, {model.cfg.n_layers} layers, "
-          f"{model.cfg.n_heads} heads) loaded in {time.perf_counter() - started:.1f} s")
-    return model
-
-
 def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | None,
                         default_model: str = "smollm2-135m") -> None:
     parser.add_argument("--model", default=default_model,
                         help=f"embedded name or a save_pretrained folder (default {default_model})")
-    parser.add_argument("--backend", choices=["hooked", "bridge"], default=default_backend)
+    parser.add_argument("--backend", choices=BACKENDS, default=default_backend)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,15 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(a, default_backend=None)
     a.add_argument("--trace", help="a text file holding the full trace (chat template included)")
     a.add_argument("--example", action="store_true", help="use the example trace shipped with stepsal")
-    a.add_argument("--fmt", default="think", choices=["think", "harmony", "plain"])
+    a.add_argument("--fmt", default="think", choices=sorted(FORMATS))
     a.add_argument("--min-steps", type=int, default=2, help="minimum number of thinking steps")
-    a.add_argument("--target", default="all", choices=["all", "summary", "answer"])
+    a.add_argument("--target", default="all", choices=TARGET_NAMES)
     a.add_argument("--answer", help="answer text (for --target answer)")
-    a.add_argument("--rule", default="ag", choices=["ag", "ag_signed", "g"])
-    a.add_argument("--norm", default="causal", choices=["causal", "block", "row"])
+    a.add_argument("--rule", default="ag", choices=RULES)
+    a.add_argument("--norm", default="causal", choices=NORMS)
     a.add_argument("--per-head", action="store_true")
-    a.add_argument("--checkpoint", default="auto", choices=["auto", "on", "off"],
-                   help="recompute one block at a time (long traces)")
+    a.add_argument("--mode", default="auto", choices=MODES,
+                   help="backward pass: auto (blockwise from 1024 tokens), patterns, blockwise (memory linear in "
+                        "the trace length), recompute")
     a.add_argument("--out", default="stepsal-out", help="output folder (report.html, figures, saved result)")
     a.set_defaults(func=analyze)
 
@@ -279,10 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", parents=[common], help="an intervention at one layer at a time: what it changes")
     add_model_arguments(s, default_backend=None)
     s.add_argument("--trace", action="append", required=True, help="a trace file (repeat for several)")
-    s.add_argument("--fmt", default="think", choices=["think", "harmony", "plain"])
+    s.add_argument("--fmt", default="think", choices=sorted(FORMATS))
     s.add_argument("--intervention", default="knockout:summary:thinking",
                    help="'knockout:QUERIES:KEYS' (question/thinking/summary or steps like 3+4), 'oeb' or 'smi'")
-    s.add_argument("--metric", default="summary_loss", choices=["loss", "summary_loss", "summary_kl"])
+    s.add_argument("--metric", default="summary_loss", choices=SWEEP_METRICS)
     s.add_argument("--layers", help="e.g. '0,1,2' (default: every layer with attention)")
     s.add_argument("--out", default="stepsal-out", help="output folder (sweep.jsonl, sweep.png)")
     s.set_defaults(func=sweep_command)
@@ -293,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="prompt text, used as is (include the chat template)")
     g.add_argument("--message", help="a user message; the chat template is applied")
     g.add_argument("--start-thinking", action="store_true", help="with --message: append '<think>\\n'")
-    g.add_argument("--fmt", default="think", choices=["think", "harmony", "plain"])
+    g.add_argument("--fmt", default="think", choices=sorted(FORMATS))
     g.add_argument("--stepflow", action="store_true", help="attach StepFlow (paper defaults)")
     g.add_argument("--oeb-layers", help="e.g. '0,1,2', or 'off' (default: bottom quarter)")
     g.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
@@ -307,8 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--out", default="stepsal-out", help="output folder")
     g.set_defaults(func=generate_command)
-
-    from .cli_studies import add_study_parsers
 
     add_study_parsers(sub, common, add_model_arguments)
     return parser
@@ -337,6 +291,7 @@ def report_warnings(command: str, caught: list, ours: type) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a problem prints one line on stderr and returns 1 (``--debug``: the traceback)."""
+    apply_offline_defaults()  # a program, not the library: offline for this process (before any hub import)
     args = build_parser().parse_args(argv)
     from .errors import StepsalWarning
 

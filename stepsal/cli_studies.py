@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import CliError, load_for_cli, parse_layers, prepare_out
+from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
+from .options import NORMS, TARGET_NAMES
 
 REASONER = "smollm2-135m-reasoner"
 
@@ -37,8 +38,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     s = sub.add_parser("study", parents=[common], help="correct vs wrong traces: generate, Step-Saliency, compare")
     add_model_arguments(s, default_backend="bridge", default_model=REASONER)
     add_problem_arguments(s, k_default=0)
-    s.add_argument("--target", default="all", choices=["all", "summary"])
-    s.add_argument("--norm", default="causal", choices=["causal", "block", "row"])
+    s.add_argument("--target", default="all", choices=[t for t in TARGET_NAMES if t != "answer"])  # no --answer
+    s.add_argument("--norm", default="causal", choices=NORMS)
     s.add_argument("--out", default="stepsal-study", help="folder: samples/, correct/, wrong/, report.html")
     s.set_defaults(func=study_command)
 
@@ -72,7 +73,7 @@ def print_eval_summary(result, out: Path) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from .studies.evaluate import accelerate_shard, load_samples, parse_shard
+    from .studies.evaluate import accelerate_shard, load_samples, parse_shard  # lazy: keeps --help torch-free
 
     out = prepare_out(args.out)
     if args.merge:
@@ -85,8 +86,8 @@ def eval_command(args: argparse.Namespace) -> int:
         if args.shard:
             raise CliError("--shard and accelerate launch both split the problems; use one of them.")
         shard, args.device = launched[0], str(launched[1])
-    from . import StepFlow
-    from .studies.evaluate import evaluate
+    from . import StepFlow  # lazy: keeps --help torch-free
+    from .studies.evaluate import evaluate  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     flow = None
@@ -104,7 +105,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def study_command(args: argparse.Namespace) -> int:
-    from .studies.study import run_study
+    from .studies.study import run_study  # lazy: keeps --help torch-free
 
     out = prepare_out(args.out)
     problems = _problems(args)

@@ -66,9 +66,9 @@ def _build_smollm2(folder: Path) -> None:
     source = gguf_path()
     print(f"stepsal: converting SmolLM2-135M-Instruct from {source.name} (one time, ~30 s) "
           f"into {folder}", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
     quantised = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, local_files_only=True)
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)

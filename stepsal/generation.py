@@ -18,13 +18,13 @@ from torch import Tensor
 
 from .errors import StepsalError, StepsalWarning, TraceFormatError
 from .formats import TraceFormat, get_format
-from .models import backend_of, hooks_attached, load_model
-from .sites import first_device
-from .stepflow.config import StepFlow, check_model
-from .stepflow.fast import flow_attached, flow_layers, is_transformers_model
+from .backends import Model, adapter_for
+from .models import load_model
+from .stepflow.config import StepFlow
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
 from .traces import Trace
+from .vis.html import generation_html
 
 Prompt = str | Sequence[dict] | Tensor
 
@@ -52,9 +52,9 @@ class Generation:
         return f"Generation({len(self.texts)} row(s), new tokens {lengths}, {traced} with a trace{flow})"
 
     def _repr_html_(self) -> str:
-        from .vis.html import generation_html
-
-        return generation_html(self)
+        rows = [(repr(trace) if trace is not None else f"no trace: {error}", text)
+                for text, trace, error in zip(self.texts, self.traces, self.trace_errors)]
+        return generation_html(repr(self), rows, self.stats._repr_html_() if self.stats is not None else "")
 
     @property
     def trace(self) -> Trace:
@@ -82,68 +82,6 @@ def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[l
                        "or a list of these for a batch; got an empty or unknown value.")
 
 
-# ---------------------------------------------------------------- one cached forward per backend
-
-
-class _Decoder:
-    """Runs the model on new tokens, with or without a KV cache, for either backend or a plain
-    transformers model (which computes the last position's logits only)."""
-
-    def __init__(self, model: Any, batch: int, use_cache: bool):
-        self.model, self.use_cache = model, use_cache
-        self.backend = "transformers" if is_transformers_model(model) else backend_of(model)
-        self.device = first_device(model)
-        self.cache: Any = None
-        if use_cache and self.backend == "transformers":
-            from transformers.cache_utils import DynamicCache
-
-            self.cache = DynamicCache()  # keeps every key (the mask applies sliding windows)
-        elif use_cache and self.backend == "hooked":
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-            self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch)
-        elif use_cache:
-            self.cache = _bridge_cache(model)
-
-    def __call__(self, tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
-        """Logits [batch, n, vocab] ending at the last of ``tokens`` [batch, k] (mask: 1 = real), for
-        ``n_new`` new tokens (n = n_new; 1 on a transformers model)."""
-        if self.backend == "transformers":
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            new = slice(-n_new, None) if self.use_cache else slice(None)
-            return self.model(input_ids=tokens[:, new], attention_mask=mask, position_ids=positions[:, new],
-                              past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=1).logits
-        if self.backend == "hooked":
-            if self.use_cache:
-                return self.model(tokens[:, -n_new:], past_kv_cache=self.cache, attention_mask=mask[:, -n_new:])
-            return self.model(tokens, attention_mask=mask)[:, -n_new:]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        if self.use_cache:
-            return self.model(tokens[:, -n_new:], attention_mask=mask, position_ids=positions[:, -n_new:],
-                              past_key_values=self.cache, use_cache=True)
-        return self.model(tokens, attention_mask=mask, position_ids=positions, use_cache=False)[:, -n_new:]
-
-
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
-
-
-def _bridge_cache(model: Any) -> Any:
-    """A transformers cache that keeps every key: attention layers never trim a sliding window (the
-    hooks read absolute positions as k - q; the model still applies its window through the mask);
-    hybrid models also get their linear-attention or state-space layers' state."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
-    config = model.original_model.config
-    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
-    if set(types) <= ATTENTION_LAYER_TYPES:
-        return DynamicCache()  # lazily built full layers
-    cache = DynamicCache(config=config)  # the config itself is not touched (some fields are read-only)
-    for index, layer in enumerate(cache.layers):
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            cache.layers[index] = DynamicLayer()
-    return cache
-
-
 def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
             generator: torch.Generator | None) -> Tensor:
     """Next token per row from the last logits [batch, vocab]."""
@@ -161,14 +99,8 @@ def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
 # ---------------------------------------------------------------- the loop
 
 
-HOOKED_DECODE_WARNING = (
-    "generating with HookedTransformer: on this TransformerLens it copies the unembedding and every gated-MLP "
-    "weight matrix on each forward (W.T.contiguous()), which makes token-by-token decoding several times "
-    "slower than TransformerBridge (docs/performance.md). Load the model with backend='bridge' to generate.")
-
-
 @torch.no_grad()
-def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow: StepFlow | None = None, *,
+def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequence[Prompt], stepflow: StepFlow | None = None, *,
              max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              seed: int | None = None, fmt: str | TraceFormat = "think", use_cache: bool = True,
              stop_at_eos: bool = True, marker_in_output: bool = False, tokenizer: Any = None) -> Generation:
@@ -203,29 +135,25 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
     fmt = get_format(fmt)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, backend="bridge")
-    fast = is_transformers_model(model)
-    if fast and tokenizer is None:
+    adapter = adapter_for(model, tokenizer)
+    if adapter.tokenizer is None:
         raise StepsalError("a transformers model needs its tokenizer: generate(model, prompt, tokenizer=tokenizer).")
-    if not fast:
-        if backend_of(model) == "hooked":
-            warnings.warn(HOOKED_DECODE_WARNING, StepsalWarning, stacklevel=3)
-        tokenizer = model.tokenizer
+    if (warning := adapter.generation_warning()) is not None:
+        warnings.warn(warning, StepsalWarning, stacklevel=3)
+    tokenizer = adapter.tokenizer
     rows = _encode_prompts(tokenizer, prompt_or_messages)
     if any(len(r) == 0 for r in rows):
         raise StepsalError("a prompt has no tokens.")
     if stepflow is not None:
-        layers = flow_layers(model, stepflow) if fast else None
-        if not fast:
-            check_model(model, stepflow)
+        layers = adapter.flow_layers(stepflow)
         if not marker_in_output:
             _require_thinking_marker(tokenizer, rows, fmt)
     batch, prompt_length = len(rows), max(len(r) for r in rows)
-    config = model.config.get_text_config() if fast else None
-    n_ctx = getattr(config, "max_position_embeddings", None) if fast else model.cfg.n_ctx
+    n_ctx = adapter.n_ctx
     if n_ctx is not None and prompt_length + max_new_tokens > n_ctx:
         raise StepsalError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                            f"context of {n_ctx}; lower max_new_tokens.")
-    device = first_device(model)
+    device = adapter.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tokens = torch.full((batch, prompt_length), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, prompt_length), dtype=torch.long)
@@ -236,27 +164,24 @@ def generate(model: Any, prompt_or_messages: Prompt | Sequence[Prompt], stepflow
 
     run, tracker = None, None
     if stepflow is not None:
-        run = FlowRun(stepflow, model, batch, prompt_length + max_new_tokens, layers)
-        tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=config.vocab_size if fast else model.cfg.d_vocab)
+        run = FlowRun(stepflow, adapter, batch, prompt_length + max_new_tokens, layers)
+        tracker = PhaseTracker(tokenizer, fmt, batch, vocab_size=adapter.vocab_size)
         tracker.read_prompts(rows)  # markers the prompt only quotes (in code, or closed history) do not count
         for position in range(prompt_length):
             pads = [len(ids) < prompt_length - position for ids in rows]
             ids = [r[position - (prompt_length - len(r))] if not pad else pad_id for r, pad in zip(rows, pads)]
             run.label(tracker.push(ids, pads))
     generator = None  # made on the logits' device (the last GPU of a split model)
-    decoder = _Decoder(model, batch, use_cache)
+    decode = adapter.decode_step(batch, use_cache)
     stop_ids = {tokenizer.eos_token_id} - {None} if stop_at_eos else set()
     finished = [False] * batch
-    if fast:
-        attached = flow_attached(model, run) if run is not None else nullcontext()
-    else:
-        attached = hooks_attached(model, run.hooks() if run is not None else [])
+    attached = adapter.attach_flow(run) if run is not None else nullcontext()
     with attached:
         n_new = prompt_length
         for _ in range(max_new_tokens):
             if run is not None:
                 run.begin_forward(tokens.shape[1] - n_new if use_cache else 0, n_new if use_cache else tokens.shape[1])
-            logits = decoder(tokens, mask, n_new if use_cache else tokens.shape[1])
+            logits = decode(tokens, mask, n_new if use_cache else tokens.shape[1])
             if seed is not None and generator is None:
                 generator = torch.Generator(device=logits.device).manual_seed(seed)
             chosen = _sample(logits[:, -1], do_sample, temperature, top_p, generator)

@@ -25,12 +25,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import StepsalWarning
+from .stats import bootstrap_indices, percentile_interval
 from .traces import QUESTION, SUMMARY, THINKING
+from .vis.figures import plot_group_curves
+from .vis.html import frame_section, metrics_html
+from .vis.tables import comparison_frame, comparison_text, layer_frame, text_table, wide
 
 LAYER_MEASURES = ("local_share", "question_share", "summary_thinking_share", "summary_self_share", "recency")
 TRACE_MEASURES = ("lock_in", "question_share", "summary_thinking", "summary_self", "recency", "decay")
 RECENT_STEPS = 3
 MIN_TRACES = 10  # per group, below which a comparison is descriptive only (no significance claims)
+GROUP_MEASURES = ("local_share", "question_share", "summary_thinking_share", "recency")  # GroupComparison.plot
 
 
 @dataclass
@@ -68,9 +73,7 @@ class LayerMetrics:
 
     def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
         """Long format: one row per (layer, measure)."""
-        from .vis.tables import metrics_frame
-
-        return metrics_frame(self)
+        return layer_frame(self.layers, {measure: getattr(self, measure) for measure in LAYER_MEASURES})
 
     def __repr__(self) -> str:
         if not self.layers:
@@ -79,19 +82,13 @@ class LayerMetrics:
         return f"LayerMetrics({len(self.layers)} layers {span}: {', '.join(LAYER_MEASURES)})"
 
     def _repr_html_(self) -> str:
-        from .vis.html import metrics_html
-
-        return metrics_html(self)
+        return metrics_html(repr(self), self.per_trace(), wide(self.to_dataframe()))
 
     def table(self) -> str:
         """A fixed-width text table, one row per layer."""
-        head = f"{'layer':>5} {'local':>7} {'question':>8} {'sum->thk':>8} {'sum self':>8} {'recency':>7}"
-        rows = [head]
-        for i, layer in enumerate(self.layers):
-            rows.append(f"{layer:5d} {self.local_share[i]:7.3f} {self.question_share[i]:8.3f} "
-                        f"{self.summary_thinking_share[i]:8.3f} {self.summary_self_share[i]:8.3f} "
-                        f"{self.recency[i]:7.3f}")
-        return "\n".join(rows)
+        return text_table(wide(self.to_dataframe()), digits=3, headers={
+            "local_share": "local", "question_share": "question", "summary_thinking_share": "sum->thk",
+            "summary_self_share": "sum self"})
 
 
 def _mean_rows(values: Tensor) -> Tensor:
@@ -200,15 +197,13 @@ class GroupComparison:
 
     def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
         """One row per per-trace measure: group means, difference and Hedges' g with CIs."""
-        from .vis.tables import comparison_frame
-
-        return comparison_frame(self)
+        return comparison_frame([vars(r) for r in self.rows], self.label_a, self.label_b, self.confidence,
+                                self.n_boot)
 
     def plot(self, measures: Sequence[str] | None = None, **kwargs):
         """Per-layer curves of both groups with CIs: (matplotlib Figure, axes)."""
-        from .vis.figures import GROUP_MEASURES, plot_group_curves
-
-        fig = plot_group_curves(self, measures or GROUP_MEASURES, **kwargs)
+        fig = plot_group_curves(self.layers, self.layer_mean, self.layer_mean_ci, measures or GROUP_MEASURES,
+                                self.confidence, **kwargs)
         return fig, fig.axes
 
     def __repr__(self) -> str:
@@ -219,26 +214,12 @@ class GroupComparison:
                    if self.descriptive_only else ")"))
 
     def _repr_html_(self) -> str:
-        from .vis.html import comparison_html
-
-        return comparison_html(self)
+        return frame_section(repr(self), self.to_dataframe())
 
     def table(self) -> str:
-        pct = round(self.confidence * 100)
-        lines = [f"(fewer than {MIN_TRACES} traces in a group: descriptive only, no significance claims)"] \
-            if self.descriptive_only else []
-        lines += [f"{'measure':<17} {self.label_a:>9} {self.label_b:>9} {'diff':>8}  {pct}% CI{'':<12} "
-                 f"{'g':>6}  {pct}% CI"]
-        for r in self.rows:
-            lines.append(f"{r.measure:<17} {r.mean_a:9.4f} {r.mean_b:9.4f} {r.diff:8.4f}  "
-                         f"[{r.diff_ci[0]:7.4f}, {r.diff_ci[1]:7.4f}] {r.hedges_g:6.2f}  "
-                         f"[{r.g_ci[0]:.2f}, {r.g_ci[1]:.2f}]  n={r.n_a}/{r.n_b}"
-                         + (f" ({r.dropped} without)" if r.dropped else ""))
-        return "\n".join(lines)
-
-
-def _bootstrap_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
-    return rng.integers(0, n, size=(n_boot, n))
+        note = (f"(fewer than {MIN_TRACES} traces in a group: descriptive only, no significance claims)\n"
+                if self.descriptive_only else "")
+        return note + comparison_text(self.to_dataframe())
 
 
 def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, str] = ("correct", "wrong"),
@@ -258,7 +239,6 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
                       "claims (they describe these traces only). Study more problems or samples.",
                       StepsalWarning, stacklevel=2)
     rng = np.random.default_rng(seed)
-    tail = (1 - confidence) / 2
     rows = []
     for measure in TRACE_MEASURES:
         a_all = np.array([m.per_trace()[measure] for m in metrics_a])
@@ -269,15 +249,15 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
             rows.append(Comparison(measure, len(a), len(b), float("nan"), float("nan"), float("nan"),
                                    (float("nan"),) * 2, float("nan"), (float("nan"),) * 2, dropped))
             continue
-        boot_a = a[_bootstrap_indices(rng, len(a), n_boot)]
-        boot_b = b[_bootstrap_indices(rng, len(b), n_boot)]
+        boot_a = a[bootstrap_indices(rng, len(a), n_boot)]
+        boot_b = b[bootstrap_indices(rng, len(b), n_boot)]
         diffs = boot_b.mean(-1) - boot_a.mean(-1)
         gs = hedges_g(boot_a, boot_b)
         gs = gs[np.isfinite(gs)]
         rows.append(Comparison(
             measure, len(a), len(b), float(a.mean()), float(b.mean()), float(b.mean() - a.mean()),
-            tuple(np.quantile(diffs, [tail, 1 - tail]).tolist()), float(hedges_g(a, b)),
-            tuple(np.quantile(gs, [tail, 1 - tail]).tolist()) if gs.size else (float("nan"),) * 2, dropped))
+            tuple(percentile_interval(diffs, confidence).tolist()), float(hedges_g(a, b)),
+            tuple(percentile_interval(gs, confidence).tolist()) if gs.size else (float("nan"),) * 2, dropped))
     result = GroupComparison(labels[0], labels[1], rows, confidence, n_boot)
     if all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b):
         result.layers = list(metrics_a[0].layers)
@@ -288,11 +268,11 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
             for measure in LAYER_MEASURES:
                 a = np.stack([getattr(m, measure).numpy() for m in metrics_a])  # [trace, layer]
                 b = np.stack([getattr(m, measure).numpy() for m in metrics_b])
-                boot_a = np.nanmean(a[_bootstrap_indices(rng, len(a), n_boot)], 1)  # [boot, layer]
-                boot_b = np.nanmean(b[_bootstrap_indices(rng, len(b), n_boot)], 1)
+                boot_a = np.nanmean(a[bootstrap_indices(rng, len(a), n_boot)], 1)  # [boot, layer]
+                boot_b = np.nanmean(b[bootstrap_indices(rng, len(b), n_boot)], 1)
                 result.layer_diff[measure] = np.nanmean(b, 0) - np.nanmean(a, 0)
-                result.layer_diff_ci[measure] = np.nanquantile(boot_b - boot_a, [tail, 1 - tail], axis=0)
+                result.layer_diff_ci[measure] = percentile_interval(boot_b - boot_a, confidence, ignore_nan=True)
                 for label, values, boot in ((labels[0], a, boot_a), (labels[1], b, boot_b)):
                     result.layer_mean[label][measure] = np.nanmean(values, 0)
-                    result.layer_mean_ci[label][measure] = np.nanquantile(boot, [tail, 1 - tail], axis=0)
+                    result.layer_mean_ci[label][measure] = percentile_interval(boot, confidence, ignore_nan=True)
     return result

@@ -1,8 +1,9 @@
-"""Load TransformerLens models offline and answer backend-neutral questions about them.
+"""Load TransformerLens models offline, checked against the transformers model they come from.
 
-Two backends: ``HookedTransformer`` ("hooked", TransformerLens 3.x) and ``TransformerBridge``
-("bridge", the only one on TransformerLens 4.x). ``HookedTransformer`` is imported lazily so the
-package works where it does not exist.
+Two backends: ``TransformerBridge`` ("bridge", the default, the only one on TransformerLens 4.x) and
+``HookedTransformer`` ("hooked", TransformerLens 3.x). Hook-level helpers (``backend_of``,
+``hook_name``, ``hooks_attached``, ...) live in :mod:`stepsal.backends.hookpoints` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -10,95 +11,24 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from ._offline import hub_offline
+from .hookpoints import (HOOK_ROLES, backend_of, bridge_class, first_device, forward_kwargs, hook_name,
+                         hooked_transformer_class, hooks_attached, model_label)
+from .model_types import HFModel, TLModel
 from .errors import UnsupportedModelError
+from .sites import attention_sites, probe_ids, probe_logits
 
-BACKENDS = ("hooked", "bridge")
-HOOK_ROLES = {
-    "pattern": "blocks.{layer}.attn.hook_pattern",
-    "z": "blocks.{layer}.attn.hook_z",
-    "v": "blocks.{layer}.attn.hook_v",
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-}
-
-
-def hooked_transformer_class() -> type | None:
-    """``HookedTransformer`` where this TransformerLens has it, else None (TL 4.x)."""
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:
-        return None
-    return HookedTransformer
-
-
-def bridge_class() -> type:
-    from transformer_lens.model_bridge import TransformerBridge
-    return TransformerBridge
-
-
-def backend_of(model: Any) -> str:
-    """'hooked' or 'bridge'; anything else is refused with the fix."""
-    hooked = hooked_transformer_class()
-    if hooked is not None and isinstance(model, hooked):
-        return "hooked"
-    if isinstance(model, bridge_class()):
-        return "bridge"
-    raise UnsupportedModelError(
-        f"{type(model).__name__} is not a TransformerLens HookedTransformer or TransformerBridge. "
-        "Load the model with stepsal.load_model(model_or_folder, tokenizer)."
-    )
-
-
-def hook_name(layer: int, role: str) -> str:
-    return HOOK_ROLES[role].format(layer=layer)
-
-
-def forward_kwargs(model: Any) -> dict[str, Any]:
-    """Extra forward arguments for a plain (uncached) full-sequence forward."""
-    return {"use_cache": False} if backend_of(model) == "bridge" else {}
-
-
-def model_label(model: Any) -> str:
-    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
-
-
-@contextmanager
-def hooks_attached(model: Any, fwd_hooks: list[tuple[str, Callable[[Any, Any], Any]]]) -> Iterator[None]:
-    """``model.hooks(fwd_hooks=...)`` (TransformerLens's own context: hooks go away on exit, also on
-    an exception), entered with one name filter that dispatches by hook point.
-
-    Same effect as passing the named hooks directly, but TransformerBridge rebuilds its alias table
-    (~25 ms on SmolLM2) for every named hook it attaches; with a filter it does so twice in all.
-    Functions on the same hook point run in the order given.
-    """
-    if not fwd_hooks:
-        yield
-        return
-    points = model.hook_dict
-    by_point: dict[int, list[Callable]] = {}
-    for name, fn in fwd_hooks:
-        if name not in points:
-            raise KeyError(f"{type(model).__name__} has no hook point {name!r}.")
-        by_point.setdefault(id(points[name]), []).append(fn)
-    wanted = {name for name, point in points.items() if id(point) in by_point}
-
-    def dispatch(x: Any, hook: Any) -> Any:
-        for fn in by_point[id(hook)]:
-            result = fn(x, hook)
-            x = x if result is None else result
-        return x
-
-    with model.hooks(fwd_hooks=[(wanted.__contains__, dispatch)]):
-        yield
-
+# re-exported: the hook-level helpers used to live here
+__all__ = ["BACKENDS", "HOOK_ROLES", "LOGIT_TOLERANCE", "backend_of", "bridge_class", "context_length", "first_device",
+           "forward_kwargs", "hook_name", "hooked_transformer_class", "hooks_attached", "load_model", "model_label",
+           "resolve_backend"]
+from .options import BACKENDS
 
 # ---------------------------------------------------------------- loading
 
@@ -112,7 +42,7 @@ LOGIT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2
 def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                n_devices: int = 1, device_map: str | dict | None = None,
-               allow_download: bool = False) -> Any:
+               allow_download: bool = False) -> TLModel:
     """A TransformerLens model from an embedded name, a local folder, a transformers model or a hub name.
 
     Args:
@@ -120,7 +50,8 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
             with ``save_pretrained``, an in-memory transformers causal LM (then pass ``tokenizer``),
             or a hub name (only with ``allow_download=True`` and ``HF_HUB_OFFLINE=0``).
         tokenizer: the tokenizer of an in-memory model (a folder brings its own).
-        backend: ``"hooked"`` (HookedTransformer, default where it exists) or ``"bridge"``.
+        backend: ``"bridge"`` (TransformerBridge, the default) or ``"hooked"`` (HookedTransformer, on
+            TransformerLens 3.x only).
         device, dtype: where and how to hold the weights (default: CPU, float32). Checked after loading.
         n_devices: split the layers over this many GPUs (HookedTransformer's own model parallelism;
             on the bridge, a balanced accelerate device map over the first ``n_devices`` GPUs).
@@ -139,8 +70,6 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
     hf_model, tokenizer = _resolve_source(source, tokenizer, dtype, allow_download,
                                           placement if backend == "bridge" else _Placement(None, 1, None))
     tokenizer = _tokenizer_with_name(tokenizer)
-    from .sites import probe_ids
-
     probe = probe_ids(hf_model.config.get_text_config().vocab_size)[None]
     with torch.no_grad():
         expected = hf_model(probe.to(hf_model.get_input_embeddings().weight.device)).logits.double().cpu()
@@ -167,7 +96,7 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
     return model
 
 
-def _source_name(source: Any, hf_model: Any) -> str:
+def _source_name(source: Any, hf_model: HFModel) -> str:
     """What the user knows the model as: the embedded name, the folder's name, or the model's own."""
     if isinstance(source, (str, os.PathLike)):
         name = str(source).rstrip("/")
@@ -212,7 +141,7 @@ def _placement(backend: str, device: Any, n_devices: int, device_map: Any, sourc
     return _Placement(None if device is None else torch.device(device), n_devices, device_map, max_memory)
 
 
-def _check_placement(model: Any, placement: _Placement, dtype: torch.dtype, keeps_fp32: bool = False) -> None:
+def _check_placement(model: TLModel, placement: _Placement, dtype: torch.dtype, keeps_fp32: bool = False) -> None:
     """Every floating parameter where and as asked (a silent CPU fallback costs hours). Models that
     keep some modules in float32 for stability (``_keep_in_fp32_modules``) may keep them."""
     devices = {p.device for p in model.parameters()}
@@ -236,10 +165,8 @@ def _canonical(device: torch.device) -> torch.device:
     return device
 
 
-def _check_against_transformers(model: Any, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def _check_against_transformers(model: TLModel, expected: torch.Tensor, dtype: torch.dtype) -> None:
     """Logits of the probe input equal the transformers model's; some layer honours pattern edits."""
-    from .sites import attention_sites, probe_logits
-
     sites = attention_sites(model)
     got = probe_logits(model)
     scale = float(expected.abs().max()) or 1.0
@@ -260,8 +187,8 @@ def _check_against_transformers(model: Any, expected: torch.Tensor, dtype: torch
 
 def resolve_backend(backend: str | None) -> str:
     available = ("hooked", "bridge") if hooked_transformer_class() is not None else ("bridge",)
-    if backend is None:
-        return available[0]
+    if backend is None:  # TransformerLens 3.9 deprecates HookedTransformer, 4.x removed it; decodes faster too
+        return "bridge"
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"unknown backend {backend!r}: use one of {BACKENDS}.")
     if backend not in available:
@@ -291,8 +218,10 @@ def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_downl
         extra = {"device_map": placement.device_map} if placement.device_map is not None else {}
         if placement.max_memory is not None:
             extra["max_memory"] = placement.max_memory
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **extra)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+        local = isinstance(folder, Path)  # a hub name only when the user allowed the download
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager",
+                                                        local_files_only=local, **extra)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, local_files_only=local)
     if placement.device_map is None and placement.device is not None:
         hf_model.to(placement.device)
     return hf_model.eval(), tokenizer
@@ -306,10 +235,11 @@ def _folder_of(name: str, allow_download: bool) -> str | Path:
     if Path(name).is_dir():
         return Path(name)
     if not allow_download or hub_offline():
+        why = "HF_HUB_OFFLINE=1 is set" if allow_download else "downloads are off"
         raise FileNotFoundError(
             f"{name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder, and "
-            "downloads are off. Save the model with save_pretrained and pass the folder, or set "
-            "HF_HUB_OFFLINE=0 before importing stepsal and pass allow_download=True."
+            f"{why}. Save the model with save_pretrained and pass the folder, or pass allow_download=True "
+            "with HF_HUB_OFFLINE=0 (or unset)."
         )
     return name  # a hub name, explicitly allowed online
 
@@ -322,10 +252,10 @@ def _tokenizer_with_name(tokenizer: Any) -> Any:
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def _bridge_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
+def _bridge_from_hf(hf_model: HFModel, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
     if not getattr(hf_model.config, "architectures", None):  # the bridge picks its adapter by this
         hf_model.config.architectures = [type(hf_model).__name__]
     label = str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
@@ -346,7 +276,7 @@ def context_length(hf_config: Any) -> int | None:
     return None
 
 
-def _hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
+def _hooked_from_hf(hf_model: HFModel, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
     """HookedTransformer from an in-memory transformers model, never touching the hub."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
 

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-NORMS = ("block", "causal", "row")
+from .options import NORMS
 
 
 def pool(scores: Float[Tensor, "*head token token"], members: Float[Tensor, "step token"],

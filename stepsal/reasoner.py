@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .model_types import HFModel
+
 DATA = Path(__file__).parent / "data" / "reasoner"
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "reasoner.json"
@@ -33,7 +35,7 @@ def lora_key(module_name: str, which: str) -> str:
     return f"{module_name}.lora_{which}"
 
 
-def merge_lora(model: Any, tensors: dict[str, Any], scale: float) -> list[str]:
+def merge_lora(model: HFModel, tensors: dict[str, Any], scale: float) -> list[str]:
     """Add ``scale * B @ A`` to the weight of every linear layer the adapter names (in place).
 
     Returns the merged module names; an adapter naming a module the model lacks, or with shapes that
@@ -77,8 +79,8 @@ def build_reasoner(folder: Path, base_folder: Path, adapter_folder: Path = DATA)
     tensors, meta = read_adapter(adapter_folder)
     print(f"stepsal: building the small reasoner from the embedded base into {folder} (one time, ~10 s)",
           file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_folder, local_files_only=True)
     merge_lora(model, tensors, meta["lora_alpha"] / meta["rank"])
     tokenizer.chat_template = CHAT_TEMPLATE
     check_recorded(model, tokenizer, meta)
@@ -91,7 +93,7 @@ def build_reasoner(folder: Path, base_folder: Path, adapter_folder: Path = DATA)
     partial.rename(folder)
 
 
-def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
+def completion_logprob(model: HFModel, tokenizer: Any, prompt: str, completion: str) -> float:
     """Summed log-probability of ``completion`` after ``prompt`` (chat template applied), float64;
     ``model``: a transformers or TransformerLens model."""
     import torch
@@ -106,7 +108,7 @@ def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str)
     return float(logits.log_softmax(-1).gather(-1, ids[0, start:, None]).sum())
 
 
-def check_recorded(model: Any, tokenizer: Any, meta: dict[str, Any], tolerance: float = 1e-3) -> float:
+def check_recorded(model: HFModel, tokenizer: Any, meta: dict[str, Any], tolerance: float = 1e-3) -> float:
     """Compare the model's log-probability on the recorded prompt with the value training recorded."""
     check = meta["check"]
     got = completion_logprob(model, tokenizer, check["prompt"], check["completion"])

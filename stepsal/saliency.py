@@ -4,12 +4,12 @@ One forward and one backward pass. A forward hook on each layer's pattern regist
 on that tensor; when the backward pass reaches it, the layer's [H, T, T] saliency is computed and
 pooled at once (``P @ I @ P.T``), so at most one layer's saliency exists at any time.
 
-Long traces (``checkpoint=True``, memory linear in T): attention runs through the blockwise kernel
+Long traces (``mode="blockwise"``, memory linear in T): attention runs through the blockwise kernel
 (:mod:`stepsal.blockwise`), which never forms an [H, T, T] tensor. The forward pass keeps only
 each block's input residual and stops before the logits; the loss is taken over chunks of rows of
 logits; the backward pass recomputes one block at a time, and the kernel's backward pass hands
 each block of queries' A and dL/dA = dL/dz . v to the pooler. Where the kernel cannot reproduce a
-model (checked on a probe input, see :func:`stepsal.linear_attention.linear_mode_problem`), the
+model (checked on a probe input, see :func:`stepsal.blockwise_layers.blockwise_problem`), the
 long-trace mode recomputes blocks with the model's own attention instead (one layer's [H, T, T]
 tensors at a time), with a warning that says why.
 """
@@ -30,15 +30,22 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import ModelMismatchError, NonFiniteGradientError
-from .linear_attention import blockwise_attention_layers, final_residual, linear_mode_problem, logits_from_residual
+from .model_types import TLModel
+from .errors import ModelMismatchError, NonFiniteGradientError, StepsalError
+from .blockwise_layers import blockwise_attention_layers, blockwise_problem, final_residual, logits_from_residual
 from .models import backend_of, forward_kwargs, hook_name, hooks_attached, model_label
+from .options import MODES, RULES, Mode
 from .pooling import NORMS, normalize, pool
+from .segments import SUMMARY
 from .sites import attention_sites, first_device
 from .targets import RowTarget, Target, make_target, row_target
 from .traces import StepLayout, Trace, tokenizer_fingerprint
-
-RULES = ("ag", "ag_signed", "g")
+from .vis.figures import plot_step_maps
+from .vis.html import saliency_html
+from .vis.labels import maps_title, maps_widget_title, received_title, step_names
+from .vis.report import ResultView
+from .vis.tables import saliency_frame, wide
+from .vis.widgets import colored_tokens_widget, step_maps_widget
 
 
 def saliency_scores(pattern: Float[Tensor, "head query key"], grad: Float[Tensor, "head query key"],
@@ -128,36 +135,79 @@ class StepSaliency:
 
     # ------------------------------------------------------------ views (stepsal.vis)
 
+    def received(self, source: str | int = "summary") -> tuple[Tensor, bool]:
+        """[token, layer]: saliency each token receives from the ``source`` steps' queries ("summary"
+        or a step index), as a share of what those queries give in that layer; and whether that is at
+        token resolution (computed with ``token_level=True``), else each token carries its step's
+        block (divided by the step's length)."""
+        if source == "summary":
+            rows = self.layout.steps_of(SUMMARY)
+            if not rows:
+                raise ValueError("the trace has no summary steps: pass source=<step index>.")
+        elif isinstance(source, int) and 0 <= source < self.layout.n_steps:
+            rows = [source]
+        else:
+            raise ValueError(f"source must be 'summary' or a step index in 0..{self.layout.n_steps - 1}; "
+                             f"got {source!r}.")
+        if self.token_sums is not None:
+            received = self.token_sums[:, rows].sum(1).double()  # [layer, token]
+            token_level = True
+        else:
+            sizes = self.members.sum(-1)  # tokens per step
+            per_step = self.sums[:, rows].sum(1).double() / sizes.clamp(min=1)  # [layer, step]
+            received = per_step[:, self.layout.token_step.clamp(min=0)] * (self.layout.token_step >= 0)
+            token_level = False
+        total = received.sum(-1, keepdim=True)
+        return torch.nan_to_num(received / torch.where(total > 0, total, 1)).T.float(), token_level
+
     def show(self, view: str = "maps", *, norm: str = "row", layer: int | None = None,
              source: str | int = "summary") -> "Widget":  # noqa: F821
         """A circuitsvis widget (offline): ``"maps"`` all layers' step maps (steps as tokens, layers
         as heads), ``"heads"`` per-head maps of ``layer`` (needs ``per_head=True``), ``"tokens"`` the
         trace's tokens coloured by the saliency they receive from ``source`` ("summary" or a step
         index), per layer. ``norm``: the maps' normalisation (default "row": comparable across layers)."""
-        from .vis import widgets
-
+        names = [f"layer {i}" for i in self.layers]
         if view == "maps":
-            return widgets.step_maps_widget(self, norm)
+            return step_maps_widget(self.normalized(norm), step_names(self.layout), names,
+                                    title=maps_widget_title(self.rule, norm, self.target))
         if view == "heads":
             if layer is None:
                 raise ValueError("view='heads' needs layer=<a computed layer>.")
-            return widgets.head_maps_widget(self, layer, norm)
+            if self.head_sums is None:
+                raise ValueError("per-head maps were not computed: call step_saliency(..., per_head=True).")
+            if layer not in self.layers:
+                raise ValueError(f"layer {layer} was not computed; this result has layers {self.layers}.")
+            maps = normalize(self.head_sums[self.layers.index(layer)].double(), self.members, norm).float()
+            heads = [f"L{layer}H{head}" for head in range(maps.shape[0])]
+            return step_maps_widget(maps, step_names(self.layout), heads, title=f"Layer {layer}, per head ({norm} norm)")
         if view == "tokens":
-            return widgets.received_tokens_widget(self, source)
+            if self.token_texts is None:
+                raise ValueError("this result has no token texts (saved by an older stepsal); recompute it.")
+            values, token_level = self.received(source)
+            return colored_tokens_widget(self.token_texts, values, names, title=received_title(source, token_level))
         raise ValueError(f"unknown view {view!r}: use 'maps', 'heads' or 'tokens'.")
 
     def plot(self, layers: list[int] | None = None, norm: str | None = None, **kwargs: Any):
         """Heatmaps of the step maps with Q/T/S boundaries: (matplotlib Figure, axes)."""
-        from .vis.figures import plot_step_maps
-
-        fig = plot_step_maps(self, layers, norm, **kwargs)
+        norm = norm or self.norm
+        fig = plot_step_maps(self.normalized(norm), self.layers, self.layout, panels=layers,
+                             title=maps_title(self.rule, norm, self.target), **kwargs)
         return fig, fig.axes
 
     def to_dataframe(self, norm: str | None = None) -> "pandas.DataFrame":  # noqa: F821
         """Long format: one row per (layer, step_q, step_k) with the steps' kinds and the map value."""
-        from .vis.tables import saliency_frame
+        norm = norm or self.norm
+        return saliency_frame(self.normalized(norm), self.layers, self.layout, norm=norm, rule=self.rule,
+                              target=self.target, model=self.model)
 
-        return saliency_frame(self, norm or self.norm)
+    def report_view(self) -> ResultView:
+        """What a report section shows of this result, as plain data (see :func:`stepsal.write_report`)."""
+        metrics = self.metrics()
+        has_tokens = self.token_texts is not None and bool(self.layout.steps_of(SUMMARY))
+        received, token_level = self.received("summary") if has_tokens else (None, False)
+        return ResultView(repr(self), self.model, list(self.layers), self.layout, self.maps, self.normalized("row"),
+                          self.rule, self.norm, self.target, metrics.per_trace(), wide(metrics.to_dataframe()),
+                          self.token_texts, received, token_level)
 
     def __repr__(self) -> str:
         extra = (" per-head" if self.head_sums is not None else "") + \
@@ -166,9 +216,8 @@ class StepSaliency:
                 f"({self.layout.n_tokens} tokens), rule={self.rule}, norm={self.norm}, target={self.target}{extra})")
 
     def _repr_html_(self) -> str:
-        from .vis.html import saliency_html
-
-        return saliency_html(self)
+        fig, _ = self.plot(max_panels=4)
+        return saliency_html(repr(self), fig, self.metrics().per_trace())
 
 
 # ---------------------------------------------------------------- pooling inside gradient hooks
@@ -284,7 +333,7 @@ def _leaf_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], Tensor]:
 # ---------------------------------------------------------------- the two modes
 
 
-def _backward_normal(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
+def _backward_patterns(model: TLModel, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
     store: dict[str, Tensor] = {}
     # the backward pass needs to go no deeper than the lowest requested layer
     hooks = [(hook_name(pooler.layers[0], "resid_pre"), _leaf_hook(store))]
@@ -309,7 +358,7 @@ def _strip_caches(value: Any) -> Any:
     return value
 
 
-def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
+def _backward_recompute(model: TLModel, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
     """The long-trace mode with the model's own attention (models the blockwise kernel does not cover)."""
     n_layers = model.cfg.n_layers
     block_inputs: list[Any] = [None] * n_layers
@@ -331,7 +380,7 @@ def _backward_checkpointed(model: Any, tokens: Tensor, target_fn: Callable, pool
     return loss.detach()
 
 
-def _capture_block_inputs(model: Any, block_inputs: list[Any]) -> ExitStack:
+def _capture_block_inputs(model: TLModel, block_inputs: list[Any]) -> ExitStack:
     """Forward pre-hooks (removed when the returned stack closes) that keep each block's inputs."""
 
     def capture(layer: int) -> Callable:
@@ -345,7 +394,7 @@ def _capture_block_inputs(model: Any, block_inputs: list[Any]) -> ExitStack:
     return stack
 
 
-def _recompute_block(model: Any, layer: int, args: tuple, kwargs: dict, grad: Tensor) -> Tensor:
+def _recompute_block(model: TLModel, layer: int, args: tuple, kwargs: dict, grad: Tensor) -> Tensor:
     """Run block ``layer`` again from its input and pull ``grad`` (dL/d its output) back to its input."""
     if args:
         resid = args[0].detach().requires_grad_(True)
@@ -358,10 +407,10 @@ def _recompute_block(model: Any, layer: int, args: tuple, kwargs: dict, grad: Te
     return grad
 
 
-LOGIT_ROWS = 512  # rows of logits per chunk in the linear mode: [512, vocab] at a time
+LOGIT_ROWS = 512  # rows of logits per chunk in the blockwise mode: [512, vocab] at a time
 
 
-def _loss_and_grad(model: Any, resid: Tensor, tokens: Tensor, rows: RowTarget | None,
+def _loss_and_grad(model: TLModel, resid: Tensor, tokens: Tensor, rows: RowTarget | None,
                    target_fn: Callable) -> tuple[Tensor, Tensor]:
     """The target and dL/d(final residual) [T, d], from logits computed a chunk of rows at a time."""
     grad = torch.zeros_like(resid)
@@ -385,7 +434,7 @@ def _loss_and_grad(model: Any, resid: Tensor, tokens: Tensor, rows: RowTarget | 
     return _checked_loss(total), grad
 
 
-def _backward_linear(model: Any, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler,
+def _backward_blockwise(model: TLModel, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler,
                      rows: RowTarget | None) -> Tensor:
     n_layers = model.cfg.n_layers
     block_inputs: list[Any] = [None] * n_layers
@@ -416,27 +465,43 @@ def _checked_loss(loss: Tensor) -> Tensor:
     return loss
 
 
-LINEAR_FROM = 1024  # from this many tokens the long-trace mode is also the faster one (docs/performance.md)
+BLOCKWISE_FROM = 1024  # from this many tokens the blockwise mode is also the faster one (docs/performance.md)
 
 
-def _choose_mode(model: Any, trace: Trace, rule: str, checkpoint: bool | None) -> Callable:
+def _choose_mode(model: TLModel, trace: Trace, rule: str, mode: Mode) -> Callable:
     """The backward pass to run: pattern hooks, the blockwise kernel, or (where the kernel cannot
-    reproduce the model) the long-trace recompute with the model's own attention."""
-    fits = checkpoint is None and _normal_mode_fits(model, len(trace))
-    if checkpoint is False or (fits and len(trace) < LINEAR_FROM):
-        return _backward_normal  # no probe of the kernel needed
-    problem = "rule='g' reads dL/dA of masked (future) keys too" if rule == "g" else linear_mode_problem(model)
+    reproduce the model, or ``mode="recompute"``) blocks recomputed with the model's own attention."""
+    if mode == "recompute":
+        return _backward_recompute
+    fits = mode == "auto" and _normal_mode_fits(model, len(trace))
+    if mode == "patterns" or (fits and len(trace) < BLOCKWISE_FROM):
+        return _backward_patterns  # no probe of the kernel needed
+    problem = "rule='g' reads dL/dA of masked (future) keys too" if rule == "g" else blockwise_problem(model)
     if fits:
-        return _backward_linear if problem is None else _backward_normal
+        return _backward_blockwise if problem is None else _backward_patterns
     if problem is None:
-        return _backward_linear
-    warnings.warn(f"Step-Saliency's long-trace mode cannot use the blockwise kernel on {model_label(model)} "
-                  f"({problem}); it recomputes blocks with the model's own attention instead, which holds "
-                  "one layer's [head, T, T] attention tensors at a time.", stacklevel=3)
-    return _backward_checkpointed
+        return _backward_blockwise
+    warnings.warn(f"Step-Saliency's blockwise mode cannot use the blockwise kernel on {model_label(model)} "
+                  f"({problem}); it recomputes blocks with the model's own attention instead (mode='recompute'), "
+                  "which holds one layer's [head, T, T] attention tensors at a time.", stacklevel=3)
+    return _backward_recompute
 
 
-def _normal_mode_fits(model: Any, n_tokens: int) -> bool:
+def resolve_mode(mode: Mode | None, checkpoint: bool | None) -> Mode:
+    """``mode``, or the deprecated ``checkpoint=`` (None/True/False: "auto"/"blockwise"/"patterns")."""
+    if checkpoint is not None:
+        if mode is not None:
+            raise StepsalError("pass mode=..., not checkpoint= as well (checkpoint= is its deprecated name).")
+        warnings.warn("step_saliency(checkpoint=...) is deprecated: use mode='blockwise' (True) or "
+                      "mode='patterns' (False).", DeprecationWarning, stacklevel=3)
+        return "blockwise" if checkpoint else "patterns"
+    mode = "auto" if mode is None else mode
+    if mode not in MODES:
+        raise StepsalError(f"unknown mode {mode!r}: use one of {MODES}.")
+    return mode
+
+
+def _normal_mode_fits(model: TLModel, n_tokens: int) -> bool:
     """Whether autograd's saved patterns of all layers (about 2 x L x H x T^2) fit in a quarter of memory."""
     param = model.embed.W_E if hasattr(model, "embed") else next(model.parameters())
     need = 2 * model.cfg.n_layers * model.cfg.n_heads * n_tokens ** 2 * param.element_size()
@@ -450,10 +515,11 @@ def _normal_mode_fits(model: Any, n_tokens: int) -> bool:
 # ---------------------------------------------------------------- public entry point
 
 
-def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = "ag",
+def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: str = "ag",
                   norm: str = "causal", per_head: bool = False, *,
                   answer: str | tuple[int, int] | None = None, layers: list[int] | None = None,
-                  checkpoint: bool | None = None, token_level: bool = False) -> StepSaliency:
+                  mode: Mode | None = None, token_level: bool = False,
+                  checkpoint: bool | None = None) -> StepSaliency:
     """Step-Saliency of one trace: attention x gradient pooled into step -> step maps per layer.
 
     Args:
@@ -466,11 +532,15 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
         per_head: also keep [layer, head, step, step] maps.
         layers: the layers to compute (default: every layer with a softmax attention pattern, which
             is all of them except in hybrid models; ``result.layers`` names them).
-        checkpoint: the long-trace mode, memory linear in T: attention through the blockwise kernel
-            (no [H, T, T] tensor), one block recomputed at a time in the backward pass, logits in
-            chunks of rows; equal to the pattern-hook result to float rounding. ``None`` chooses it
-            from 1024 tokens (where it is also faster) and whenever all layers' patterns would not
-            fit in a quarter of memory; ``False`` always uses the pattern hooks.
+        mode: how the backward pass runs. ``"patterns"``: gradient hooks on every layer's pattern
+            (holds all layers' [H, T, T] patterns). ``"blockwise"``: memory linear in T: attention
+            through the blockwise kernel (no [H, T, T] tensor), one block recomputed at a time, logits
+            in chunks of rows; equal to the pattern result to float rounding (where the kernel does not
+            cover a model it warns and recomputes). ``"recompute"``: blocks recomputed with the model's
+            own attention (one layer's [H, T, T] at a time). ``"auto"`` (default): blockwise from 1024
+            tokens (where it is also faster) and whenever all layers' patterns would not fit in a
+            quarter of memory, else patterns.
+        checkpoint: deprecated name of ``mode``: True = "blockwise", False = "patterns".
         token_level: also keep what each token receives from each query step ([layer, step, token],
             for ``show("tokens")`` at token resolution).
 
@@ -498,9 +568,9 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
     tokens = trace.tokens.to(device)
     pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads,
                           token_level)
-    run = _choose_mode(model, trace, rule, checkpoint)
-    if run is _backward_linear:
-        run = partial(_backward_linear, rows=row_target(target, trace, answer))
+    run = _choose_mode(model, trace, rule, resolve_mode(mode, checkpoint))
+    if run is _backward_blockwise:
+        run = partial(_backward_blockwise, rows=row_target(target, trace, answer))
     try:
         with frozen_parameters(model), torch.enable_grad():
             run(model, tokens, target_fn, pooler)
@@ -520,7 +590,7 @@ def step_saliency(model: Any, trace: Trace, target: Target = "all", rule: str = 
                         [trace.text[start:end] for start, end in trace.offsets])
 
 
-def _check_fits(model: Any, trace: Trace) -> None:
+def _check_fits(model: TLModel, trace: Trace) -> None:
     n_ctx = model.cfg.n_ctx
     if n_ctx is not None and len(trace) > n_ctx:
         raise ModelMismatchError(

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .model_types import TLModel
+from .hookpoints import first_device, forward_kwargs, hook_name, hooks_attached
 from .errors import UnsupportedModelError
 
 PROBE_TOKENS = 13  # no head count or head size we know of equals it, so layouts are unambiguous
@@ -71,7 +73,7 @@ def probe_ids(vocab_size: int) -> Tensor:
     return (vocab_size // 4 + torch.arange(PROBE_TOKENS) * 97) % vocab_size
 
 
-def attention_sites(model: Any) -> AttentionSites:
+def attention_sites(model: TLModel) -> AttentionSites:
     """Probe ``model`` once (cached): which layers fire and honour ``hook_pattern``, ``hook_v``, ``hook_z``.
 
     Every pattern is multiplied by a leaf of ones (the forward is unchanged); a layer whose leaf
@@ -79,8 +81,6 @@ def attention_sites(model: Any) -> AttentionSites:
     """
     if model in _SITES:
         return _SITES[model]
-    from .models import forward_kwargs, hook_name, hooks_attached
-
     n_layers = model.cfg.n_layers
     tokens = probe_ids(model.cfg.d_vocab)[None].to(first_device(model))
     leaves: dict[int, Tensor] = {}
@@ -127,13 +127,7 @@ def attention_sites(model: Any) -> AttentionSites:
     return sites
 
 
-def probe_logits(model: Any) -> Tensor:
+def probe_logits(model: TLModel) -> Tensor:
     """Logits [1, 13, vocab] (float64, CPU) of the probe input, from the probe forward."""
     attention_sites(model)
     return _PROBE_LOGITS[model]
-
-
-def first_device(model: Any) -> torch.device:
-    """Where inputs go: the embedding's device (the first of several with a multi-device model)."""
-    return model.embed.W_E.device if hasattr(model, "embed") and hasattr(model.embed, "W_E") \
-        else next(model.parameters()).device

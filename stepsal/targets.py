@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from .options import TARGET_NAMES
 from .traces import SUMMARY, Trace
 
 TargetFn = Callable[[Float[Tensor, "token vocab"]], Tensor]
 Target = str | int | TargetFn
-TARGET_NAMES = ("all", "summary", "answer")
 
 
 def next_token_loss(logits: Float[Tensor, "token vocab"], tokens: Tensor, start: int, end: int) -> Tensor:

@@ -3,10 +3,9 @@
 Segmentation follows METHOD.md section 2. The question is one step, thinking is split into
 sentences (``\\.\\s+``, and the full stops of other scripts), the summary into paragraphs (blank
 lines). A step ends after each kept piece (long enough, not a number or a table) and the text
-after it opens the next step, so short
-pieces are not dropped with their tokens: they join the step they start or lie in. Every token of
-a segment belongs to exactly one step, and generation places the same boundaries token by token
-(:mod:`stepsal.stepflow.tracker`). Tokens are placed by their first non-whitespace character in
+after it opens the next step, so short pieces are not dropped with their tokens: they join the step
+they start or lie in. Every token of a segment belongs to exactly one step. The rule lives in
+:mod:`stepsal.sentences`, which generation's tracker (:mod:`stepsal.stepflow.tracker`) calls too. Tokens are placed by their first non-whitespace character in
 the decoded text of the exact sequence that is scored (character offsets), never by re-tokenising pieces.
 """
 
@@ -16,7 +15,6 @@ import bisect
 import hashlib
 import json
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,20 +24,14 @@ from torch import Tensor
 
 from .errors import ModelMismatchError, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
+from .segments import QUESTION, SEGMENT_NAMES, SUMMARY, THINKING
+from .sentences import (BLANK_LINE, MIN_THINKING_CHARS, SENTENCE_END, Keep, keep_summary_piece, keep_thinking_piece,
+                        step_starts)
+from .vis.html import trace_html
+from .vis.widgets import segmentation_widget
 
-QUESTION, THINKING, SUMMARY = 0, 1, 2
-SEGMENT_NAMES = ("question", "thinking", "summary")
-
-# a sentence ends at '.' + whitespace (the reference's rule), at the full stops of scripts that
-# need no space after them (CJK: 。！？, a run of them is one end), or at other scripts' stops +
-# whitespace (। ۔ ։ ።)
-SPACED_STOPS = ".\u0964\u06d4\u0589\u1362"
-WIDE_STOPS = "\u3002\uff01\uff1f\uff61"
-SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]+\\s*")
-BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
-MIN_THINKING_CHARS = 15
-MIN_SUMMARY_CHARS = 10
-
+__all__ = ["QUESTION", "SEGMENT_NAMES", "SUMMARY", "THINKING", "Step", "StepLayout", "Trace", "keep_thinking_piece",
+           "segment_text"]
 
 # ---------------------------------------------------------------- layout
 
@@ -137,47 +129,6 @@ class StepLayout:
 # ---------------------------------------------------------------- character-level segmentation
 
 
-def _is_table(piece: str) -> bool:
-    lines = [line.strip() for line in piece.strip().splitlines() if line.strip()]
-    return bool(lines) and all(
-        (line.startswith("|") and line.endswith("|"))
-        or ("-" in line and re.fullmatch(r"[|:\- ]+", line) is not None)
-        for line in lines
-    )
-
-
-def text_width(text: str) -> int:
-    """Characters, with wide ones (CJK) counted twice: 15 of them would be a long CJK sentence."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
-def keep_thinking_piece(piece: str) -> bool:
-    """Reference rule: keep sentences of >= 15 characters (width, CJK counted twice) that are not
-    numbers or table rows."""
-    stripped = piece.strip()
-    if text_width(stripped) < MIN_THINKING_CHARS:
-        return False
-    if re.sub(r"[.,\-\s]", "", stripped).isdigit():
-        return False
-    return not _is_table(stripped)
-
-
-def keep_summary_piece(piece: str) -> bool:
-    """Reference rule: keep paragraphs of >= 10 characters that are not tables."""
-    stripped = piece.strip()
-    return len(stripped) >= MIN_SUMMARY_CHARS and not _is_table(stripped)
-
-
-def split_pieces(text: str, lo: int, hi: int, delimiter: re.Pattern[str]) -> list[tuple[int, int]]:
-    """Pieces of text[lo:hi] between delimiters, as (start, end) spans without the delimiter."""
-    pieces, position = [], lo
-    for match in delimiter.finditer(text, lo, hi):
-        pieces.append((position, match.start()))
-        position = match.end()
-    pieces.append((position, hi))
-    return pieces
-
-
 @dataclass(frozen=True)
 class Segmentation:
     """Character-level result: where each step starts, its segment, and the kept pieces."""
@@ -210,16 +161,12 @@ def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool 
         )
     starts, segments, kept = [0], [QUESTION], []
 
-    def add_segment(lo: int, content: int, hi: int, delimiter: re.Pattern[str], keep, segment: int) -> None:
-        """A step ends after each kept piece; the text that follows (if any) opens the next step."""
-        pieces = split_pieces(text, content, hi, delimiter)
-        kept.extend(p for p in pieces if keep(text[p[0]:p[1]]))
-        starts.append(lo)  # the first step also holds the marker
-        segments.append(segment)
-        for (start, end), (following, _) in zip(pieces, pieces[1:]):
-            if keep(text[start:end]) and text[following:hi].strip():
-                starts.append(following)
-                segments.append(segment)
+    def add_segment(lo: int, content: int, hi: int, delimiter: re.Pattern[str], keep: Keep, segment: int) -> None:
+        """The first step starts at the marker; each kept piece that text follows ends a step."""
+        later, pieces = step_starts(text, content, hi, delimiter, keep)
+        kept.extend(pieces)
+        starts.extend([lo, *later])
+        segments.extend([segment] * (1 + len(later)))
 
     delimiter = SENTENCE_END if sentence_end is None else re.compile(sentence_end)
     add_segment(think_start, think_content, think_end, delimiter, keep_thinking_piece, THINKING)
@@ -243,9 +190,11 @@ def token_anchor(text: str, span: tuple[int, int]) -> int:
 def align_tokens(text: str, offsets: Sequence[tuple[int, int]], seg: Segmentation,
                  ) -> tuple[Int64[Tensor, " token"], list[Step]]:
     """Assign each token to the step containing its anchor; drop steps that got no token."""
-    raw = []
-    for span in offsets:  # a whitespace-only token stays with the token before it (as in generation)
-        blank = not text[span[0]:span[1]].strip()
+    raw: list[int] = []
+    for index, span in enumerate(offsets):
+        # a whitespace-only token, or the leading bytes of a character split over tokens (its span is the
+        # next token's), has no text of its own: it stays with the token before it (as in generation)
+        blank = not text[span[0]:span[1]].strip() or (index + 1 < len(offsets) and offsets[index + 1] == span)
         raw.append(raw[-1] if blank and raw else bisect.bisect_right(seg.step_starts, token_anchor(text, span)) - 1)
     # anchors never decrease along the sequence, so each step's tokens form one run
     runs: list[list[int]] = []  # [nominal step, first token, last token, last character]
@@ -395,14 +344,10 @@ class Trace:
                 f"{counts['thinking']} thinking, {counts['summary']} summary; format {self.fmt!r})")
 
     def _repr_html_(self) -> str:
-        from .vis.html import trace_html
-
-        return trace_html(self)
+        return trace_html(repr(self), self.layout)
 
     def show(self) -> "Widget":  # noqa: F821
         """The segmentation as a circuitsvis widget: tokens coloured by step (no model needed)."""
-        from .vis.widgets import segmentation_widget
-
         return segmentation_widget(self.text, self.offsets, self.layout)
 
     def describe(self, width: int = 70, max_steps: int | None = None) -> str:

@@ -14,9 +14,11 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal.cli  # noqa: F401
     import stepsal.cli_studies  # noqa: F401
     import stepsal.studies.study  # noqa: F401
+    import stepsal.studies.report  # noqa: F401
     import stepsal.embedded  # noqa: F401
     import stepsal.generation  # noqa: F401
     import stepsal.vis.html  # noqa: F401
+    import stepsal.vis.labels  # noqa: F401
     import stepsal.vis.render  # noqa: F401
     import stepsal.vis.report  # noqa: F401
     import stepsal.vis.tables  # noqa: F401

@@ -13,7 +13,8 @@ from tiny import THINK_TRACE
 
 import stepsal
 from stepsal.vis.render import Widget
-from stepsal.vis.report import report_from_folder, write_report
+from stepsal.studies.report import report_from_folder
+from stepsal.vis.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -221,10 +221,10 @@ def test_result_metrics_and_figure(tl_models, trace, tmp_path):
 
     result = step_saliency(tl_models[("llama", BACKENDS[0])], trace)
     assert step_labels(trace.layout) == ["Q", "T1", "T2", "T3", "T4", "S1", "S2"]
-    figure = plot_step_maps(result, path=tmp_path / "maps.png")
+    figure = plot_step_maps(result.maps, result.layers, result.layout, path=tmp_path / "maps.png")
     assert (tmp_path / "maps.png").stat().st_size > 10_000 and len(figure.axes) >= 2
     with pytest.raises(ValueError, match="were not computed"):
-        plot_step_maps(result, layers=[7])
+        plot_step_maps(result.maps, result.layers, result.layout, panels=[7])
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

@@ -18,7 +18,7 @@ import stepsal
 import stepsal.saliency
 from stepsal import StepFlow, Trace, generate, step_saliency
 from stepsal.blockwise import AttentionSpec, blockwise_attention, reference_attention
-from stepsal.linear_attention import linear_mode_problem
+from stepsal.blockwise_layers import blockwise_problem
 
 # ---------------------------------------------------------------- 1. the kernel and the long-trace mode
 
@@ -67,7 +67,7 @@ def test_long_trace_mode_equals_the_pattern_hooks(arch, backend, tokenizer, monk
             model = stepsal.load_model(make_arch_model(arch, len(tokenizer)), tokenizer, backend=backend)
     except stepsal.UnsupportedModelError:
         pytest.skip(f"{arch} does not load on {backend} (docs/models.md)")
-    assert linear_mode_problem(model) is None
+    assert blockwise_problem(model) is None
     monkeypatch.setattr(stepsal.saliency, "LOGIT_ROWS", 37)  # several chunks of logits
     trace = Trace.from_text(LONG_TRACE, model)  # longer than one block of queries
     for target in ("all", "summary", 5):
@@ -232,3 +232,38 @@ def test_fast_path_on_the_reasoner_equals_the_bridge():
     assert hooked.stats.oeb_changed.tolist() == fast.stats.oeb_changed.tolist()
     assert hooked.stats.smi_count.tolist() == fast.stats.smi_count.tolist()
     assert fast.stats.acted()
+
+
+def test_nested_attaches_on_one_transformers_model_keep_the_outer_run(hf_models, tokenizer):
+    """Attention routing is one registry with a stack per module: an inner attach that exits leaves
+    the outer one acting (once, the inner exit removed the outer's entry), and the model is as it
+    was after both."""
+    model = hf_models["llama"]
+    trace = Trace.from_text(THINK_TRACE, tokenizer)
+    plain = model(trace.tokens[None]).logits
+    flow = StepFlow(oeb_layers=[0, 1], smi_layers=[], tau_max=0.9)
+    with flow.attached(model, trace) as outer:
+        once = model(trace.tokens[None]).logits
+        with flow.attached(model, trace) as inner:
+            model(trace.tokens[None])
+        again = model(trace.tokens[None]).logits
+    assert inner.stats.oeb_changed.sum() > 0
+    assert outer.stats.oeb_changed.tolist() == [2 * n for n in inner.stats.oeb_changed.tolist()]
+    torch.testing.assert_close(again, once)
+    assert (once - plain).abs().max() > 1e-3
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(model(trace.tokens[None]).logits, plain)
+
+
+def test_saliency_blockwise_mode_inside_a_stepflow_attach_routes_both(hf_models, tokenizer):
+    """The blockwise kernel and the StepFlow fast path share the router: routing one model for one
+    purpose leaves another model's routes alone."""
+    from stepsal.backends.attention import _ROUTES
+
+    flow = StepFlow(oeb_layers=[0], smi_layers=[], tau_max=0.9)
+    trace = Trace.from_text(THINK_TRACE, tokenizer)
+    with flow.attached(hf_models["llama"], trace):
+        with flow.attached(hf_models["qwen2"], trace):
+            assert len(_ROUTES) == len(hf_models["llama"].model.layers) + len(hf_models["qwen2"].model.layers)
+        hf_models["llama"](trace.tokens[None])
+    assert not _ROUTES

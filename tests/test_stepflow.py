@@ -406,13 +406,13 @@ def test_oeb_during_cached_generation_on_prefill_and_decode_rows(tl_models, back
 
 def forced_decode_logits(model, flow, fmt, ids, prompt_length, use_cache):
     """generate()'s loop with the continuation forced: last-position logits at every step."""
-    from stepsal.generation import _Decoder
+    from stepsal.backends import adapter_for
     from stepsal.models import hooks_attached
 
     run, tracker = FlowRun(flow, model, 1, len(ids)), PhaseTracker(model.tokenizer, fmt, 1)
     for token in ids[:prompt_length]:
         run.label(tracker.push([token]))
-    decoder, steps, n_new = _Decoder(model, 1, use_cache), [], prompt_length
+    decoder, steps, n_new = adapter_for(model).decode_step(1, use_cache), [], prompt_length
     with torch.no_grad(), hooks_attached(model, run.hooks()):
         for length in range(prompt_length, len(ids) + 1):
             tokens = torch.tensor([ids[:length]])

@@ -8,8 +8,12 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from ..model_types import TLModel
 from ..saliency import StepSaliency, step_saliency
 from ..traces import Trace
+from ..vis.figures import plot_flow_effect
+from ..vis.html import frame_section
+from ..vis.tables import layer_frame, text_table, wide
 from .config import StepFlow
 from .hooks import FlowStats
 
@@ -27,34 +31,36 @@ class FlowEffect:
 
     def plot(self, layers: list[int] | None = None, norm: str = "row", **kwargs: Any):
         """Maps without and with StepFlow and their difference: (matplotlib Figure, axes)."""
-        from ..vis.figures import plot_flow_effect
-
-        fig = plot_flow_effect(self, layers, norm, **kwargs)
+        acted = self.stats.oeb_layers + self.stats.smi_layers  # default panels: where StepFlow acts
+        fig = plot_flow_effect(self.without.normalized(norm), self.with_flow.normalized(norm), self.without.layers,
+                               self.without.layout, panels=layers, prefer=acted, norm=norm, **kwargs)
         return fig, fig.axes
+
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """Long format: one row per (layer, measure), ``value`` the change with - without StepFlow."""
+        frame = layer_frame(self.without.layers, {m: self.delta[m] for m in MEASURES})
+        frame.attrs.update(value="with StepFlow - without")
+        return frame
 
     def __repr__(self) -> str:
         return (f"FlowEffect({len(self.without.layers)} layers x {self.without.layout.n_steps} steps; "
                 f"{self.stats!r})")
 
     def _repr_html_(self) -> str:
-        from ..vis.html import flow_effect_html
-
-        return flow_effect_html(self)
+        fig, _ = self.plot(max_layers=3)
+        return frame_section(repr(self), wide(self.to_dataframe()), fig=fig)
 
     def table(self) -> str:
-        lines = [f"{'layer':>5} " + " ".join(f"{'d ' + m:>20}" for m in MEASURES)]
-        for i, layer in enumerate(self.without.layers):
-            lines.append(f"{layer:5d} " + " ".join(f"{float(self.delta[m][i]):20.4f}" for m in MEASURES))
-        return "\n".join(lines)
+        return text_table(wide(self.to_dataframe()), headers={m: f"d {m}" for m in MEASURES})
 
 
-def saliency_change(model: Any, trace: Trace, flow: StepFlow, **saliency_kwargs: Any) -> FlowEffect:
+def saliency_change(model: TLModel, trace: Trace, flow: StepFlow, **saliency_kwargs: Any) -> FlowEffect:
     """Step-Saliency of ``trace`` twice, plain and with ``flow`` attached (teacher forcing).
 
     Keyword arguments go to :func:`stepsal.step_saliency` (target, rule, norm, ...). The long-trace
     mode is not used here: it would run StepFlow's hooks twice per block.
     """
-    saliency_kwargs["checkpoint"] = False
+    saliency_kwargs["mode"] = "patterns"
     without = step_saliency(model, trace, **saliency_kwargs)
     with flow.attached(model, trace) as run:
         with_flow = step_saliency(model, trace, **saliency_kwargs)

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from ..errors import StepsalError, UnsupportedModelError
-from ..models import backend_of, hooks_attached, model_label
+from ..backends import Model, adapter_for
+from ..hookpoints import model_label
+from ..options import SMI_SITES
 from ..sites import attention_sites
-
-SMI_SITES = ("resid_post", "z")
+from ..traces import Trace
+from .hooks import FlowRun
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class StepFlow:
             chosen.append(layers)
         return chosen[0], chosen[1]
 
-    def layers_for(self, model: Any) -> tuple[list[int], list[int]]:
+    def layers_for(self, model: Model) -> tuple[list[int], list[int]]:
         """(OEB layers, SMI layers) on ``model``: default bands keep the layers that have what each
         part hooks (hybrid models mix in linear-attention layers); chosen layers must all have it."""
         sites = attention_sites(model)
@@ -114,28 +116,14 @@ class StepFlow:
                 f"at_summary={self.smi_at_summary})")
 
     @contextmanager
-    def attached(self, model: Any, trace: Any) -> Iterator["FlowRun"]:  # noqa: F821
+    def attached(self, model: Model, trace: Trace) -> Iterator[FlowRun]:
         """Attach StepFlow for teacher-forced forwards over ``trace`` (full sequence, no cache).
 
         Yields the :class:`FlowRun` whose ``stats`` fill as forwards run. Hooks are removed on
         exit, also when an exception escapes. ``model`` may be a plain transformers model (the fast
-        path of :mod:`stepsal.stepflow.fast`).
+        path of :mod:`stepsal.backends.transformers`).
         """
-        from .fast import flow_attached, flow_layers, is_transformers_model
-        from .hooks import FlowRun
-
-        if is_transformers_model(model):
-            run = FlowRun.for_trace(self, model, trace, flow_layers(model, self))
-            with flow_attached(model, run):
-                yield run
-            return
-        check_model(model, self)
-        run = FlowRun.for_trace(self, model, trace)
-        with hooks_attached(model, run.hooks()):
+        adapter = adapter_for(model)
+        run = FlowRun.for_trace(self, adapter, trace, adapter.flow_layers(self))
+        with adapter.attach_flow(run):
             yield run
-
-
-def check_model(model: Any, flow: StepFlow) -> None:
-    """StepFlow edits hook_pattern and reads hook_v: refuse layers where the adapter lacks them."""
-    backend_of(model)
-    flow.layers_for(model)

@@ -10,19 +10,24 @@ closures bound to a layer: OEB on ``hook_pattern``, SMI on ``hook_v`` (to rememb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..model_types import TLModel
 from ..errors import StepsalError
-from ..models import hook_name
-from ..sites import attention_sites, first_device
+from ..backends import Model, ModelAdapter, adapter_for
+from ..hookpoints import hook_name
 from ..traces import SUMMARY, THINKING, Trace
-from .config import StepFlow
+from ..vis.html import frame_section
+from ..vis.tables import flow_stats_frame, flow_stats_text
 from .oeb import bridge_groups, odds_equal_bridge
 from .tracker import TokenLabel
+
+if TYPE_CHECKING:
+    from .config import StepFlow
 
 
 @dataclass
@@ -59,9 +64,7 @@ class FlowStats:
 
     def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
         """One row per (part, layer): OEB rows and bridge mass, SMI injections."""
-        from ..vis.tables import flow_stats_frame
-
-        return flow_stats_frame(self)
+        return flow_stats_frame(self.to_dict())
 
     def __repr__(self) -> str:
         data = self.to_dict()
@@ -72,37 +75,27 @@ class FlowStats:
                 f"SMI layers {self.smi_layers or 'off'}: {injections} injections)")
 
     def _repr_html_(self) -> str:
-        from ..vis.html import flow_stats_html
-
-        return flow_stats_html(self)
+        return frame_section(repr(self), self.to_dataframe())
 
     def acted(self) -> bool:
         """Whether OEB changed any row or SMI injected anywhere."""
         return bool(self.oeb_changed.sum() > 0 or self.smi_count.sum() > 0)
 
     def table(self) -> str:
-        data = self.to_dict()
-        lines = ["OEB  layer   rows  changed  bridge mass before -> after"]
-        for layer, d in data["oeb"].items():
-            masses = f"{d['mass_before']:.4f} -> {d['mass_after']:.4f}" if d["changed"] else "-"
-            lines.append(f"     {layer:5d} {d['rows']:6d} {d['changed']:8d}  {masses}")
-        lines.append("SMI  layer  injections  mean norm")
-        for layer, d in data["smi"].items():
-            norm = f"{d['mean_norm']:.4f}" if d["injections"] else "-"
-            lines.append(f"     {layer:5d} {d['injections']:11d}  {norm}")
-        return "\n".join(lines)
+        return flow_stats_text(self.to_dataframe())
 
 
 class FlowRun:
     """State and hooks of one StepFlow run (a generation, or teacher-forced forwards over a trace)."""
 
-    def __init__(self, flow: StepFlow, model: Any, batch: int, capacity: int,
+    def __init__(self, flow: StepFlow, model: Model | ModelAdapter, batch: int, capacity: int,
                  layers: tuple[list[int], list[int]] | None = None):
-        """``layers``: (OEB, SMI) layers where ``model`` is not a TransformerLens model (the fast path)."""
-        self.flow, self.model = flow, model
-        self.oeb_layers, self.smi_layers = flow.layers_for(model) if layers is None else layers
-        device = first_device(model)
-        self.value_layout = attention_sites(model).value_layout if layers is None else {}
+        """``layers``: (OEB, SMI) layers when the caller has them already (else asked of the model)."""
+        self.adapter = adapter_for(model)
+        self.flow, self.model = flow, self.adapter.model
+        self.oeb_layers, self.smi_layers = self.adapter.flow_layers(flow) if layers is None else layers
+        device = self.adapter.device
+        self.value_layout = self.adapter.value_layout()
         self.batch, self.capacity, self.device = batch, capacity, device
         full = lambda value, dtype: torch.full((batch, capacity), value, dtype=dtype, device=device)  # noqa: E731
         # Labels as first given (= as seen when the position was processed), the current ones (a
@@ -129,7 +122,7 @@ class FlowRun:
     # ------------------------------------------------------------ labels
 
     @classmethod
-    def for_trace(cls, flow: StepFlow, model: Any, trace: Trace,
+    def for_trace(cls, flow: StepFlow, model: Model | ModelAdapter, trace: Trace,
                   layers: tuple[list[int], list[int]] | None = None) -> "FlowRun":
         """Labels from a trace's layout, for teacher-forced full-sequence forwards."""
         run = cls(flow, model, 1, len(trace), layers)
@@ -301,7 +294,7 @@ class FlowRun:
             if not self.any_inject:  # before fetching W_O (a property on the bridge): most decode steps
                 return None
             w_o = output_weights(self.model, layer) if self.flow.smi_site != "z" else None
-            return self.inject_momentum(index, layer, x, self.model.cfg.n_heads, w_o)
+            return self.inject_momentum(index, layer, x, self.adapter.n_heads, w_o)
 
         return step_momentum_injection
 
@@ -329,6 +322,6 @@ class FlowRun:
         return torch.where(mask, x + added, x)
 
 
-def output_weights(model: Any, layer: int) -> Float[Tensor, "head d_head d_model"]:
+def output_weights(model: TLModel, layer: int) -> Float[Tensor, "head d_head d_model"]:
     """W_O of one layer as [head, d_head, d_model] on either backend."""
     return model.blocks[layer].attn.W_O

@@ -3,22 +3,27 @@
 Each token's text comes from a table built once per tokenizer (no per-token decode). A bounded
 window of recent text finds markers, also when split across tokens; marker tokens belong to the
 segment they open and are relabelled when the marker completes; markers the prompt only quotes are
-skipped (:meth:`RowTracker.read_prompt`). A thinking step ends at a sentence end ('.' + whitespace,
-CJK 。！？, ...) of a kept sentence (at least ``min_step_chars`` wide, not a number); the next token
-with non-whitespace text opens the next step, as in :mod:`stepsal.traces`.
+skipped (:meth:`RowTracker.read_prompt`). Thinking steps start where :mod:`stepsal.sentences` (the
+rule :class:`~stepsal.Trace` uses) says; a token opens a step when its first non-whitespace
+character lies at or past a new step start, which is how traces place tokens.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
+from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Sequence
 
 from ..formats import TraceFormat, code_spans, inside, prompt_thinking_from
-from ..traces import MIN_THINKING_CHARS, QUESTION, SPACED_STOPS, SUMMARY, THINKING, WIDE_STOPS, text_width
+from ..segments import QUESTION, SUMMARY, THINKING
+from ..sentences import MIN_THINKING_CHARS, SENTENCE_END, StepSplitter, keep_thinking_piece
 
 WINDOW_CHARS = 96
 _TOKEN_TEXT_CACHE: dict[str, list[str]] = {}
+_TOKEN_BYTES_CACHE: dict[str, list[bytes]] = {}
 
 
 def token_texts(tokenizer: Any) -> list[str]:
@@ -38,6 +43,37 @@ def token_texts(tokenizer: Any) -> list[str]:
             else tokenizer.decode([i], clean_up_tokenization_spaces=False)  # rare: decode alone
             for i, pair in enumerate(pairs)]
     return _TOKEN_TEXT_CACHE[key]
+
+
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any) -> list[bytes]:
+    """UTF-8 bytes of every token id. A character split over several tokens (byte-level BPE, or
+    SentencePiece's byte fallback) decodes to U+FFFD piece by piece; its tokens keep their bytes
+    here, so that decoding the stream incrementally gives the same text as decoding the sequence."""
+    from ..traces import tokenizer_fingerprint
+
+    key = "bytes:" + tokenizer_fingerprint(tokenizer)
+    if key not in _TOKEN_BYTES_CACHE:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        texts = token_texts(tokenizer)
+        result = []
+        for index, text in enumerate(texts):
+            if "\ufffd" in text:
+                piece = tokenizer.convert_ids_to_tokens(index)
+                fallback = BYTE_FALLBACK.fullmatch(piece or "")
+                if fallback:
+                    result.append(bytes([int(fallback.group(1), 16)]))
+                    continue
+                if piece and all(char in byte_of for char in piece):
+                    result.append(bytes(byte_of[char] for char in piece))
+                    continue
+            result.append(text.encode())
+        _TOKEN_BYTES_CACHE[key] = result
+    return _TOKEN_BYTES_CACHE[key]
 
 
 @dataclass
@@ -62,11 +98,8 @@ class RowTracker:
     window_starts: list[int] = field(default_factory=list)  # window offset of each recent token
     window_positions: list[int] = field(default_factory=list)
     step: int = -1
-    sentence_chars: int = 0  # characters of the current sentence after its first non-whitespace one
-    sentence_is_number: bool = True  # only digits, '.', ',', '-' and spaces so far
-    sentence_closed: bool = False  # a kept sentence ended: the next non-whitespace text opens a step
-    previous_ends_with_period: bool = False
-    kept_run_open: bool = False  # this token ended inside the stop run that closed a kept sentence
+    splitter: StepSplitter | None = None  # the thinking text's step starts (the rule traces use)
+    step_starts: deque[int] = field(default_factory=deque)  # confirmed starts no token has reached yet
     step_opened: tuple[int, int] = (-1, -1)  # (position, absolute character) where the current step opened
     chars_dropped: int = 0  # characters that left the window (absolute offset of window[0])
     skip_spans: list[tuple[int, int]] = field(default_factory=list)  # code in the prompt: no markers there
@@ -134,11 +167,12 @@ class RowTracker:
             first += 1
         before, last_step = self.phase, self.step
         self.phase = THINKING if self.phase == QUESTION else SUMMARY
-        self.sentence_closed = False
-        self.previous_ends_with_period = self.kept_run_open = False
+        self.step_starts.clear()
         if self.phase == THINKING:
             self.step = 0
-            self._new_sentence(self.window[marker.end():])
+            keep = partial(keep_thinking_piece, min_chars=self.min_step_chars)
+            self.splitter = StepSplitter(SENTENCE_END, keep, offset=self.chars_dropped + marker.end())
+            self.step_starts.extend(self.splitter.feed(self.window[marker.end():]))
             labels = [TokenLabel(p, THINKING, 0, False) for p in self.window_positions[first:]]
             return labels or [TokenLabel(position, before, -1, False)]
         self.step = -1
@@ -155,58 +189,22 @@ class RowTracker:
         return undone + labels
 
     def _thinking_token(self, text: str, position: int) -> TokenLabel:
-        """Sentence ends as in traces: a kept sentence (>= min_step_chars, not a number) ended by a
-        stop ('.' + whitespace, a CJK stop run, ...) closes the step; the first token with
-        non-whitespace text after it opens the next."""
-        if self.previous_ends_with_period and text[:1].isspace():
-            # the stop closed the previous token (and was counted there); this one starts with whitespace
-            self.sentence_closed = self.sentence_closed or self._sentence_kept(period_counted=True)
-            self._new_sentence("")
-        # a token that carries on the run of CJK stops that ended a kept sentence starts inside that
-        # sentence end, so (placed by its first character, as in traces) it does not open the next step
-        continues_run = self.kept_run_open and LEADING_WIDE_STOPS.match(text) is not None
-        self.previous_ends_with_period = text.endswith(tuple(SPACED_STOPS))
-        inject = False
-        if self.sentence_closed and text.strip() and not continues_run:
+        """A token opens a step when its first non-whitespace character is at or past a step start
+        that no earlier token reached (several starts within one token make one step, as in traces);
+        whitespace-only tokens stay in the step before them."""
+        assert self.splitter is not None
+        self.step_starts.extend(self.splitter.feed(text))
+        if not text.strip():
+            return TokenLabel(position, THINKING, self.step, False)
+        anchor = self.chars_dropped + self.window_starts[-1] + len(text) - len(text.lstrip())
+        opened = False
+        while self.step_starts and self.step_starts[0] <= anchor:
+            self.step_starts.popleft()
+            opened = True
+        if opened:
             self.step += 1
-            self.sentence_closed = False
-            inject = True
-            # where the opening text starts: if a marker turns out to start there, the step is undone
-            token_start = self.chars_dropped + self.window_starts[-1]
-            self.step_opened = (position, token_start + len(text) - len(text.lstrip()))
-        rest, kept_run_open = text, continues_run and self.kept_run_open
-        while (end := TOKEN_SENTENCE_END.search(rest)) is not None:  # every stop inside this token
-            self._add_to_sentence(rest[:end.start()])
-            kept = self._sentence_kept()
-            # a kept sentence's closure stays pending across a short piece ("。先。"), as in traces
-            self.sentence_closed = self.sentence_closed or kept
-            rest = ONE_STOP.sub("", rest[end.start():], count=1)  # the stop run and the whitespace after it
-            kept_run_open = (kept or kept_run_open) and not rest  # the closing run reaches the end
-            self._new_sentence("")
-        self._add_to_sentence(rest)
-        self.kept_run_open = kept_run_open and text.endswith(tuple(WIDE_STOPS))
-        return TokenLabel(position, THINKING, self.step, inject)
-
-    def _new_sentence(self, text: str) -> None:
-        self.sentence_chars, self.sentence_is_number = 0, True
-        self._add_to_sentence(text)
-
-    def _add_to_sentence(self, text: str) -> None:
-        if self.sentence_chars == 0:
-            text = text.lstrip()
-        self.sentence_chars += text_width(text)
-        if self.sentence_is_number and text and re.sub(r"[\d.,\-\s]", "", text):
-            self.sentence_is_number = False
-
-    def _sentence_kept(self, period_counted: bool = False) -> bool:
-        length = self.sentence_chars - (1 if period_counted else 0)  # traces measure without the period
-        return length >= self.min_step_chars and not self.sentence_is_number
-
-
-# a sentence end inside one token's text: a spaced stop with its whitespace, or a CJK stop
-TOKEN_SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s|[{WIDE_STOPS}]")
-ONE_STOP = re.compile(f"^(?:[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]+\\s*)")
-LEADING_WIDE_STOPS = re.compile(f"^[{WIDE_STOPS}]+")
+            self.step_opened = (position, anchor)  # if a marker turns out to start here, the step is undone
+        return TokenLabel(position, THINKING, self.step, opened)
 
 
 class PhaseTracker:
@@ -216,18 +214,20 @@ class PhaseTracker:
                  vocab_size: int = 0):
         """``vocab_size``: the model's; ids the tokenizer lacks (Qwen2.5 pads 151665 tokens to
         151936 embedding rows) have no text, as when the tokenizer decodes them."""
-        self.texts = token_texts(tokenizer)
-        if vocab_size > len(self.texts):
-            self.texts = self.texts + [""] * (vocab_size - len(self.texts))
+        self.bytes = token_bytes(tokenizer)
+        if vocab_size > len(self.bytes):
+            self.bytes = self.bytes + [b""] * (vocab_size - len(self.bytes))
         self.rows = [RowTracker(fmt, min_step_chars) for _ in range(batch)]
+        # a character split over tokens appears (whole) at the token that completes it
+        self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(batch)]
 
     def read_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """Each row's prompt ids, before they are pushed: see :meth:`RowTracker.read_prompt`."""
         for row, ids in zip(self.rows, prompts):
-            row.read_prompt("".join(self.texts[i] for i in ids))
+            row.read_prompt(b"".join(self.bytes[i] for i in ids).decode("utf-8", "replace"))
 
     def push(self, token_ids: Sequence[int], is_pad: Sequence[bool] | None = None) -> list[list[TokenLabel]]:
         """One token per row; returns each row's labels (one, or several after a marker)."""
         is_pad = is_pad or [False] * len(token_ids)
-        return [[row.pad()] if pad else row.push(self.texts[token])
-                for row, token, pad in zip(self.rows, token_ids, is_pad)]
+        return [[row.pad()] if pad else row.push(decoder.decode(self.bytes[token]))
+                for row, decoder, token, pad in zip(self.rows, self.decoders, token_ids, is_pad)]

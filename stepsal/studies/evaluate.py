@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..metrics import _bootstrap_indices
+from ..model_types import Model
+from ..stats import bootstrap_mean_interval
 from ..stepflow.config import StepFlow
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 
@@ -74,7 +75,7 @@ def _key(row: dict) -> tuple:
     return row["problem"], row["condition"], row["mode"], row["sample"]
 
 
-def evaluate(model: Any, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
+def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
              k: int = 4, greedy: bool = True, temperature: float = R1_SAMPLING["temperature"],
              top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
              shard: tuple[int, int] = (0, 1), progress: bool = True) -> "EvalResult":
@@ -213,11 +214,10 @@ class EvalResult:
         table = table.dropna()
         diff = (table["stepflow"] - table["baseline"]).to_numpy()
         rng = np.random.default_rng(seed)
-        boots = diff[_bootstrap_indices(rng, len(diff), n_boot)].mean(1)
-        tail = (1 - confidence) / 2
+        ci = bootstrap_mean_interval(diff, rng, n_boot, confidence)  # before the p-value: it draws from rng too
         return {"mode": mode, "problems": len(diff), "baseline": float(table["baseline"].mean()),
                 "stepflow": float(table["stepflow"].mean()), "difference": float(diff.mean()),
-                "ci": tuple(np.quantile(boots, [tail, 1 - tail]).tolist()), "confidence": confidence,
+                "ci": ci, "confidence": confidence,
                 "p_value": sign_flip_p_value(diff, rng), "problems_changed": int((diff != 0).sum())}
 
 

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from ..model_types import TLModel
 from ..errors import StepsalError
 from ..models import backend_of, hook_name, hooks_attached, model_label
 from ..sites import attention_sites
@@ -42,7 +43,7 @@ def group_mask(trace: Trace, group: Group) -> Bool[Tensor, " token"]:
 
 
 @contextmanager
-def knockout(model: Any, trace: Trace, queries: Group, keys: Group, layers: Sequence[int] | None = None,
+def knockout(model: TLModel, trace: Trace, queries: Group, keys: Group, layers: Sequence[int] | None = None,
              heads: Sequence[int] | None = None) -> Iterator[None]:
     """Remove the attention from the ``queries`` tokens to the ``keys`` tokens (renormalising each
     affected row) in ``layers`` (default: every layer with a usable pattern) and ``heads`` (default

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from ..model_types import Model
 from ..errors import StepsalWarning
 from .evaluate import EvalResult, R1_SAMPLING, evaluate
 
@@ -42,21 +43,21 @@ class StudyResult:
         return f"StudyResult({counts} traces{skipped}; {self.comparison!r})"
 
 
-def _trace_of(row: dict, model: Any, min_thinking_steps: int):
+def _trace_of(row: dict, model: Model, min_thinking_steps: int):
     from ..traces import Trace
 
     return Trace.from_tokens(row["tokens"], model, prompt_length=row["prompt_length"],
                              min_thinking_steps=min_thinking_steps)
 
 
-def run_study(model: Any, problems: Sequence[Any], *, out: str | Path, k: int = 0, greedy: bool = True,
+def run_study(model: Model, problems: Sequence[Any], *, out: str | Path, k: int = 0, greedy: bool = True,
               temperature: float = R1_SAMPLING["temperature"], top_p: float = R1_SAMPLING["top_p"],
               max_new_tokens: int = 256, seed: int = 0, target: str = "all", norm: str = "causal",
               min_thinking_steps: int = 2, progress: bool = True) -> StudyResult:
     """Generate, label, analyse and compare (see the module docstring). Rerunning resumes."""
     from ..metrics import compare_groups
     from ..saliency import StepSaliency, step_saliency
-    from ..vis.report import report_from_folder
+    from .report import report_from_folder
 
     folder = Path(out)
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,

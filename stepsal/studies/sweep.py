@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..metrics import _bootstrap_indices
+from ..model_types import TLModel
 from ..models import backend_of, forward_kwargs
+from ..options import SWEEP_METRICS as METRICS
 from ..sites import attention_sites, first_device
+from ..stats import bootstrap_mean_interval
 from ..traces import SUMMARY, Trace
+from ..vis.figures import plot_sweep
 
 Metric = str | Callable[[Tensor, Tensor, Trace], float]
-METRICS = ("loss", "summary_loss", "summary_kl")
 
 
 def _summary_positions(trace: Trace) -> Tensor:
@@ -59,7 +61,6 @@ class SweepResult:
         import pandas
 
         rng = np.random.default_rng(seed)
-        tail = (1 - confidence) / 2
         rows = []
         for layer, group in self.frame.groupby("layer", sort=True):
             deltas = group["delta"].to_numpy(dtype=float)
@@ -67,26 +68,13 @@ class SweepResult:
             if deltas.size == 0:
                 rows.append((layer, 0, float("nan"), float("nan"), float("nan")))
                 continue
-            boot = deltas[_bootstrap_indices(rng, deltas.size, n_boot)].mean(-1)
-            low, high = np.quantile(boot, [tail, 1 - tail])
-            rows.append((layer, deltas.size, float(deltas.mean()), float(low), float(high)))
+            low, high = bootstrap_mean_interval(deltas, rng, n_boot, confidence)
+            rows.append((layer, deltas.size, float(deltas.mean()), low, high))
         return pandas.DataFrame(rows, columns=["layer", "n", "mean_delta", "ci_low", "ci_high"])
 
     def plot(self, **kwargs: Any):
         """Mean delta per layer with its CI band: (matplotlib Figure, axes)."""
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-
-        table = self.summary(**kwargs)
-        fig = Figure(figsize=(6, 3))
-        ax = fig.subplots()
-        ax.plot(table.layer, table.mean_delta, marker="o", lw=1.2)
-        ax.fill_between(table.layer, table.ci_low, table.ci_high, alpha=0.2, lw=0)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("layer of the intervention")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"change in {self.metric}")
-        fig.tight_layout()
+        fig = plot_sweep(self.summary(**kwargs), self.metric)
         return fig, fig.axes
 
     def __repr__(self) -> str:
@@ -94,7 +82,7 @@ class SweepResult:
                 f"metric {self.metric})")
 
 
-def layer_sweep(model: Any, traces: Sequence[Trace], intervention: Callable[[int], AbstractContextManager],
+def layer_sweep(model: TLModel, traces: Sequence[Trace], intervention: Callable[[int], AbstractContextManager],
                 metric: Metric = "summary_loss", layers: Sequence[int] | None = None,
                 progress: bool = True) -> SweepResult:
     """For each layer, run every trace with ``intervention(layer)`` entered (a knockout at that layer,

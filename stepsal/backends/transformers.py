@@ -1,4 +1,4 @@
-"""StepFlow on a plain transformers model: the fast path of :func:`stepsal.generate`.
+"""The adapter for plain transformers models, and StepFlow on them: the fast path of :func:`stepsal.generate`.
 
 The same :class:`~stepsal.stepflow.hooks.FlowRun` (labels, OEB, SMI, statistics) acts through
 transformers' own seams instead of TransformerLens hook points:
@@ -16,30 +16,34 @@ Everything is removed on exit, also when an exception escapes.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ..model_types import HFModel
 from ..blockwise import eager_pattern
 from ..errors import UnsupportedModelError
-from ..linear_attention import attention_implementation
-from .config import StepFlow
-from .hooks import FlowRun
+from .attention import routed_attention
+from .base import DecodeStep, ModelAdapter
 
-KERNEL_NAME = "stepsal_flow"
-ATTENTION_TYPES = {"full_attention", "sliding_attention"}
-_RUNS: dict[int, tuple[FlowRun, dict[int, int]]] = {}  # id(attention module) -> (run, OEB index by layer)
+if TYPE_CHECKING:
+    from ..stepflow.config import StepFlow
+    from ..stepflow.hooks import FlowRun
+
+ATTENTION_TYPES = {"full_attention", "sliding_attention"}  # chunked attention: not on the fast path
 
 
-def is_transformers_model(model: Any) -> bool:
+def is_transformers_model(model: HFModel) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel)
 
 
-def decoder_layers(model: Any) -> list[Any]:
+def decoder_layers(model: HFModel) -> list[Any]:
     """The decoder layers of a transformers causal LM whose attention StepFlow can drive, or a refusal."""
     config = model.config.get_text_config()
     types = set(getattr(config, "layer_types", None) or [])
@@ -53,17 +57,16 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(layers)
 
 
-def flow_layers(model: Any, flow: StepFlow) -> tuple[list[int], list[int]]:
+def flow_layers(model: HFModel, flow: StepFlow) -> tuple[list[int], list[int]]:
     oeb, smi = flow.layers(len(decoder_layers(model)))
     return oeb, (smi if flow.alpha > 0 else [])
 
 
 def _flow_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                     dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
-                    softcap: float | None = None, s_aux: Tensor | None = None,
-                    **kwargs: Any) -> tuple[Tensor, None]:
+                    softcap: float | None = None, s_aux: Tensor | None = None, *, run: FlowRun,
+                    oeb_index: dict[int, int], **kwargs: Any) -> tuple[Tensor, None]:
     """A transformers attention function: query [B, H, q, D], key/value [B, H_kv, k, D] -> [B, q, H, D]."""
-    run, oeb_index = _RUNS[id(module)]
     layer = module.layer_idx
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer in run.smi_layers:
@@ -81,14 +84,6 @@ def _flow_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, atte
     group = query.shape[1] // key.shape[1]
     z = torch.matmul(pattern.to(value.dtype), value.repeat_interleave(group, 1))
     return z.transpose(1, 2).contiguous(), None
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(KERNEL_NAME, _flow_attention)
-    AttentionMaskInterface.register(KERNEL_NAME, sdpa_mask)
 
 
 def _output_weights(attn: Any, n_heads: int) -> Tensor:
@@ -116,17 +111,14 @@ def _smi_z_hook(run: FlowRun, index: int, layer: int, n_heads: int):
 
 
 @contextmanager
-def flow_attached(model: Any, run: FlowRun) -> Iterator[None]:
+def flow_attached(model: HFModel, run: FlowRun) -> Iterator[None]:
     """StepFlow on a transformers model for the duration (attention function and SMI hooks)."""
-    _register()
     layers = decoder_layers(model)
     config = model.config
     n_heads = config.get_text_config().num_attention_heads
     oeb_index = {layer: i for i, layer in enumerate(run.oeb_layers)}
+    attention = partial(_flow_attention, run=run, oeb_index=oeb_index)
     with ExitStack() as stack:
-        for layer in layers:
-            _RUNS[id(layer.self_attn)] = (run, oeb_index)
-            stack.callback(_RUNS.pop, id(layer.self_attn), None)
         for index, layer in enumerate(run.smi_layers):
             attn = layers[layer].self_attn
             if run.flow.smi_site == "z":
@@ -135,7 +127,57 @@ def flow_attached(model: Any, run: FlowRun) -> Iterator[None]:
                 w_o = _output_weights(attn, n_heads).detach()
                 handle = layers[layer].register_forward_hook(_smi_output_hook(run, index, layer, n_heads, w_o))
             stack.callback(handle.remove)
-        configs = {id(config): config, id(config.get_text_config()): config.get_text_config()}
-        for one in configs.values():
-            stack.enter_context(attention_implementation(one, KERNEL_NAME))
+        routes = {layer.self_attn: attention for layer in layers}
+        stack.enter_context(routed_attention(routes, [config, config.get_text_config()], mask="sdpa"))
         yield
+
+
+class TransformersAdapter(ModelAdapter):
+    """A plain transformers causal LM (with its tokenizer): transformers' own cache, attention
+    functions and module hooks; computes the last position's logits only while decoding."""
+
+    kind = "transformers"
+
+    def __init__(self, model: HFModel, tokenizer: Any = None):
+        super().__init__(model, tokenizer)
+        self.config = model.config.get_text_config()
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def n_ctx(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def decode_step(self, batch: int, use_cache: bool) -> DecodeStep:
+        from transformers.cache_utils import DynamicCache
+
+        model = self.model
+        cache = DynamicCache() if use_cache else None  # keeps every key (the mask applies sliding windows)
+
+        def transformers_step(tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            new = slice(-n_new, None) if use_cache else slice(None)
+            return model(input_ids=tokens[:, new], attention_mask=mask, position_ids=positions[:, new],
+                         past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits
+
+        return transformers_step
+
+    def flow_layers(self, flow: StepFlow) -> tuple[list[int], list[int]]:
+        return flow_layers(self.model, flow)
+
+    def attach_flow(self, run: FlowRun) -> AbstractContextManager[None]:
+        return flow_attached(self.model, run)

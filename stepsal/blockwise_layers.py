@@ -1,4 +1,6 @@
-"""Run a loaded model's attention layers through :mod:`stepsal.blockwise` (no [H, T, T] tensor).
+"""Run a loaded model's softmax attention through :mod:`stepsal.blockwise` (no [H, T, T] tensor).
+
+Step-Saliency's ``mode="blockwise"``: memory linear in the trace length, exact.
 
 ``HookedTransformer``: each attention module's forward is swapped for one that reuses the module's
 own projections, QK norms and rotary embedding and hands q, k, v to the blockwise kernel.
@@ -6,7 +8,7 @@ own projections, QK norms and rotary embedding and hands q, k, v to the blockwis
 kernel registered as a transformers attention function (that module applies its own projections,
 norms, rotary embedding, sliding window, softcapping and sinks, and passes them on).
 
-Whether this reproduces the model is not assumed: :func:`linear_mode_problem` runs the probe
+Whether this reproduces the model is not assumed: :func:`blockwise_problem` runs the probe
 input through it once per model and compares the logits with the model's own (cached).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import einops
@@ -21,10 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .model_types import TLModel
+from .backends.attention import routed_attention
+from .hookpoints import backend_of, first_device, forward_kwargs, hook_name, hooks_attached
 from .blockwise import AttentionSpec, Observer, blockwise_attention
 from .errors import UnsupportedModelError
-
-KERNEL_NAME = "stepsal_blockwise"
+from .models import LOGIT_TOLERANCE
+from .sites import attention_sites, probe_ids, probe_logits
 
 
 class _Stop(Exception):
@@ -80,32 +86,17 @@ def _hooked_forward(attn: Any, observer: Observer | None, query_input: Tensor, k
 
 # ---------------------------------------------------------------- TransformerBridge (transformers modules)
 
-_OBSERVERS: dict[int, Observer | None] = {}  # id(transformers attention module) -> its layer's observer
-
-
 def _transformers_kernel(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                          dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
-                         softcap: float | None = None, s_aux: Tensor | None = None,
+                         softcap: float | None = None, s_aux: Tensor | None = None, *, observer: Observer | None,
                          **kwargs: Any) -> tuple[Tensor, None]:
     """A transformers attention function: query [B, H, T, D], key/value [B, H_kv, T, D] -> [B, T, H, D]."""
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise UnsupportedModelError("the blockwise kernel takes one sequence without a KV cache")
     spec = AttentionSpec(scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
                          softcap=softcap or None, window=sliding_window, sinks=s_aux)
-    z = blockwise_attention(query[0], key[0], value[0], spec, _OBSERVERS.get(id(module)))
+    z = blockwise_attention(query[0], key[0], value[0], spec, observer)
     return z.transpose(0, 1)[None], None
-
-
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None  # the kernel builds causal and window masks from positions
-
-
-def _register_kernel() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(KERNEL_NAME, _transformers_kernel)
-    AttentionMaskInterface.register(KERNEL_NAME, _no_mask)
 
 
 def _bridge_forward(component: Any) -> Callable[..., Any]:
@@ -115,25 +106,9 @@ def _bridge_forward(component: Any) -> Callable[..., Any]:
 
 
 @contextmanager
-def attention_implementation(config: Any, name: str) -> Iterator[None]:
-    """A transformers config's ``_attn_implementation`` set to ``name`` for the duration."""
-    before = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-# ---------------------------------------------------------------- entry points
-
-
-@contextmanager
-def blockwise_attention_layers(model: Any, observers: dict[int, Observer] | None = None) -> Iterator[None]:
+def blockwise_attention_layers(model: TLModel, observers: dict[int, Observer] | None = None) -> Iterator[None]:
     """Inside: every attention layer of ``model`` runs the blockwise kernel; ``observers[layer]``
     sees that layer's A and dL/dA during the backward pass. Restored on exit, also on an exception."""
-    from .models import backend_of
-
     observers = observers or {}
     with ExitStack() as stack:
         if backend_of(model) == "hooked":
@@ -142,9 +117,8 @@ def blockwise_attention_layers(model: Any, observers: dict[int, Observer] | None
                 attn.__dict__["forward"] = lambda *a, _attn=attn, _obs=observers.get(layer), **kw: \
                     _hooked_forward(_attn, _obs, *a, **kw)
                 stack.callback(attn.__dict__.pop, "forward", None)
-        else:
-            _register_kernel()
-            configs = {}
+        else:  # the kernel masks by position itself
+            routes, configs = {}, [model.original_model.config]  # the mask is built from the outer config
             for layer, block in enumerate(model.blocks):
                 component = getattr(block, "attn", None)
                 if component is None:  # hybrid models: a layer without softmax attention
@@ -152,22 +126,15 @@ def blockwise_attention_layers(model: Any, observers: dict[int, Observer] | None
                 hf_attn = component.original_component
                 component.__dict__["forward"] = _bridge_forward(component)  # bridges forward setattr
                 stack.callback(component.__dict__.pop, "forward", None)
-                _OBSERVERS[id(hf_attn)] = observers.get(layer)
-                stack.callback(_OBSERVERS.pop, id(hf_attn), None)
-                configs[id(hf_attn.config)] = hf_attn.config
-            for config in configs.values():
-                stack.enter_context(attention_implementation(config, KERNEL_NAME))
-            outer = model.original_model.config
-            if id(outer) not in configs:  # the mask is built from the outer model's config
-                stack.enter_context(attention_implementation(outer, KERNEL_NAME))
+                routes[hf_attn] = partial(_transformers_kernel, observer=observers.get(layer))
+                configs.append(hf_attn.config)
+            stack.enter_context(routed_attention(routes, configs, mask="none"))
         yield
 
 
-def final_residual(model: Any, tokens: Tensor, hooks: list[tuple[str, Callable]] = ()) -> Tensor:
+def final_residual(model: TLModel, tokens: Tensor, hooks: list[tuple[str, Callable]] = ()) -> Tensor:
     """The residual after the last block [T, d_model], without computing logits (``hooks``: more
     forward hooks for the same pass)."""
-    from .models import forward_kwargs, hook_name, hooks_attached
-
     store: dict[str, Tensor] = {}
 
     def stop(x: Tensor, hook: Any) -> None:
@@ -182,10 +149,8 @@ def final_residual(model: Any, tokens: Tensor, hooks: list[tuple[str, Callable]]
     return store["resid"]
 
 
-def logits_from_residual(model: Any, resid: Tensor) -> Tensor:
+def logits_from_residual(model: TLModel, resid: Tensor) -> Tensor:
     """Final norm, unembedding and output softcap of a final residual [n, d_model] -> [n, vocab]."""
-    from .models import backend_of
-
     logits = model.unembed(model.ln_final(resid[None]))[0]
     cap = getattr(model.cfg, "output_logits_soft_cap", None)
     if backend_of(model) == "bridge":
@@ -198,7 +163,7 @@ def logits_from_residual(model: Any, resid: Tensor) -> Tensor:
 _PROBLEMS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
 
 
-def linear_mode_problem(model: Any) -> str | None:
+def blockwise_problem(model: TLModel) -> str | None:
     """Why the blockwise mode cannot run ``model`` exactly (None: it can). One probe forward, cached.
 
     Checked: every attention layer goes through the kernel, and the logits computed through it
@@ -206,9 +171,6 @@ def linear_mode_problem(model: Any) -> str | None:
     """
     if model in _PROBLEMS:
         return _PROBLEMS[model]
-    from .models import LOGIT_TOLERANCE, hook_name
-    from .sites import attention_sites, first_device, probe_ids, probe_logits
-
     tokens = probe_ids(model.cfg.d_vocab).to(first_device(model))
     expected = probe_logits(model)[0]
     calls: set[int] = set()

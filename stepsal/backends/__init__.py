@@ -1,0 +1,59 @@
+"""One adapter per kind of model: :func:`adapter_for` resolves it, everything else asks it.
+
+- :mod:`stepsal.hookpoints` (beneath): TransformerLens hook names and hooks in a context;
+- :mod:`.attention`: routing a transformers model's attention through a function (one registry);
+- :mod:`.base`: the :class:`ModelAdapter` interface and the ``Model`` type;
+- :mod:`.transformerlens`, :mod:`.transformers`: the two adapters.
+
+A new kind of model is one module with a :class:`ModelAdapter` subclass and one
+:func:`register_adapter` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UnsupportedModelError
+from ..model_types import Model
+from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
+from ..hookpoints import bridge_class, hooked_transformer_class
+from .transformerlens import TransformerLensAdapter
+from .transformers import TransformersAdapter
+
+__all__ = ["ATTENTION_LAYER_TYPES", "DecodeStep", "Model", "ModelAdapter", "adapter_for", "register_adapter"]
+
+
+def _is_transformerlens(model: object) -> bool:
+    hooked = hooked_transformer_class()
+    return isinstance(model, bridge_class()) or (hooked is not None and isinstance(model, hooked))
+
+
+def _is_transformers(model: object) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+_ADAPTERS: list[tuple[Callable[[Any], bool], Callable[[Any, Any], ModelAdapter]]] = [
+    (_is_transformerlens, TransformerLensAdapter),
+    (_is_transformers, TransformersAdapter),
+]
+
+
+def register_adapter(accepts: Callable[[Any], bool], make: Callable[[Any, Any], ModelAdapter]) -> None:
+    """Teach stepsal a new kind of model: ``make(model, tokenizer)`` for models ``accepts`` says yes to
+    (checked before the built-in kinds)."""
+    _ADAPTERS.insert(0, (accepts, make))
+
+
+def adapter_for(model: Model, tokenizer: Any = None) -> ModelAdapter:
+    """The adapter of ``model`` (an adapter is returned as it is)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    for accepts, make in _ADAPTERS:
+        if accepts(model):
+            return make(model, tokenizer)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a model stepsal knows: load it with stepsal.load_model(model_or_folder, "
+        "tokenizer) (a TransformerLens model), or pass a transformers causal LM with its tokenizer.")

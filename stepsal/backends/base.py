@@ -1,0 +1,92 @@
+"""What stepsal needs from a kind of model, in one small interface.
+
+Each kind of model (TransformerLens's HookedTransformer and TransformerBridge, a plain transformers
+model) gets one :class:`ModelAdapter`; entry points resolve it once with
+:func:`stepsal.backends.adapter_for` and ask it, instead of telling kinds apart themselves. A new
+kind (a serving engine, nnsight) is one new module with one subclass, registered with
+:func:`stepsal.backends.register_adapter`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..model_types import Model
+
+# one set of attention layer types, for every adapter: the softmax-attention layers of transformers
+# configs (hybrid models add "linear_attention", "mamba", ...)
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+
+if TYPE_CHECKING:
+    from ..stepflow.config import StepFlow
+    from ..stepflow.hooks import FlowRun
+
+
+@runtime_checkable
+class DecodeStep(Protocol):
+    def __call__(self, tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
+        """Logits [batch, n, vocab] ending at the last of ``tokens`` [batch, k] (mask: 1 = real)."""
+        ...
+
+
+class ModelAdapter(ABC):
+    """One kind of model, as stepsal uses it. ``model`` is the wrapped object itself."""
+
+    kind: str  # "hooked", "bridge", "transformers", ...
+
+    def __init__(self, model: Model, tokenizer: Any = None):
+        self.model, self.tokenizer = model, tokenizer
+
+    # ------------------------------------------------------------ sizes and placement
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_heads(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_ctx(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where input ids go (the first device of a split model)."""
+
+    @property
+    def label(self) -> str:
+        return type(self.model).__name__
+
+    # ------------------------------------------------------------ generation
+    @abstractmethod
+    def decode_step(self, batch: int, use_cache: bool) -> DecodeStep:
+        """A function that runs the model on new tokens (with a KV cache of its own when ``use_cache``)."""
+
+    def generation_warning(self) -> str | None:
+        """A warning to give before generating with this model (None: none)."""
+        return None
+
+    # ------------------------------------------------------------ StepFlow
+    @abstractmethod
+    def flow_layers(self, flow: StepFlow) -> tuple[list[int], list[int]]:
+        """(OEB layers, SMI layers) of ``flow`` on this model, validated (refusals name the fix)."""
+
+    @abstractmethod
+    def attach_flow(self, run: FlowRun) -> AbstractContextManager[None]:
+        """StepFlow's effects wired into this model for the duration, removed on exit (also on an exception)."""
+
+    def value_layout(self) -> dict[int, str]:
+        """Per layer, how value vectors are laid out where StepFlow reads them ("pos_head" or "head_pos")."""
+        return {}
+

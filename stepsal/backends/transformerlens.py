@@ -1,0 +1,105 @@
+"""The adapter for TransformerLens models: HookedTransformer and TransformerBridge."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..model_types import TLModel
+from ..sites import attention_sites
+from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
+from ..hookpoints import backend_of, first_device, hooks_attached, model_label
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..stepflow.config import StepFlow
+    from ..stepflow.hooks import FlowRun
+
+HOOKED_DECODE_WARNING = (
+    "generating with HookedTransformer: on this TransformerLens it copies the unembedding and every gated-MLP "
+    "weight matrix on each forward (W.T.contiguous()), which makes token-by-token decoding several times "
+    "slower than TransformerBridge (docs/performance.md). Load the model with backend='bridge' to generate.")
+
+
+class TransformerLensAdapter(ModelAdapter):
+    """HookedTransformer ("hooked") or TransformerBridge ("bridge"): hook points, their own caches."""
+
+    def __init__(self, model: TLModel, tokenizer: Any = None):
+        super().__init__(model, tokenizer or model.tokenizer)
+        self.kind = backend_of(model)
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.model.cfg.n_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.d_vocab
+
+    @property
+    def n_ctx(self) -> int | None:
+        return self.model.cfg.n_ctx
+
+    @property
+    def device(self) -> torch.device:
+        return first_device(self.model)
+
+    @property
+    def label(self) -> str:
+        return model_label(self.model)
+
+    def decode_step(self, batch: int, use_cache: bool) -> DecodeStep:
+        model = self.model
+        if self.kind == "hooked":
+            if not use_cache:
+                return lambda tokens, mask, n_new: model(tokens, attention_mask=mask)[:, -n_new:]
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch)
+            return lambda tokens, mask, n_new: model(tokens[:, -n_new:], past_kv_cache=cache,
+                                                     attention_mask=mask[:, -n_new:])
+        cache = _full_cache(model.original_model.config) if use_cache else None
+
+        def bridge_step(tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            if use_cache:
+                return model(tokens[:, -n_new:], attention_mask=mask, position_ids=positions[:, -n_new:],
+                             past_key_values=cache, use_cache=True)
+            return model(tokens, attention_mask=mask, position_ids=positions, use_cache=False)[:, -n_new:]
+
+        return bridge_step
+
+    def generation_warning(self) -> str | None:
+        return HOOKED_DECODE_WARNING if self.kind == "hooked" else None
+
+    def flow_layers(self, flow: StepFlow) -> tuple[list[int], list[int]]:
+        return flow.layers_for(self.model)
+
+    def attach_flow(self, run: FlowRun) -> AbstractContextManager[None]:
+        return hooks_attached(self.model, run.hooks())
+
+    def value_layout(self) -> dict[int, str]:
+        return attention_sites(self.model).value_layout
+
+
+def _full_cache(config: Any) -> Any:
+    """A transformers cache that keeps every key: attention layers never trim a sliding window (the
+    hooks read absolute positions as k - q; the model still applies its window through the mask);
+    hybrid models also get their linear-attention or state-space layers' state."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
+    if set(types) <= ATTENTION_LAYER_TYPES:
+        return DynamicCache()  # lazily built full layers
+    cache = DynamicCache(config=config)  # the config itself is not touched (some fields are read-only)
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            cache.layers[index] = DynamicLayer()
+    return cache

@@ -1,0 +1,27 @@
+"""Percentile bootstraps, shared by group comparisons, paired evaluations and layer sweeps (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bootstrap_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """``n_boot`` resamples (with replacement) of ``n`` items, as indices [n_boot, n]."""
+    return rng.integers(0, n, size=(n_boot, n))
+
+
+def percentile_interval(boot_values: np.ndarray, confidence: float, axis: int = 0,
+                        ignore_nan: bool = False) -> np.ndarray:
+    """The central ``confidence`` interval of bootstrap values along ``axis``: [2, ...] (low, high);
+    ``ignore_nan`` skips NaN values (a value that is NaN in every resample stays NaN)."""
+    tail = (1 - confidence) / 2
+    quantile = np.nanquantile if ignore_nan else np.quantile
+    return quantile(boot_values, [tail, 1 - tail], axis=axis)
+
+
+def bootstrap_mean_interval(values: np.ndarray, rng: np.random.Generator, n_boot: int,
+                            confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of 1-D ``values`` (resampled with replacement)."""
+    boot = values[bootstrap_indices(rng, len(values), n_boot)].mean(-1)
+    low, high = percentile_interval(boot, confidence)
+    return float(low), float(high)

@@ -1,0 +1,47 @@
+"""A study's report: every saved Step-Saliency result under a folder on one offline page, with the
+comparison of two groups of them first. Loading and comparing happen here; the page is drawn by
+:mod:`stepsal.vis.report`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..metrics import compare_groups
+from ..saliency import StepSaliency
+from ..vis.report import comparison_section, skipped_note, write_report
+
+__all__ = ["report_from_folder", "write_report"]
+
+
+def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                       max_sections: int | None = 20) -> Path:
+    """One page from every saved result (``*.safetensors``) under ``folder``; two subfolders of
+    results are compared as groups first (per-trace measures with CIs, per-layer curves), then all
+    results are listed, with full sections for the first ``max_sections`` (None: all)."""
+    from safetensors import safe_open
+
+    root = Path(folder)
+    files, others = [], []
+    for path in sorted(root.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            (files if "stepsal" in (handle.metadata() or {}) else others).append(path)
+    if not files:
+        raise FileNotFoundError(f"no saved Step-Saliency results under {root} ({len(others)} other .safetensors "
+                                "files); save results with result.save(path).")
+    results = [StepSaliency.load(f) for f in files]
+    names = [str(f.relative_to(root)) for f in files]
+    groups: dict[str, list[StepSaliency]] = {}
+    for f, r in zip(files, results):
+        groups.setdefault(str(f.parent.relative_to(root)), []).append(r)
+    extra = []
+    if len(groups) == 2 and all(len(g) >= 2 for g in groups.values()):
+        (label_a, a), (label_b, b) = sorted(groups.items())
+        comparison = compare_groups(a, b, labels=(label_a, label_b))
+        fig = comparison.plot()[0] if comparison.layer_mean else None
+        extra.append(comparison_section(f"{label_a} vs {label_b}", repr(comparison), comparison.to_dataframe(), fig))
+    if others:
+        extra.append(skipped_note([str(p.relative_to(root)) for p in others]))
+    return write_report(out_dir or root, results, names, title=f"Step-Saliency study: {root.name}",
+                        extra_sections=extra, max_sections=max_sections)
