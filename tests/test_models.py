@@ -39,8 +39,12 @@ def test_greedy_cached_generation_equals_uncached(tl_models, hf_models, tokenize
     assert torch.equal(runs[0], reference)
 
 
-def test_default_backend_is_hooked_where_it_exists():
-    assert resolve_backend(None) == ("hooked" if hooked_transformer_class() else "bridge")
+def test_default_backend_is_the_bridge_on_every_stack():
+    """TransformerLens 3.9 deprecates HookedTransformer and 4.x removed it (the redesign issue: the
+    bridge is the default everywhere; backend="hooked" stays available where TL has it)."""
+    assert resolve_backend(None) == "bridge"
+    if hooked_transformer_class() is not None:
+        assert resolve_backend("hooked") == "hooked"
 
 
 def test_bridge_load_leaves_the_callers_model_intact(hf_models, tokenizer):

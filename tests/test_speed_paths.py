@@ -108,8 +108,8 @@ def test_long_trace_mode_never_forms_an_attention_sized_tensor(tl_models, tokeni
     with _LargestTensor() as watch:
         step_saliency(model, trace, checkpoint=False)
     assert watch.largest >= n_heads * n_tokens * n_tokens  # the pattern path does form it
-    for threshold, linear in ((n_tokens + 1, False), (n_tokens, True)):  # automatic: from LINEAR_FROM tokens
-        monkeypatch.setattr(stepsal.saliency, "LINEAR_FROM", threshold)
+    for threshold, linear in ((n_tokens + 1, False), (n_tokens, True)):  # automatic: from BLOCKWISE_FROM tokens
+        monkeypatch.setattr(stepsal.saliency, "BLOCKWISE_FROM", threshold)
         with _LargestTensor() as watch:
             step_saliency(model, trace)
         assert (watch.largest <= n_heads * 256 * n_tokens) == linear
