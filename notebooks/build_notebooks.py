@@ -58,7 +58,7 @@ Everything renders offline."""),
     new_code_cell("""result.show("tokens")"""),
     new_code_cell("""result.to_dataframe().query("layer == 29 and kind_q == 'summary'").nlargest(5, "value")"""),
     new_code_cell("""%matplotlib inline
-fig, axes = result.plot(layers=[0, 7, 15, 22, 29])
+fig = result.plot(layers=[0, 7, 15, 22, 29])
 fig"""),
     new_markdown_cell("""## 3. Shallow Lock-in and Deep Decay
 
@@ -126,7 +126,7 @@ bootstrap interval over traces (three traces here: a demonstration, not a findin
                             metric="summary_loss", progress=False)
 sweep.summary().nlargest(5, "mean_delta")"""),
     new_code_cell("""%matplotlib inline
-fig, _ = sweep.plot()
+fig = sweep.plot()
 fig"""),
     new_markdown_cell("""Compare these per-layer deltas with the all-layer knockout above: when removing one layer's
 summary -> thinking attention barely matters but removing all of them does, the copy is spread
@@ -259,7 +259,7 @@ for condition, f in (("baseline", None), ("stepflow", flow)):
     print(f"{condition:9s} {sum(right)}/{len(few)} correct", out.stats if f is not None else "")"""),
     new_code_cell("""%matplotlib inline
 effect = stepsal.saliency_change(model, trace, flow)
-fig, _ = effect.plot()
+fig = effect.plot()
 fig"""),
     new_markdown_cell("""Six problems say nothing about accuracy: `stepsal eval` runs the paired comparison (k samples
 per problem, the same seeds with and without StepFlow, bootstrap CIs and a paired test); the
@@ -326,7 +326,7 @@ ids), the saliency results in `study-demo/correct/` and `study-demo/wrong/`, the
     new_code_cell("""study.samples.summary()"""),
     new_code_cell("""print(study.comparison.table())"""),
     new_code_cell("""%matplotlib inline
-fig, _ = study.comparison.plot()
+fig = study.comparison.plot()
 fig"""),
     new_markdown_cell("""With fewer than 10 traces in a group, stepsal warns and marks the comparison *descriptive only*:
 the intervals describe these traces and support no claims. `docs/results.md` has the study run on

@@ -5,25 +5,61 @@ names below are imported on first use.
 """
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 _PUBLIC = {
     "ModelMismatchError": "errors", "NonFiniteGradientError": "errors", "StepsalError": "errors",
     "TraceFormatError": "errors", "UnsupportedModelError": "errors", "StepsalWarning": "errors",
+    "ArgumentTypeError": "errors", "HookPointError": "errors", "ModelNotFoundError": "errors",
+    "NoGradientError": "errors", "OptionError": "errors", "ResultsNotFoundError": "errors",
     "FORMATS": "formats", "TraceFormat": "formats", "custom_format": "formats",
     "Generation": "generation", "generate": "generation",
     "LayerMetrics": "metrics", "compare_groups": "metrics", "layer_metrics": "metrics",
+    "GroupComparison": "metrics",
     "load_model": "models", "embedded_folder": "embedded",
     "StepSaliency": "saliency", "step_saliency": "saliency",
     "FlowEffect": "stepflow", "StepFlow": "stepflow", "saliency_change": "stepflow",
+    "FlowStats": "stepflow",
     "QUESTION": "traces", "SUMMARY": "traces", "THINKING": "traces", "Step": "traces", "StepLayout": "traces",
     "Trace": "traces",
     "write_report": "vis.report", "report_from_folder": "studies.report",
     "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
+    "SweepResult": "studies.sweep", "EvalResult": "studies.evaluate", "StudyResult": "studies.study",
     "load_problems": "tasks.problems", "WordProblem": "tasks.problems",
     "extract_answer": "tasks.answers", "is_correct": "tasks.answers", "pass_at_k": "tasks.answers",
 }
+
+if TYPE_CHECKING:  # the same names from the same modules, for type checkers and IDEs (at run time: on first use)
+    # `name as name`: an explicit re-export, which type checkers honour in a typed package
+    from .embedded import embedded_folder as embedded_folder
+    from .errors import (
+        ArgumentTypeError as ArgumentTypeError, HookPointError as HookPointError,
+        ModelMismatchError as ModelMismatchError, ModelNotFoundError as ModelNotFoundError,
+        NoGradientError as NoGradientError, NonFiniteGradientError as NonFiniteGradientError,
+        OptionError as OptionError, ResultsNotFoundError as ResultsNotFoundError, StepsalError as StepsalError,
+        StepsalWarning as StepsalWarning, TraceFormatError as TraceFormatError,
+        UnsupportedModelError as UnsupportedModelError)
+    from .formats import FORMATS as FORMATS, TraceFormat as TraceFormat, custom_format as custom_format
+    from .generation import Generation as Generation, generate as generate
+    from .metrics import (
+        GroupComparison as GroupComparison, LayerMetrics as LayerMetrics, compare_groups as compare_groups,
+        layer_metrics as layer_metrics)
+    from .models import load_model as load_model
+    from .saliency import StepSaliency as StepSaliency, step_saliency as step_saliency
+    from .stepflow import (
+        FlowEffect as FlowEffect, FlowStats as FlowStats, StepFlow as StepFlow, saliency_change as saliency_change)
+    from .studies.evaluate import EvalResult as EvalResult, evaluate as evaluate, load_samples as load_samples
+    from .studies.knockout import knockout as knockout
+    from .studies.report import report_from_folder as report_from_folder
+    from .studies.study import StudyResult as StudyResult, run_study as run_study
+    from .studies.sweep import SweepResult as SweepResult, layer_sweep as layer_sweep
+    from .tasks.answers import extract_answer as extract_answer, is_correct as is_correct, pass_at_k as pass_at_k
+    from .tasks.problems import WordProblem as WordProblem, load_problems as load_problems
+    from .traces import (
+        QUESTION as QUESTION, SUMMARY as SUMMARY, Step as Step, StepLayout as StepLayout, THINKING as THINKING,
+        Trace as Trace)
+    from .vis.report import write_report as write_report
 
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

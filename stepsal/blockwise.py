@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import StepsalError
+
 # observer(query_start, key_start, A, dL/dA) with A, dL/dA [head, query_block, key_block]
 Observer = Callable[[int, int, Tensor, Tensor], None]
 BLOCK = 256  # queries per block: [H, 256, T] float32 is 9 MB per 1k keys at 9 heads
@@ -127,7 +129,7 @@ def blockwise_attention(q: Float[Tensor, "head token d"], k: Float[Tensor, "kv_h
                         observer: Observer | None = None) -> Float[Tensor, "head token d_v"]:
     """Causal attention of one sequence without an [H, T, T] tensor; see :class:`BlockwiseAttention`."""
     if q.shape[0] % k.shape[0]:
-        raise ValueError(f"{q.shape[0]} query heads do not split into {k.shape[0]} key/value groups.")
+        raise StepsalError(f"{q.shape[0]} query heads do not split into {k.shape[0]} key/value groups.")
     return BlockwiseAttention.apply(q, k, v, spec, observer)
 
 

@@ -16,6 +16,7 @@ from ._offline import apply_offline_defaults
 from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
 from .cli_studies import add_study_parsers
 from .formats import FORMATS
+from .sentences import too_few_steps
 from .options import BACKENDS, DTYPE_NAMES, MODES, NORMS, RULES, SWEEP_METRICS, TARGET_NAMES
 
 
@@ -49,9 +50,7 @@ def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", a
         raise CliError(f"--answer {answer!r} does not occur in the trace's summary; pass the answer as written there.")
     n_thinking = segmentation.step_segments.count(THINKING)
     if n_thinking < min_steps:
-        raise CliError(f"the thinking segment has {n_thinking} step(s), fewer than --min-steps {min_steps}. Steps "
-                       "are sentences ending in '. ' of at least 15 characters; pass a longer trace or lower "
-                       "--min-steps.")
+        raise CliError(too_few_steps(n_thinking, f"--min-steps {min_steps}", "--min-steps"))
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -59,13 +58,12 @@ def analyze(args: argparse.Namespace) -> int:
     check_trace_text(text, args.fmt, args.min_steps, args.target, args.answer)
     out = prepare_out(args.out)
     from . import Trace, step_saliency  # lazy: keeps --help torch-free
+    from .saliency import check_trace_fits  # lazy: keeps --help torch-free
     from .vis.report import write_report  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     trace = Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=args.min_steps)
-    if model.cfg.n_ctx is not None and len(trace) > model.cfg.n_ctx:
-        raise CliError(f"the trace has {len(trace)} tokens ({trace.layout.n_steps} steps) but {args.model} has a "
-                       f"context of {model.cfg.n_ctx}; shorten the trace.")
+    check_trace_fits(model, trace)  # before printing the steps: a trace too long for the model stops here
     print(trace.describe(max_steps=20))
     started = time.perf_counter()
     result = step_saliency(model, trace, target=args.target, rule=args.rule, norm=args.norm,
@@ -127,7 +125,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         for row in sweep.frame.to_dict("records"):
             handle.write(json.dumps({**row, "trace_file": args.trace[row["trace"]], "intervention": args.intervention,
                                      "metric": args.metric}) + "\n")
-    fig, _ = sweep.plot()
+    fig = sweep.plot()
     fig.savefig(out / "sweep.png", dpi=120)
     print(sweep.summary().to_string(index=False))
     print(f"\nwrote {out}/sweep.jsonl, sweep.png")

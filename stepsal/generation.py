@@ -11,7 +11,7 @@ import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -24,12 +24,22 @@ from .stepflow.config import StepFlow
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
 from .traces import Trace
+from .segments import SUMMARY, THINKING
+from .vis.figures import plot_bars
 from .vis.html import generation_html
+from .vis.tables import records_frame
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Prompt = str | Sequence[dict] | Tensor
 
 
-@dataclass
+GENERATION_COLUMNS = ("row", "prompt_tokens", "new_tokens", "thinking_steps", "thinking_tokens", "summary_tokens",
+                      "trace_error", "text")
+
+
+@dataclass(kw_only=True)
 class Generation:
     """Result of :func:`generate`: one entry per row."""
 
@@ -51,10 +61,32 @@ class Generation:
         flow = f"; {self.stats!r}" if self.stats is not None else "; no StepFlow"
         return f"Generation({len(self.texts)} row(s), new tokens {lengths}, {traced} with a trace{flow})"
 
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per generated row: prompt and new tokens; where it has a trace, its thinking steps and
+        the tokens of thinking and summary (else ``trace_error`` says why not); the generated text."""
+        records = []
+        for row, (text, tokens, start, trace, error) in enumerate(zip(
+                self.texts, self.tokens, self.prompt_lengths, self.traces, self.trace_errors)):
+            record = {"row": row, "prompt_tokens": start, "new_tokens": len(tokens) - start, "trace_error": error,
+                      "text": text}
+            if trace is not None:
+                segments = trace.layout.token_segment
+                record.update(thinking_steps=len(trace.layout.steps_of(THINKING)),
+                              thinking_tokens=int((segments == THINKING).sum()),
+                              summary_tokens=int((segments == SUMMARY).sum()))
+            records.append(record)
+        return records_frame(records, GENERATION_COLUMNS)
+
+    def plot(self, **kwargs: Any) -> Figure:
+        """New tokens per row, and those of thinking and summary (rows with a trace): the matplotlib Figure."""
+        return plot_bars(self.to_dataframe(), "row", ["new_tokens", "thinking_tokens", "summary_tokens"],
+                         title="tokens per generated row", ylabel="tokens", **kwargs)
+
     def _repr_html_(self) -> str:
         rows = [(repr(trace) if trace is not None else f"no trace: {error}", text)
                 for text, trace, error in zip(self.texts, self.traces, self.trace_errors)]
-        return generation_html(repr(self), rows, self.stats._repr_html_() if self.stats is not None else "")
+        frame = self.to_dataframe().drop(columns=["trace_error", "text"])
+        return generation_html(repr(self), rows, self.stats._repr_html_() if self.stats is not None else "", frame)
 
     @property
     def trace(self) -> Trace:
@@ -241,5 +273,5 @@ def _collect(tokenizer: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]]
         except TraceFormatError as error:
             traces.append(None)
             errors.append(str(error))
-    return Generation(texts, full, [len(r) for r in rows], traces, errors,
-                      run.stats if run is not None else None, flow)
+    return Generation(texts=texts, tokens=full, prompt_lengths=[len(r) for r in rows], traces=traces,
+                      trace_errors=errors, stats=run.stats if run is not None else None, flow=flow)

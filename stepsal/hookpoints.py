@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .model_types import TLModel
-from .errors import UnsupportedModelError
+from .errors import HookPointError, UnsupportedModelError
 
 HOOK_ROLES = {
     "pattern": "blocks.{layer}.attn.hook_pattern",
@@ -88,7 +88,7 @@ def hooks_attached(model: TLModel, fwd_hooks: list[tuple[str, HookFn]]) -> Itera
     by_point: dict[int, list[HookFn]] = {}
     for name, fn in fwd_hooks:
         if name not in points:
-            raise KeyError(f"{type(model).__name__} has no hook point {name!r}.")
+            raise HookPointError(f"{type(model).__name__} has no hook point {name!r}.")
         by_point.setdefault(id(points[name]), []).append(fn)
     wanted = {name for name, point in points.items() if id(point) in by_point}
 

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import StepsalWarning
+from .errors import StepsalError, StepsalWarning
 from .stats import bootstrap_indices, percentile_interval
 from .traces import QUESTION, SUMMARY, THINKING
-from .vis.figures import plot_group_curves
+from .vis.figures import plot_group_curves, plot_layer_measures
 from .vis.html import frame_section, metrics_html
 from .vis.tables import comparison_frame, comparison_text, layer_frame, text_table, wide
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LAYER_MEASURES = ("local_share", "question_share", "summary_thinking_share", "summary_self_share", "recency")
 TRACE_MEASURES = ("lock_in", "question_share", "summary_thinking", "summary_self", "recency", "decay")
@@ -74,6 +77,11 @@ class LayerMetrics:
     def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
         """Long format: one row per (layer, measure)."""
         return layer_frame(self.layers, {measure: getattr(self, measure) for measure in LAYER_MEASURES})
+
+    def plot(self, measures: Sequence[str] = LAYER_MEASURES, **kwargs: Any) -> Figure:
+        """The per-layer measures as curves over the layers: the matplotlib Figure."""
+        return plot_layer_measures(self.layers, {measure: getattr(self, measure) for measure in measures},
+                                   title="per-layer measures (row-normalised maps)", **kwargs)
 
     def __repr__(self) -> str:
         if not self.layers:
@@ -120,8 +128,9 @@ def layer_metrics(result) -> LayerMetrics:
     to_summary = summary_rows[:, :, sum_idx].sum(-1)
     recent = summary_rows[:, :, think_idx[-RECENT_STEPS:]].sum(-1)
     recency = torch.where(to_thinking > 0, recent / to_thinking.clamp(min=1e-300), torch.nan)
-    return LayerMetrics(list(result.layers), local.float(), q_share.float(), _mean_rows(to_thinking).float(),
-                        _mean_rows(to_summary).float(), _mean_rows(recency).float())
+    return LayerMetrics(layers=list(result.layers), local_share=local.float(), question_share=q_share.float(),
+                        summary_thinking_share=_mean_rows(to_thinking).float(),
+                        summary_self_share=_mean_rows(to_summary).float(), recency=_mean_rows(recency).float())
 
 
 # ---------------------------------------------------------------- the reference code's measures
@@ -161,7 +170,7 @@ def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray | np.floating:
         return correction * (b.mean(-1) - a.mean(-1)) / pooled
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Comparison:
     """One measure compared between group A (e.g. correct) and group B (e.g. wrong)."""
 
@@ -177,8 +186,12 @@ class Comparison:
     dropped: int = 0  # traces without this measure (NaN), reported, not silently lost
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GroupComparison:
+    """Two groups of traces compared measure by measure (:func:`compare_groups`): ``rows`` one
+    :class:`Comparison` per per-trace measure; per-layer means and differences with CIs when every
+    trace has the same layers."""
+
     label_a: str
     label_b: str
     rows: list[Comparison]
@@ -200,11 +213,37 @@ class GroupComparison:
         return comparison_frame([vars(r) for r in self.rows], self.label_a, self.label_b, self.confidence,
                                 self.n_boot)
 
-    def plot(self, measures: Sequence[str] | None = None, **kwargs):
-        """Per-layer curves of both groups with CIs: (matplotlib Figure, axes)."""
-        fig = plot_group_curves(self.layers, self.layer_mean, self.layer_mean_ci, measures or GROUP_MEASURES,
-                                self.confidence, **kwargs)
-        return fig, fig.axes
+    def plot(self, measures: Sequence[str] | None = None, **kwargs: Any) -> Figure:
+        """Per-layer curves of both groups with CIs: the matplotlib Figure (one panel per measure)."""
+        return plot_group_curves(self.layers, self.layer_mean, self.layer_mean_ci, measures or GROUP_MEASURES,
+                                 self.confidence, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain values (lists for arrays; see :mod:`stepsal.storage` for NaN and inf)."""
+        from .storage import plain
+
+        return plain({"label_a": self.label_a, "label_b": self.label_b, "rows": [vars(r) for r in self.rows],
+                      "confidence": self.confidence, "n_boot": self.n_boot, "layer_diff": self.layer_diff,
+                      "layer_diff_ci": self.layer_diff_ci, "layers": self.layers, "layer_mean": self.layer_mean,
+                      "layer_mean_ci": self.layer_mean_ci})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GroupComparison":
+        """The comparison :meth:`to_dict` described."""
+        from .storage import floats
+
+        def arrays(by_measure: dict[str, Any]) -> dict[str, np.ndarray]:
+            return {measure: np.array(floats(values), dtype=float) for measure, values in by_measure.items()}
+
+        rows = [Comparison(measure=r["measure"], n_a=r["n_a"], n_b=r["n_b"], mean_a=floats(r["mean_a"]),
+                           mean_b=floats(r["mean_b"]), diff=floats(r["diff"]), diff_ci=tuple(floats(r["diff_ci"])),
+                           hedges_g=floats(r["hedges_g"]), g_ci=tuple(floats(r["g_ci"])), dropped=r["dropped"])
+                for r in data["rows"]]
+        return cls(label_a=data["label_a"], label_b=data["label_b"], rows=rows, confidence=data["confidence"],
+                   n_boot=data["n_boot"], layer_diff=arrays(data["layer_diff"]),
+                   layer_diff_ci=arrays(data["layer_diff_ci"]), layers=list(data["layers"]),
+                   layer_mean={group: arrays(by) for group, by in data["layer_mean"].items()},
+                   layer_mean_ci={group: arrays(by) for group, by in data["layer_mean_ci"].items()})
 
     def __repr__(self) -> str:
         n_a, n_b = (max((getattr(r, n) for r in self.rows), default=0) for n in ("n_a", "n_b"))
@@ -232,7 +271,7 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
     metrics_a = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_a]
     metrics_b = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_b]
     if len(metrics_a) < 2 or len(metrics_b) < 2:
-        raise ValueError(f"each group needs at least 2 traces; got {len(metrics_a)} and {len(metrics_b)}.")
+        raise StepsalError(f"each group needs at least 2 traces; got {len(metrics_a)} and {len(metrics_b)}.")
     if min(len(metrics_a), len(metrics_b)) < MIN_TRACES:
         warnings.warn(f"{labels[0]}: {len(metrics_a)} traces, {labels[1]}: {len(metrics_b)}; with fewer than "
                       f"{MIN_TRACES} traces in a group the bootstrap intervals are too unreliable for significance "
@@ -246,8 +285,9 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
         a, b = a_all[np.isfinite(a_all)], b_all[np.isfinite(b_all)]
         dropped = len(a_all) - len(a) + len(b_all) - len(b)
         if len(a) < 2 or len(b) < 2:
-            rows.append(Comparison(measure, len(a), len(b), float("nan"), float("nan"), float("nan"),
-                                   (float("nan"),) * 2, float("nan"), (float("nan"),) * 2, dropped))
+            rows.append(Comparison(measure=measure, n_a=len(a), n_b=len(b), mean_a=float("nan"), mean_b=float("nan"),
+                                   diff=float("nan"), diff_ci=(float("nan"),) * 2, hedges_g=float("nan"),
+                                   g_ci=(float("nan"),) * 2, dropped=dropped))
             continue
         boot_a = a[bootstrap_indices(rng, len(a), n_boot)]
         boot_b = b[bootstrap_indices(rng, len(b), n_boot)]
@@ -255,10 +295,12 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
         gs = hedges_g(boot_a, boot_b)
         gs = gs[np.isfinite(gs)]
         rows.append(Comparison(
-            measure, len(a), len(b), float(a.mean()), float(b.mean()), float(b.mean() - a.mean()),
-            tuple(percentile_interval(diffs, confidence).tolist()), float(hedges_g(a, b)),
-            tuple(percentile_interval(gs, confidence).tolist()) if gs.size else (float("nan"),) * 2, dropped))
-    result = GroupComparison(labels[0], labels[1], rows, confidence, n_boot)
+            measure=measure, n_a=len(a), n_b=len(b), mean_a=float(a.mean()), mean_b=float(b.mean()),
+            diff=float(b.mean() - a.mean()), diff_ci=tuple(percentile_interval(diffs, confidence).tolist()),
+            hedges_g=float(hedges_g(a, b)),
+            g_ci=tuple(percentile_interval(gs, confidence).tolist()) if gs.size else (float("nan"),) * 2,
+            dropped=dropped))
+    result = GroupComparison(label_a=labels[0], label_b=labels[1], rows=rows, confidence=confidence, n_boot=n_boot)
     if all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b):
         result.layers = list(metrics_a[0].layers)
         result.layer_mean = {labels[0]: {}, labels[1]: {}}

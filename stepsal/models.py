@@ -21,7 +21,7 @@ from ._offline import hub_offline
 from .hookpoints import (HOOK_ROLES, backend_of, bridge_class, first_device, forward_kwargs, hook_name,
                          hooked_transformer_class, hooks_attached, model_label)
 from .model_types import HFModel, TLModel
-from .errors import UnsupportedModelError
+from .errors import ArgumentTypeError, ModelNotFoundError, StepsalError, UnsupportedModelError
 from .sites import attention_sites, probe_ids, probe_logits
 
 # re-exported: the hook-level helpers used to live here
@@ -114,30 +114,30 @@ class _Placement:
 
 def _placement(backend: str, device: Any, n_devices: int, device_map: Any, source: Any) -> _Placement:
     if n_devices < 1:
-        raise ValueError(f"n_devices must be >= 1; got {n_devices}.")
+        raise StepsalError(f"n_devices must be >= 1; got {n_devices}.")
     max_memory = None
     if n_devices > 1 and backend == "bridge" and not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"n_devices={n_devices} on the bridge places weights while from_pretrained loads them: "
-                         "pass the model's folder (save_pretrained) instead of an in-memory model.")
+        raise StepsalError(f"n_devices={n_devices} on the bridge places weights while from_pretrained loads them: "
+                           "pass the model's folder (save_pretrained) instead of an in-memory model.")
     if n_devices > 1:
         have = torch.cuda.device_count()
         if have < n_devices:
             raise UnsupportedModelError(f"n_devices={n_devices} needs {n_devices} GPUs; this machine has {have}.")
         if device_map is not None or device is not None:
-            raise ValueError("pass n_devices, device_map or device, one of them.")
+            raise StepsalError("pass n_devices, device_map or device, one of them.")
         if backend == "bridge":  # TransformerLens's own translation: "balanced" over the first N GPUs
             from transformer_lens.utilities.multi_gpu import resolve_device_map
 
             device_map, max_memory = resolve_device_map(n_devices, None, None)
     if device_map is not None:
         if backend == "hooked":
-            raise ValueError("device_map is for backend='bridge'; HookedTransformer splits its layers with "
-                             "n_devices=N.")
+            raise StepsalError("device_map is for backend='bridge'; HookedTransformer splits its layers with "
+                               "n_devices=N.")
         if device is not None:
-            raise ValueError("pass device or device_map, not both.")
+            raise StepsalError("pass device or device_map, not both.")
         if not isinstance(source, (str, os.PathLike)):
-            raise ValueError("device_map places weights while from_pretrained loads them: pass the model's "
-                             "folder (save_pretrained) instead of an in-memory model.")
+            raise StepsalError("device_map places weights while from_pretrained loads them: pass the model's "
+                               "folder (save_pretrained) instead of an in-memory model.")
     return _Placement(None if device is None else torch.device(device), n_devices, device_map, max_memory)
 
 
@@ -206,13 +206,13 @@ def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_downl
 
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError("an in-memory model needs its tokenizer: load_model(model, tokenizer).")
+            raise StepsalError("an in-memory model needs its tokenizer: load_model(model, tokenizer).")
         # the bridge rewrites the model it is given; keep the caller's model intact
         hf_model, tokenizer = copy.deepcopy(source).to(dtype).eval(), tokenizer
         hf_model.config._attn_implementation = "eager"
     elif not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"cannot load a model from {type(source).__name__}: pass a name, a folder or "
-                        "a transformers model.")
+        raise ArgumentTypeError(f"cannot load a model from {type(source).__name__}: pass a name, a folder or "
+                                "a transformers model.")
     else:
         folder = _folder_of(str(source), allow_download)
         extra = {"device_map": placement.device_map} if placement.device_map is not None else {}
@@ -236,7 +236,7 @@ def _folder_of(name: str, allow_download: bool) -> str | Path:
         return Path(name)
     if not allow_download or hub_offline():
         why = "HF_HUB_OFFLINE=1 is set" if allow_download else "downloads are off"
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder, and "
             f"{why}. Save the model with save_pretrained and pass the folder, or pass allow_download=True "
             "with HF_HUB_OFFLINE=0 (or unset)."

@@ -2,12 +2,17 @@
 
 Each ``Literal`` type lists the strings an option accepts; the tuple next to it (same order) is what
 functions validate against and what the command line offers as ``choices``. Torch-free on purpose:
-``stepsal --help`` imports this module.
+``stepsal --help`` imports this module. :class:`SaliencyOptions` gathers one Step-Saliency run's
+settings as data.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, get_args
+
+from .errors import OptionError
 
 Rule = Literal["ag", "ag_signed", "g"]
 """Step-Saliency attribution rule: attention x gradient, the same signed, or the gradient alone."""
@@ -44,3 +49,70 @@ Mode = Literal["auto", "patterns", "blockwise", "recompute"]
 pattern hooks, through the blockwise kernel (memory linear in T), or recomputing one block at a time
 with the model's own attention."""
 MODES: tuple[str, ...] = get_args(Mode)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaliencyOptions:
+    """Every setting of one Step-Saliency computation, as data: accepted by
+    :func:`stepsal.step_saliency` (``options=``), :func:`stepsal.run_study` and the command line, and
+    kept on each result (``result.options``).
+
+    Args:
+        target: "all" (mean next-token loss), "summary", "answer" (with ``answer``), a token id, or a
+            callable on the logits [T, vocab] (kept on results by its description only).
+        rule, norm, mode: see :data:`Rule`, :data:`Norm`, :data:`Mode`.
+        per_head: also keep [layer, head, step, step] maps.
+        token_level: also keep what each token receives from each query step.
+        layers: the layers to compute (None: every layer with a softmax attention pattern).
+        answer: the answer text or token span for ``target="answer"``.
+    """
+
+    target: str | int | Callable[..., Any] = "all"
+    rule: Rule = "ag"
+    norm: Norm = "causal"
+    mode: Mode = "auto"
+    per_head: bool = False
+    token_level: bool = False
+    layers: Sequence[int] | None = None  # kept as a sorted tuple
+    answer: str | tuple[int, int] | list[int] | None = None  # a span is kept as a tuple
+
+    def __post_init__(self) -> None:
+        self.check(self.to_dict() | {"target": self.target})
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(layer) for layer in self.layers})))
+        if isinstance(self.answer, list):
+            object.__setattr__(self, "answer", tuple(self.answer))
+
+    @staticmethod
+    def check(settings: dict[str, Any]) -> None:
+        """Refuse unknown option names with the ones allowed (before a typed construction sees them)."""
+        for name, label, allowed in (("rule", "rule", RULES), ("norm", "normalisation", NORMS), ("mode", "mode", MODES)):
+            if name in settings and settings[name] not in allowed:
+                raise OptionError(f"unknown {label} {settings[name]!r}: use one of {allowed}.")
+        target = settings.get("target", "all")
+        if isinstance(target, str) and target not in TARGET_NAMES:
+            raise OptionError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id or a callable.")
+
+    def replace(self, **changes: Any) -> SaliencyOptions:
+        """A copy with some settings changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings; a callable target is written as its name."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if callable(self.target):
+            data["target"] = getattr(self.target, "__name__", "callable")
+        for name in ("layers", "answer"):
+            if isinstance(data[name], tuple):
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SaliencyOptions:
+        """Settings from :meth:`to_dict` (unknown keys are refused, naming the known ones)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OptionError(f"unknown saliency settings {unknown}: the settings are {sorted(known)}.")
+        cls.check(data)
+        return cls(**data)

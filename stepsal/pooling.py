@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import OptionError
 from .options import NORMS
 
 
@@ -48,4 +49,4 @@ def normalize(sums: Float[Tensor, "*batch step_q step_k"], members: Float[Tensor
         return _safe_divide(sums, causal_pair_counts(members).to(sums))
     if norm == "row":
         return _safe_divide(sums, sums.sum(-1, keepdim=True))
-    raise ValueError(f"unknown normalisation {norm!r}: use one of {NORMS}.")
+    raise OptionError(f"unknown normalisation {norm!r}: use one of {NORMS}.")

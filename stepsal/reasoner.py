@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelNotFoundError, StepsalError
 from .model_types import HFModel
 
 DATA = Path(__file__).parent / "data" / "reasoner"
@@ -47,14 +48,15 @@ def merge_lora(model: HFModel, tensors: dict[str, Any], scale: float) -> list[st
     names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
     for name in names:
         if name not in modules or lora_key(name, "A") not in tensors or lora_key(name, "B") not in tensors:
-            raise ValueError(f"the reasoner adapter names {name!r}, which this base model lacks or the "
-                             "adapter file is incomplete; reinstall stepsal or rerun training/train_reasoner.py.")
+            raise StepsalError(f"the reasoner adapter names {name!r}, which this base model lacks or the "
+                               "adapter file is incomplete; reinstall stepsal or rerun training/train_reasoner.py.")
         weight = modules[name].weight
         a = tensors[lora_key(name, "A")].to(torch.float32)
         b = tensors[lora_key(name, "B")].to(torch.float32)
         if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
-            raise ValueError(f"adapter matrices for {name!r} have shapes {tuple(b.shape)} @ {tuple(a.shape)}, "
-                             f"which do not fit its weight {tuple(weight.shape)}.")
+            raise StepsalError(f"adapter matrices for {name!r} have shapes {tuple(b.shape)} @ {tuple(a.shape)}, "
+                               f"which do not fit its weight {tuple(weight.shape)}: a wrong base model or a corrupt "
+                               "adapter file; reinstall stepsal or rerun training/train_reasoner.py.")
         with torch.no_grad():
             weight += (scale * (b @ a)).to(weight.dtype)
     return names
@@ -66,8 +68,8 @@ def read_adapter(folder: Path = DATA) -> tuple[dict[str, Any], dict[str, Any]]:
 
     adapter, meta = folder / ADAPTER_FILE, folder / META_FILE
     if not adapter.exists() or not meta.exists():
-        raise FileNotFoundError(f"the reasoner adapter is missing from {folder}; reinstall stepsal or "
-                                "rerun training/train_reasoner.py --out " + str(folder))
+        raise ModelNotFoundError(f"the reasoner adapter is missing from {folder}; reinstall stepsal or "
+                                 "rerun training/train_reasoner.py --out " + str(folder))
     return load_file(str(adapter)), json.loads(meta.read_text())
 
 
@@ -113,7 +115,7 @@ def check_recorded(model: HFModel, tokenizer: Any, meta: dict[str, Any], toleran
     check = meta["check"]
     got = completion_logprob(model, tokenizer, check["prompt"], check["completion"])
     if not math.isclose(got, check["logprob"], abs_tol=tolerance):
-        raise ValueError(f"the built reasoner gives log-probability {got:.4f} on its recorded prompt where "
-                         f"training recorded {check['logprob']:.4f}: the base model or the adapter differs from "
-                         "the ones it was trained with. Delete the cache folder and reinstall stepsal.")
+        raise StepsalError(f"the built reasoner gives log-probability {got:.4f} on its recorded prompt where "
+                           f"training recorded {check['logprob']:.4f}: the base model or the adapter differs from "
+                           "the ones it was trained with. Delete the cache folder and reinstall stepsal.")
     return got

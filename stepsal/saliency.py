@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from jaxtyping import Float
@@ -31,13 +31,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .model_types import TLModel
-from .errors import ModelMismatchError, NonFiniteGradientError, StepsalError
+from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError, OptionError, StepsalError
 from .blockwise_layers import blockwise_attention_layers, blockwise_problem, final_residual, logits_from_residual
-from .models import backend_of, forward_kwargs, hook_name, hooks_attached, model_label
-from .options import MODES, RULES, Mode
+from .backends import TransformerLensAdapter, transformerlens_adapter
+from .hookpoints import forward_kwargs, hook_name, hooks_attached, model_label
+from .options import MODES, RULES, Mode, SaliencyOptions
 from .pooling import NORMS, normalize, pool
 from .segments import SUMMARY
-from .sites import attention_sites, first_device
+from .sites import attention_sites
 from .targets import RowTarget, Target, make_target, row_target
 from .traces import StepLayout, Trace, tokenizer_fingerprint
 from .vis.figures import plot_step_maps
@@ -46,6 +47,9 @@ from .vis.labels import maps_title, maps_widget_title, received_title, step_name
 from .vis.report import ResultView
 from .vis.tables import saliency_frame, wide
 from .vis.widgets import colored_tokens_widget, step_maps_widget
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def saliency_scores(pattern: Float[Tensor, "head query key"], grad: Float[Tensor, "head query key"],
@@ -97,7 +101,7 @@ class StepSaliency:
     @property
     def head_maps(self) -> Float[Tensor, "layer head step_q step_k"]:
         if self.head_sums is None:
-            raise ValueError("per-head maps were not computed: call step_saliency(..., per_head=True).")
+            raise StepsalError("per-head maps were not computed: call step_saliency(..., per_head=True).")
         return normalize(self.head_sums.double(), self.members, self.norm).float()
 
     def metrics(self) -> "LayerMetrics":  # noqa: F821
@@ -129,9 +133,10 @@ class StepSaliency:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads(handle.metadata()["stepsal"])
         tensors = load_file(str(path))
-        return cls(tensors["sums"], StepLayout.from_dict(meta["layout"]), meta["layers"], meta["norm"],
-                   meta["rule"], meta["target"], meta["model"], tensors.get("head_sums"), tensors.get("token_sums"),
-                   meta.get("token_texts"))
+        return cls(sums=tensors["sums"], layout=StepLayout.from_dict(meta["layout"]), layers=meta["layers"],
+                   norm=meta["norm"], rule=meta["rule"], target=meta["target"], model=meta["model"],
+                   head_sums=tensors.get("head_sums"), token_sums=tensors.get("token_sums"),
+                   token_texts=meta.get("token_texts"))
 
     # ------------------------------------------------------------ views (stepsal.vis)
 
@@ -143,12 +148,12 @@ class StepSaliency:
         if source == "summary":
             rows = self.layout.steps_of(SUMMARY)
             if not rows:
-                raise ValueError("the trace has no summary steps: pass source=<step index>.")
+                raise StepsalError("the trace has no summary steps: pass source=<step index>.")
         elif isinstance(source, int) and 0 <= source < self.layout.n_steps:
             rows = [source]
         else:
-            raise ValueError(f"source must be 'summary' or a step index in 0..{self.layout.n_steps - 1}; "
-                             f"got {source!r}.")
+            raise StepsalError(f"source must be 'summary' or a step index in 0..{self.layout.n_steps - 1}; "
+                               f"got {source!r}.")
         if self.token_sums is not None:
             received = self.token_sums[:, rows].sum(1).double()  # [layer, token]
             token_level = True
@@ -172,27 +177,26 @@ class StepSaliency:
                                     title=maps_widget_title(self.rule, norm, self.target))
         if view == "heads":
             if layer is None:
-                raise ValueError("view='heads' needs layer=<a computed layer>.")
+                raise StepsalError("view='heads' needs layer=<a computed layer>.")
             if self.head_sums is None:
-                raise ValueError("per-head maps were not computed: call step_saliency(..., per_head=True).")
+                raise StepsalError("per-head maps were not computed: call step_saliency(..., per_head=True).")
             if layer not in self.layers:
-                raise ValueError(f"layer {layer} was not computed; this result has layers {self.layers}.")
+                raise StepsalError(f"layer {layer} was not computed; this result has layers {self.layers}.")
             maps = normalize(self.head_sums[self.layers.index(layer)].double(), self.members, norm).float()
             heads = [f"L{layer}H{head}" for head in range(maps.shape[0])]
             return step_maps_widget(maps, step_names(self.layout), heads, title=f"Layer {layer}, per head ({norm} norm)")
         if view == "tokens":
             if self.token_texts is None:
-                raise ValueError("this result has no token texts (saved by an older stepsal); recompute it.")
+                raise StepsalError("this result has no token texts (saved by an older stepsal); recompute it.")
             values, token_level = self.received(source)
             return colored_tokens_widget(self.token_texts, values, names, title=received_title(source, token_level))
-        raise ValueError(f"unknown view {view!r}: use 'maps', 'heads' or 'tokens'.")
+        raise OptionError(f"unknown view {view!r}: use 'maps', 'heads' or 'tokens'.")
 
-    def plot(self, layers: list[int] | None = None, norm: str | None = None, **kwargs: Any):
-        """Heatmaps of the step maps with Q/T/S boundaries: (matplotlib Figure, axes)."""
+    def plot(self, layers: list[int] | None = None, norm: str | None = None, **kwargs: Any) -> Figure:
+        """Heatmaps of the step maps with Q/T/S boundaries: the matplotlib Figure (``fig.axes``: its panels)."""
         norm = norm or self.norm
-        fig = plot_step_maps(self.normalized(norm), self.layers, self.layout, panels=layers,
-                             title=maps_title(self.rule, norm, self.target), **kwargs)
-        return fig, fig.axes
+        return plot_step_maps(self.normalized(norm), self.layers, self.layout, panels=layers,
+                              title=maps_title(self.rule, norm, self.target), **kwargs)
 
     def to_dataframe(self, norm: str | None = None) -> "pandas.DataFrame":  # noqa: F821
         """Long format: one row per (layer, step_q, step_k) with the steps' kinds and the map value."""
@@ -205,9 +209,11 @@ class StepSaliency:
         metrics = self.metrics()
         has_tokens = self.token_texts is not None and bool(self.layout.steps_of(SUMMARY))
         received, token_level = self.received("summary") if has_tokens else (None, False)
-        return ResultView(repr(self), self.model, list(self.layers), self.layout, self.maps, self.normalized("row"),
-                          self.rule, self.norm, self.target, metrics.per_trace(), wide(metrics.to_dataframe()),
-                          self.token_texts, received, token_level)
+        return ResultView(headline=repr(self), model=self.model, layers=list(self.layers), layout=self.layout,
+                          maps=self.maps, row_maps=self.normalized("row"), rule=self.rule, norm=self.norm,
+                          target=self.target, per_trace=metrics.per_trace(),
+                          layer_measures=wide(metrics.to_dataframe()), token_texts=self.token_texts,
+                          received=received, received_token_level=token_level)
 
     def __repr__(self) -> str:
         extra = (" per-head" if self.head_sums is not None else "") + \
@@ -216,8 +222,7 @@ class StepSaliency:
                 f"({self.layout.n_tokens} tokens), rule={self.rule}, norm={self.norm}, target={self.target}{extra})")
 
     def _repr_html_(self) -> str:
-        fig, _ = self.plot(max_panels=4)
-        return saliency_html(repr(self), fig, self.metrics().per_trace())
+        return saliency_html(repr(self), self.plot(max_panels=4), self.metrics().per_trace())
 
 
 # ---------------------------------------------------------------- pooling inside gradient hooks
@@ -431,7 +436,7 @@ def _loss_and_grad(model: TLModel, resid: Tensor, tokens: Tensor, rows: RowTarge
                                                      reduction="sum") / (rows.end - rows.start)
         (grad[start:end],) = torch.autograd.grad(part, leaf)
         total = total + part.detach()
-    return _checked_loss(total), grad
+    return _checked_loss(total, graph=False), grad  # each chunk's gradient was taken above
 
 
 def _backward_blockwise(model: TLModel, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler,
@@ -456,12 +461,16 @@ def _backward_blockwise(model: TLModel, tokens: Tensor, target_fn: Callable, poo
     return loss
 
 
-def _checked_loss(loss: Tensor) -> Tensor:
+def _checked_loss(loss: Tensor, graph: bool = True) -> Tensor:
+    """A finite scalar target; with ``graph``, one that depends on the logits."""
     if loss.dim() != 0:
-        raise ValueError(f"the target must return a scalar; it returned shape {tuple(loss.shape)}.")
+        raise StepsalError(f"the target must return a scalar; it returned shape {tuple(loss.shape)}.")
     if not torch.isfinite(loss):
         raise NonFiniteGradientError(
             f"the target value is {loss.item()}; check the target, or run the model in float32.")
+    if graph and not loss.requires_grad:
+        raise NoGradientError("the target does not depend on the model's logits (it holds no gradient), so "
+                              "there is no saliency to compute; return a value computed from the logits.")
     return loss
 
 
@@ -497,7 +506,7 @@ def resolve_mode(mode: Mode | None, checkpoint: bool | None) -> Mode:
         return "blockwise" if checkpoint else "patterns"
     mode = "auto" if mode is None else mode
     if mode not in MODES:
-        raise StepsalError(f"unknown mode {mode!r}: use one of {MODES}.")
+        raise OptionError(f"unknown mode {mode!r}: use one of {MODES}.")
     return mode
 
 
@@ -518,7 +527,7 @@ def _normal_mode_fits(model: TLModel, n_tokens: int) -> bool:
 def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: str = "ag",
                   norm: str = "causal", per_head: bool = False, *,
                   answer: str | tuple[int, int] | None = None, layers: list[int] | None = None,
-                  mode: Mode | None = None, token_level: bool = False,
+                  mode: Mode | None = None, token_level: bool = False, options: SaliencyOptions | None = None,
                   checkpoint: bool | None = None) -> StepSaliency:
     """Step-Saliency of one trace: attention x gradient pooled into step -> step maps per layer.
 
@@ -543,32 +552,34 @@ def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: st
         checkpoint: deprecated name of ``mode``: True = "blockwise", False = "patterns".
         token_level: also keep what each token receives from each query step ([layer, step, token],
             for ``show("tokens")`` at token resolution).
+        options: all of the above as one :class:`stepsal.SaliencyOptions` (then pass no other setting).
 
     Returns:
         :class:`StepSaliency` with ``maps`` [layer, step_q, step_k] and per-layer ``metrics()``.
     """
-    backend_of(model)
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}: use one of {RULES}.")
-    if norm not in NORMS:
-        raise ValueError(f"unknown normalisation {norm!r}: use one of {NORMS}.")
-    _check_fits(model, trace)
+    settings = {"target": target, "rule": rule, "norm": norm, "per_head": per_head, "answer": answer,
+                "layers": layers, "mode": resolve_mode(mode, checkpoint), "token_level": token_level}
+    options = _merged_options(options, settings)
+    target, rule, norm, per_head, answer = options.target, options.rule, options.norm, options.per_head, options.answer
+    token_level, layers = options.token_level, (None if options.layers is None else list(options.layers))
+    adapter = transformerlens_adapter(model, "Step-Saliency")
+    check_trace_fits(adapter, trace)
     sites = attention_sites(model)
     if layers is None:  # hybrid models: the layers with a softmax pattern (result.layers names them)
         layers = sites.attention_layers
         if not layers:
-            sites.require_attention(list(range(model.cfg.n_layers)), f"Step-Saliency on {model_label(model)}")
+            sites.require_attention(list(range(adapter.n_layers)), f"Step-Saliency on {adapter.label}")
     else:
         layers = sorted(set(layers))
-        if not layers or not all(0 <= layer < model.cfg.n_layers for layer in layers):
-            raise ValueError(f"layers must be a non-empty subset of 0..{model.cfg.n_layers - 1}; got {layers}.")
-        sites.require_attention(layers, f"Step-Saliency on {model_label(model)}")
+        if not layers or not all(0 <= layer < adapter.n_layers for layer in layers):
+            raise StepsalError(f"layers must be a non-empty subset of 0..{adapter.n_layers - 1}; got {layers}.")
+        sites.require_attention(layers, f"Step-Saliency on {adapter.label}")
     description, target_fn = make_target(target, trace, answer)
-    device = first_device(model)
+    device = adapter.device
     tokens = trace.tokens.to(device)
-    pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, model.cfg.n_heads,
+    pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, adapter.n_heads,
                           token_level)
-    run = _choose_mode(model, trace, rule, resolve_mode(mode, checkpoint))
+    run = _choose_mode(model, trace, rule, options.mode)
     if run is _backward_blockwise:
         run = partial(_backward_blockwise, rows=row_target(target, trace, answer))
     try:
@@ -582,26 +593,43 @@ def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: st
             "(load_model(..., dtype=torch.float32)) or use a target with finite gradients.")
     missing = sorted(set(layers) - pooler.done)
     if missing:
-        raise RuntimeError(f"the gradient never reached hook_pattern in layers {missing}; the target "
-                           "does not depend on them (for example a callable that ignores the logits).")
-    return StepSaliency(pooler.sums.cpu(), trace.layout, layers, norm, rule, description, model_label(model),
-                        None if pooler.head_sums is None else pooler.head_sums.cpu(),
-                        None if pooler.token_sums is None else pooler.token_sums.cpu(),
-                        [trace.text[start:end] for start, end in trace.offsets])
+        raise NoGradientError(f"the gradient never reached hook_pattern in layers {missing}; the target "
+                              "does not depend on them (for example a callable that ignores the logits).")
+    return StepSaliency(sums=pooler.sums.cpu(), layout=trace.layout, layers=layers, norm=norm, rule=rule,
+                        target=description, model=adapter.label,
+                        head_sums=None if pooler.head_sums is None else pooler.head_sums.cpu(),
+                        token_sums=None if pooler.token_sums is None else pooler.token_sums.cpu(),
+                        token_texts=[trace.text[start:end] for start, end in trace.offsets])
 
 
-def _check_fits(model: TLModel, trace: Trace) -> None:
-    n_ctx = model.cfg.n_ctx
+def _merged_options(options: SaliencyOptions | None, settings: dict[str, Any]) -> SaliencyOptions:
+    """``options``, or the keyword settings as options; both at once is refused (which would win?)."""
+    if options is None:
+        return SaliencyOptions.from_dict(settings)
+    defaults = SaliencyOptions()
+    given = sorted(name for name, value in settings.items() if value is not None and value != getattr(defaults, name))
+    if given:
+        raise StepsalError(f"step_saliency got options= and the settings {given} too: put them in the options "
+                           f"(options.replace({given[0]}=...)).")
+    return options
+
+
+def check_trace_fits(model: TLModel | TransformerLensAdapter, trace: Trace) -> None:
+    """Refuse a trace the model cannot score: longer than its context, another tokenizer's, or ids
+    outside its vocabulary."""
+    adapter = transformerlens_adapter(model, "Step-Saliency")
+    n_ctx = adapter.n_ctx
     if n_ctx is not None and len(trace) > n_ctx:
         raise ModelMismatchError(
-            f"the trace has {len(trace)} tokens but {model_label(model)} has a context of {n_ctx}. "
+            f"the trace has {len(trace)} tokens ({trace.layout.n_steps} steps) but {adapter.label} has a context of "
+            f"{n_ctx}. "
             "Shorten the trace (keep the question, the steps of interest and the summary).")
-    if trace.tokenizer_fingerprint and model.tokenizer is not None:
-        if trace.tokenizer_fingerprint != tokenizer_fingerprint(model.tokenizer):
+    if trace.tokenizer_fingerprint and adapter.tokenizer is not None:
+        if trace.tokenizer_fingerprint != tokenizer_fingerprint(adapter.tokenizer):
             raise ModelMismatchError(
                 "the trace was tokenised with a different tokenizer than the model's. Rebuild it "
                 "with Trace.from_text(text, model) using this model.")
-    if int(trace.tokens.max()) >= model.cfg.d_vocab or int(trace.tokens.min()) < 0:
+    if int(trace.tokens.max()) >= adapter.vocab_size or int(trace.tokens.min()) < 0:
         raise ModelMismatchError(
             f"token ids reach {int(trace.tokens.max())} but the model's vocabulary has "
-            f"{model.cfg.d_vocab} entries; the trace does not belong to this model.")
+            f"{adapter.vocab_size} entries; the trace does not belong to this model.")

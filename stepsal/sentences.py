@@ -61,6 +61,14 @@ def keep_summary_piece(piece: str) -> bool:
     return len(stripped) >= MIN_SUMMARY_CHARS and not is_table(stripped)
 
 
+def too_few_steps(n_thinking: int, minimum: str, lower: str) -> str:
+    """The message for a trace with fewer thinking steps than asked (``minimum``: how the caller set
+    it, e.g. "min_thinking_steps=2"; ``lower``: what to lower)."""
+    return (f"the thinking segment has {n_thinking} step(s), fewer than {minimum}. Steps are sentences ending "
+            f"in '. ' of at least {MIN_THINKING_CHARS} characters (CJK: 。！？ end sentences, each character "
+            f"counts twice); pass a longer trace, lower {lower}, or split sentences another way (sentence_end=<regex>).")
+
+
 class StepSplitter:
     """Step starts of one segment's text, fed in chunks; exact for any chunking.
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import OptionError, StepsalError
 from .options import TARGET_NAMES
 from .traces import SUMMARY, Trace
 
@@ -31,12 +32,12 @@ def answer_token_span(trace: Trace, answer: str | tuple[int, int]) -> tuple[int,
     else:
         char = trace.text.rfind(answer)
         if not answer or char < 0:
-            raise ValueError(f"answer {answer!r} does not occur in the trace text; pass the answer "
-                             "exactly as written in the summary, or a token span (start, end).")
+            raise StepsalError(f"answer {answer!r} does not occur in the trace text; pass the answer "
+                               "exactly as written in the summary, or a token span (start, end).")
         overlapping = [t for t, (s, e) in enumerate(trace.offsets) if s < char + len(answer) and e > char]
         start, end = overlapping[0], overlapping[-1] + 1
     if not 1 <= start < end <= len(trace):
-        raise ValueError(f"answer token span ({start}, {end}) must satisfy 1 <= start < end <= {len(trace)}.")
+        raise StepsalError(f"answer token span ({start}, {end}) must satisfy 1 <= start < end <= {len(trace)}.")
     return start, end
 
 
@@ -75,12 +76,12 @@ def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | Non
     if target == "summary":
         positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()  # one contiguous run
         if positions.numel() == 0 or positions[-1] == 0:
-            raise ValueError("target='summary' needs summary tokens; this trace has none. Use target='all'.")
+            raise StepsalError("target='summary' needs summary tokens; this trace has none. Use target='all'.")
         return RowTarget(max(1, int(positions[0])) - 1, int(positions[-1]))
     if target == "answer":
         if answer is None:
-            raise ValueError("target='answer' needs answer='...' (text in the summary) or answer=(start, end).")
+            raise StepsalError("target='answer' needs answer='...' (text in the summary) or answer=(start, end).")
         start, end = answer_token_span(trace, answer)
         return RowTarget(start - 1, end - 1)
-    raise ValueError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id (its logit at "
-                     "the last position) or a callable on the logits [T, V].")
+    raise OptionError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id (its logit at "
+                      "the last position) or a callable on the logits [T, V].")

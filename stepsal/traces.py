@@ -22,11 +22,11 @@ import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
 
-from .errors import ModelMismatchError, TraceFormatError
+from .errors import ModelMismatchError, StepsalError, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
 from .segments import QUESTION, SEGMENT_NAMES, SUMMARY, THINKING
-from .sentences import (BLANK_LINE, MIN_THINKING_CHARS, SENTENCE_END, Keep, keep_summary_piece, keep_thinking_piece,
-                        step_starts)
+from .sentences import (BLANK_LINE, SENTENCE_END, Keep, keep_summary_piece, keep_thinking_piece, step_starts,
+                        too_few_steps)
 from .vis.html import trace_html
 from .vis.widgets import segmentation_widget
 
@@ -97,10 +97,10 @@ class StepLayout:
         for index, segment in enumerate(step_segment):
             where = (token_step == index).nonzero().flatten()
             if where.numel() == 0:
-                raise ValueError(f"step {index} has no tokens")
+                raise StepsalError(f"step {index} has no tokens; give every step in step_segment at least one token.")
             start, end = int(where[0]), int(where[-1]) + 1
             if end - start != where.numel():
-                raise ValueError(f"step {index} is not contiguous")
+                raise StepsalError(f"step {index} is not contiguous; a step's tokens must be one run in token_step.")
             steps.append(Step(index, int(segment), (-1, -1), (start, end), ""))
         segments = torch.tensor(list(step_segment), dtype=torch.long)
         token_segment = torch.where(token_step >= 0, segments[token_step.clamp(min=0)], -1)
@@ -325,12 +325,8 @@ class Trace:
         layout = StepLayout(token_step, segments[token_step], steps)
         n_thinking = len(layout.steps_of(THINKING))
         if n_thinking < min_thinking_steps:
-            raise TraceFormatError(
-                f"the thinking segment has {n_thinking} step(s), fewer than min_thinking_steps="
-                f"{min_thinking_steps}. Steps are sentences ending in '. ' of at least "
-                f"{MIN_THINKING_CHARS} characters (CJK: 。！？ end sentences, each character counts "
-                "twice); pass a longer trace, lower min_thinking_steps, or sentence_end=<regex>."
-            )
+            raise TraceFormatError(too_few_steps(n_thinking, f"min_thinking_steps={min_thinking_steps}",
+                                                 "min_thinking_steps"))
         return cls(text, torch.tensor(ids, dtype=torch.long), offsets, layout, fmt.name,
                    tokenizer_fingerprint(tokenizer), seg.has_summary, seg.kept_pieces, seg.markers)
 

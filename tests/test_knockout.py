@@ -112,7 +112,8 @@ def test_layer_sweep_of_a_knockout_matches_running_each_layer_by_hand(tl_models,
         assert row.after == pytest.approx(measure("summary_loss", knocked, plain, t))
     table = sweep.summary(n_boot=200)
     assert (table.ci_low <= table.mean_delta).all() and (table.mean_delta <= table.ci_high).all()
-    fig, axes = sweep.plot(n_boot=50)
+    fig = sweep.plot(n_boot=50)
+    axes = fig.axes
     assert len(axes) == 1
     nothing = stepsal.layer_sweep(model, traces, lambda layer: nullcontext(), metric="summary_kl", progress=False)
     assert (nothing.frame.delta == 0).all() and (nothing.frame.after == 0).all()

@@ -243,3 +243,22 @@ def test_no_attention_sized_tensor_outlives_the_call(tl_models, trace, checkpoin
     step_saliency(model, trace, checkpoint=checkpoint)
     step_saliency(model, trace, checkpoint=checkpoint, target=lambda lg: lg[-1, 3])
     assert len(live_patterns()) == before
+
+
+def test_saliency_options_as_one_object(tl_models, trace):
+    """SaliencyOptions carries every setting: the same result as the keywords, and not both at once."""
+    from stepsal.options import SaliencyOptions
+
+    model = tl_models[("llama", "bridge")]
+    options = SaliencyOptions(target="summary", rule="ag_signed", norm="row", per_head=True, layers=[1, 0])
+    via_options = step_saliency(model, trace, options=options)
+    via_keywords = step_saliency(model, trace, target="summary", rule="ag_signed", norm="row", per_head=True,
+                                 layers=[0, 1])
+    torch.testing.assert_close(via_options.sums, via_keywords.sums)
+    torch.testing.assert_close(via_options.head_sums, via_keywords.head_sums)
+    assert (via_options.rule, via_options.norm, via_options.layers) == ("ag_signed", "row", [0, 1])
+    with pytest.raises(stepsal.StepsalError, match=r"options= and the settings \['rule'\]"):
+        step_saliency(model, trace, rule="g", options=options)
+    with pytest.raises(stepsal.StepsalError, match="unknown normalisation"):
+        SaliencyOptions.from_dict({"norm": "softmax"})
+    assert SaliencyOptions.from_dict(options.to_dict()) == options

@@ -593,3 +593,18 @@ def test_chat_history_markers_are_not_the_models(tl_models, tokenizer, opened):
     trace = out.trace
     assert trace.markers[0][0] == trace.text.index("<think>\nFirst")
     assert "Easy one here" in trace.layout.steps[0].text  # history is question
+
+
+def test_stepflow_settings_round_trip_as_data():
+    import json
+
+    flow = StepFlow(oeb_layers=[2, 0], smi_layers=[5], tau_max=0.2, alpha=0.1, smi_window=4, smi_site="z",
+                    smi_at_summary=True)
+    data = json.loads(json.dumps(flow.to_dict()))
+    assert data["oeb_layers"] == [0, 2] and data["smi_window"] == 4
+    assert StepFlow.from_dict(data) == flow
+    assert StepFlow.from_dict(StepFlow().to_dict()) == StepFlow()  # default bands stay default (None)
+    with pytest.raises(StepsalError, match="unknown StepFlow settings"):
+        StepFlow.from_dict({**data, "tau": 0.3})
+    with pytest.raises(StepsalError, match="tau_max"):
+        StepFlow.from_dict({**data, "tau_max": 2.0})  # validated as when built directly

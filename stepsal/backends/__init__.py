@@ -21,7 +21,8 @@ from ..hookpoints import bridge_class, hooked_transformer_class
 from .transformerlens import TransformerLensAdapter
 from .transformers import TransformersAdapter
 
-__all__ = ["ATTENTION_LAYER_TYPES", "DecodeStep", "Model", "ModelAdapter", "adapter_for", "register_adapter"]
+__all__ = ["ATTENTION_LAYER_TYPES", "DecodeStep", "Model", "ModelAdapter", "TransformerLensAdapter",
+           "TransformersAdapter", "adapter_for", "register_adapter", "transformerlens_adapter"]
 
 
 def _is_transformerlens(model: object) -> bool:
@@ -57,3 +58,14 @@ def adapter_for(model: Model, tokenizer: Any = None) -> ModelAdapter:
     raise UnsupportedModelError(
         f"{type(model).__name__} is not a model stepsal knows: load it with stepsal.load_model(model_or_folder, "
         "tokenizer) (a TransformerLens model), or pass a transformers causal LM with its tokenizer.")
+
+
+def transformerlens_adapter(model: Model, purpose: str) -> TransformerLensAdapter:
+    """The adapter of a TransformerLens model, for work that reads and edits its hook points
+    (Step-Saliency, knockouts, sweeps); other kinds are refused with the fix."""
+    adapter = adapter_for(model)  # an adapter is returned as it is
+    if not isinstance(adapter, TransformerLensAdapter):
+        raise UnsupportedModelError(
+            f"{purpose} reads and edits TransformerLens hook points, which {type(adapter.model).__name__} does not "
+            "have. Load the model with stepsal.load_model(model_or_folder, tokenizer).")
+    return adapter

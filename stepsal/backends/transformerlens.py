@@ -5,12 +5,13 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from jaxtyping import Float
 from torch import Tensor
 
 from ..model_types import TLModel
 from ..sites import attention_sites
 from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
-from ..hookpoints import backend_of, first_device, hooks_attached, model_label
+from ..hookpoints import HookFn, backend_of, first_device, forward_kwargs, hook_name, hooks_attached, model_label
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +56,14 @@ class TransformerLensAdapter(ModelAdapter):
     def label(self) -> str:
         return model_label(self.model)
 
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits [batch, T, vocab] of a plain full-sequence forward (no cache) of ``tokens`` [batch, T]."""
+        return self.model(tokens.to(self.device), **forward_kwargs(self.model))
+
+    def hooks(self, fwd_hooks: list[tuple[str, HookFn]]) -> AbstractContextManager[None]:
+        """Hook functions on named hook points for the duration (removed on exit, also on an exception)."""
+        return hooks_attached(self.model, fwd_hooks)
+
     def decode_step(self, batch: int, use_cache: bool) -> DecodeStep:
         model = self.model
         if self.kind == "hooked":
@@ -83,10 +92,51 @@ class TransformerLensAdapter(ModelAdapter):
         return flow.layers_for(self.model)
 
     def attach_flow(self, run: FlowRun) -> AbstractContextManager[None]:
-        return hooks_attached(self.model, run.hooks())
+        return hooks_attached(self.model, flow_hooks(run, self))
 
     def value_layout(self) -> dict[int, str]:
         return attention_sites(self.model).value_layout
+
+
+def flow_hooks(run: FlowRun, adapter: ModelAdapter) -> list[tuple[str, HookFn]]:
+    """StepFlow's effects as TransformerLens hook functions: OEB on ``hook_pattern``; SMI keeps
+    ``hook_v`` values and injects on ``hook_resid_post`` or ``hook_z``. One function per hook point,
+    so registration order does not matter."""
+    model, flow = adapter.model, run.flow
+    value_layout = adapter.value_layout()
+
+    def oeb(index: int) -> HookFn:
+        def odds_equal_bridge_hook(pattern: Float[Tensor, "batch head query key"], hook: Any) -> Tensor | None:
+            return run.bridge(index, pattern)
+        return odds_equal_bridge_hook
+
+    def remember(layer: int) -> HookFn:
+        head_first = value_layout.get(layer) == "head_pos"  # MLA adapters: [batch, head, pos, d]
+
+        def remember_values(v: Tensor, hook: Any) -> None:
+            run.remember(layer, v.transpose(1, 2) if head_first else v)
+        return remember_values
+
+    def inject(index: int, layer: int) -> HookFn:
+        def step_momentum_injection(x: Tensor, hook: Any) -> Tensor | None:
+            run.labels.check_window(x.shape[0], x.shape[1])
+            if not run.labels.any_inject:  # before fetching W_O (a property on the bridge): most decode steps
+                return None
+            w_o = output_weights(model, layer) if flow.smi_site != "z" else None
+            return run.inject_momentum(index, layer, x, adapter.n_heads, w_o)
+        return step_momentum_injection
+
+    hooks = [(hook_name(layer, "pattern"), oeb(i)) for i, layer in enumerate(run.oeb_layers)]
+    if flow.alpha > 0:
+        for i, layer in enumerate(run.smi_layers):
+            hooks.append((hook_name(layer, "v"), remember(layer)))
+            hooks.append((hook_name(layer, flow.smi_site), inject(i, layer)))
+    return hooks
+
+
+def output_weights(model: TLModel, layer: int) -> Float[Tensor, "head d_head d_model"]:
+    """W_O of one layer as [head, d_head, d_model] on either backend."""
+    return model.blocks[layer].attn.W_O
 
 
 def _full_cache(config: Any) -> Any:

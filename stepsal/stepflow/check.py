@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Float
 from torch import Tensor
@@ -17,10 +17,13 @@ from ..vis.tables import layer_frame, text_table, wide
 from .config import StepFlow
 from .hooks import FlowStats
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 MEASURES = ("local_share", "question_share", "summary_self_share")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FlowEffect:
     """Saliency maps without and with StepFlow, and the per-layer change (with - without) of the measures."""
 
@@ -29,12 +32,11 @@ class FlowEffect:
     delta: dict[str, Float[Tensor, " layer"]]
     stats: FlowStats
 
-    def plot(self, layers: list[int] | None = None, norm: str = "row", **kwargs: Any):
-        """Maps without and with StepFlow and their difference: (matplotlib Figure, axes)."""
+    def plot(self, layers: list[int] | None = None, norm: str = "row", **kwargs: Any) -> Figure:
+        """Maps without and with StepFlow and their difference: the matplotlib Figure (rows = layers)."""
         acted = self.stats.oeb_layers + self.stats.smi_layers  # default panels: where StepFlow acts
-        fig = plot_flow_effect(self.without.normalized(norm), self.with_flow.normalized(norm), self.without.layers,
-                               self.without.layout, panels=layers, prefer=acted, norm=norm, **kwargs)
-        return fig, fig.axes
+        return plot_flow_effect(self.without.normalized(norm), self.with_flow.normalized(norm), self.without.layers,
+                                self.without.layout, panels=layers, prefer=acted, norm=norm, **kwargs)
 
     def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
         """Long format: one row per (layer, measure), ``value`` the change with - without StepFlow."""
@@ -47,8 +49,7 @@ class FlowEffect:
                 f"{self.stats!r})")
 
     def _repr_html_(self) -> str:
-        fig, _ = self.plot(max_layers=3)
-        return frame_section(repr(self), wide(self.to_dataframe()), fig=fig)
+        return frame_section(repr(self), wide(self.to_dataframe()), fig=self.plot(max_layers=3))
 
     def table(self) -> str:
         return text_table(wide(self.to_dataframe()), headers={m: f"d {m}" for m in MEASURES})
@@ -66,4 +67,4 @@ def saliency_change(model: TLModel, trace: Trace, flow: StepFlow, **saliency_kwa
         with_flow = step_saliency(model, trace, **saliency_kwargs)
     before, after = without.metrics(), with_flow.metrics()
     delta = {m: getattr(after, m) - getattr(before, m) for m in MEASURES}
-    return FlowEffect(without, with_flow, delta, run.stats)
+    return FlowEffect(without=without, with_flow=with_flow, delta=delta, stats=run.stats)

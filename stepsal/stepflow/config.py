@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Iterator
 
 from ..errors import StepsalError, UnsupportedModelError
@@ -56,6 +56,22 @@ class StepFlow:
         window = self.smi_window
         if not (window == "step" or (isinstance(window, int) and not isinstance(window, bool) and window >= 1)):
             raise StepsalError(f"smi_window must be 'step' or a positive int; got {window!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (layers as lists; None = the default band)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("oeb_layers", "smi_layers"):
+            data[name] = None if data[name] is None else list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepFlow:
+        """Settings from :meth:`to_dict` (unknown keys are refused, naming the known ones)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise StepsalError(f"unknown StepFlow settings {unknown}: the settings are {sorted(known)}.")
+        return cls(**data)
 
     def layers(self, n_layers: int) -> tuple[list[int], list[int]]:
         """(OEB layers, SMI layers) for a model with ``n_layers`` layers, validated."""

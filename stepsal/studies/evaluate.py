@@ -18,15 +18,22 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import ResultsNotFoundError, StepsalError
 from ..model_types import Model
 from ..stats import bootstrap_mean_interval
 from ..stepflow.config import StepFlow
+from ..storage import plain
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
+from ..vis.figures import plot_bars
+from ..vis.html import frame_section
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
 SAMPLE_FILE = "samples{suffix}.jsonl"
@@ -42,9 +49,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard takes i/n with integers, like 0/4; got {text!r}.") from None
+        raise StepsalError(f"--shard takes i/n with integers, like 0/4; got {text!r}.") from None
     if not 0 <= index < count:
-        raise ValueError(f"--shard i/n needs 0 <= i < n; got {text!r}.")
+        raise StepsalError(f"--shard i/n needs 0 <= i < n; got {text!r}.")
     return index, count
 
 
@@ -86,7 +93,7 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
     from ..generation import generate
 
     if k < 0 or (k == 0 and not greedy):
-        raise ValueError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
+        raise StepsalError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = shard_file(folder, shard)
@@ -149,12 +156,12 @@ def load_samples(folder: str | Path) -> "EvalResult":
     folder = Path(folder)
     files = sorted(folder.glob("samples*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"no samples*.jsonl in {folder}: run stepsal eval --out {folder} first.")
+        raise ResultsNotFoundError(f"no samples*.jsonl in {folder}: run stepsal eval --out {folder} first.")
     rows = {}
     for file in files:
         for row in _read_jsonl(file):
             rows[_key(row)] = row
-    return EvalResult(pandas.DataFrame(list(rows.values())))
+    return EvalResult(frame=pandas.DataFrame(list(rows.values())))
 
 
 def _majority(answers: Sequence[str | None]) -> str | None:
@@ -172,6 +179,49 @@ class EvalResult:
     """All samples (``frame``: one row per problem, condition, mode and sample) and their statistics."""
 
     frame: "pandas.DataFrame"  # noqa: F821
+
+    def __repr__(self) -> str:
+        frame = self.frame
+        if frame.empty:
+            return "EvalResult(no samples)"
+        names = lambda column: "/".join(map(str, dict.fromkeys(frame[column])))  # noqa: E731
+        return (f"EvalResult({len(frame)} samples: {frame['problem'].nunique()} problems, conditions "
+                f"{names('condition')}, modes {names('mode')})")
+
+    def _repr_html_(self) -> str:
+        return frame_section(repr(self), self.summary(), fig=self.plot())
+
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per sample (problem, condition, mode, sample, answer, correct, text, tokens, ...): a
+        copy of ``frame``; :meth:`summary` and :meth:`per_problem` aggregate it."""
+        return self.frame.copy()
+
+    def plot(self, **kwargs: Any) -> Figure:
+        """pass@1, pass@k and majority-vote accuracy per condition and mode: the matplotlib Figure."""
+        summary = self.summary()
+        summary["label"] = summary["condition"].astype(str) + " / " + summary["mode"].astype(str)
+        return plot_bars(summary, "label", ["pass@1", "pass@k", "majority"], title="accuracy", ylabel="share",
+                         **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """The samples as JSON lines, one per sample (the format of :func:`evaluate`'s files; NaN as null)."""
+        path = Path(path)
+        with path.open("w", encoding="utf-8") as sink:
+            for row in self.frame.to_dict("records"):
+                sink.write(json.dumps(plain(row), allow_nan=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EvalResult":
+        """Samples saved by :meth:`save` (a JSON-lines file), or every ``samples*.jsonl`` of a folder
+        (:func:`load_samples`)."""
+        import pandas
+
+        path = Path(path)
+        if path.is_dir():
+            return load_samples(path)
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return cls(frame=pandas.DataFrame(rows))
 
     def per_problem(self) -> "pandas.DataFrame":  # noqa: F821
         """Per (condition, mode, problem): samples, correct ones, pass@1, majority-vote correctness."""
@@ -210,7 +260,7 @@ class EvalResult:
         per = per[per["mode"] == mode]
         table = per.pivot(index="problem", columns="condition", values="pass@1")
         if not {"baseline", "stepflow"} <= set(table.columns):
-            raise ValueError(f"paired() needs both conditions in mode {mode!r}; found {sorted(table.columns)}.")
+            raise StepsalError(f"paired() needs both conditions in mode {mode!r}; found {sorted(table.columns)}.")
         table = table.dropna()
         diff = (table["stepflow"] - table["baseline"]).to_numpy()
         rng = np.random.default_rng(seed)

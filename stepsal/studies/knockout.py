@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..model_types import TLModel
 from ..errors import StepsalError
-from ..models import backend_of, hook_name, hooks_attached, model_label
+from ..backends import transformerlens_adapter
+from ..hookpoints import hook_name, hooks_attached
 from ..sites import attention_sites
 from ..traces import SEGMENT_NAMES, Trace
 
@@ -49,13 +50,14 @@ def knockout(model: TLModel, trace: Trace, queries: Group, keys: Group, layers: 
     affected row) in ``layers`` (default: every layer with a usable pattern) and ``heads`` (default
     all). Works for plain forwards over the trace, :func:`stepsal.step_saliency` and KV-cached
     :func:`stepsal.generate` (positions past the trace belong to no group). Hooks go away on exit."""
-    backend_of(model)
+    adapter = transformerlens_adapter(model, "knockout")
     sites = attention_sites(model)
     layers = sites.attention_layers if layers is None else sorted(set(layers))
-    sites.require_attention(layers, f"knockout on {model_label(model)}")
-    heads = list(range(model.cfg.n_heads)) if heads is None else sorted(set(heads))
-    if not heads or not all(0 <= h < model.cfg.n_heads for h in heads):
-        raise StepsalError(f"heads must be a non-empty subset of 0..{model.cfg.n_heads - 1}; got {heads}.")
+    sites.require_attention(layers, f"knockout on {adapter.label}")
+    n_heads = adapter.n_heads
+    heads = list(range(n_heads)) if heads is None else sorted(set(heads))
+    if not heads or not all(0 <= h < n_heads for h in heads):
+        raise StepsalError(f"heads must be a non-empty subset of 0..{n_heads - 1}; got {heads}.")
     query_mask, key_mask = group_mask(trace, queries), group_mask(trace, keys)
     # a query keeps a key unless every key up to it is knocked out: those before the first free key
     free = (~key_mask).nonzero().flatten()
@@ -64,7 +66,7 @@ def knockout(model: TLModel, trace: Trace, queries: Group, keys: Group, layers: 
     if starved:
         raise StepsalError(f"query tokens {starved[:5]}{' ...' if len(starved) > 5 else ''} would lose every key "
                            "(they only see keys of the knocked-out group); exclude them from queries or keys.")
-    head_mask = torch.zeros(model.cfg.n_heads, dtype=torch.bool)
+    head_mask = torch.zeros(n_heads, dtype=torch.bool)
     head_mask[heads] = True
     cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import ResultsNotFoundError
 from ..metrics import compare_groups
 from ..saliency import StepSaliency
 from ..vis.report import comparison_section, skipped_note, write_report
@@ -28,8 +29,8 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
         with safe_open(str(path), framework="pt") as handle:
             (files if "stepsal" in (handle.metadata() or {}) else others).append(path)
     if not files:
-        raise FileNotFoundError(f"no saved Step-Saliency results under {root} ({len(others)} other .safetensors "
-                                "files); save results with result.save(path).")
+        raise ResultsNotFoundError(f"no saved Step-Saliency results under {root} ({len(others)} other .safetensors "
+                                   "files); save results with result.save(path).")
     results = [StepSaliency.load(f) for f in files]
     names = [str(f.relative_to(root)) for f in files]
     groups: dict[str, list[StepSaliency]] = {}
@@ -39,7 +40,7 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
     if len(groups) == 2 and all(len(g) >= 2 for g in groups.values()):
         (label_a, a), (label_b, b) = sorted(groups.items())
         comparison = compare_groups(a, b, labels=(label_a, label_b))
-        fig = comparison.plot()[0] if comparison.layer_mean else None
+        fig = comparison.plot() if comparison.layer_mean else None
         extra.append(comparison_section(f"{label_a} vs {label_b}", repr(comparison), comparison.to_dataframe(), fig))
     if others:
         extra.append(skipped_note([str(p.relative_to(root)) for p in others]))

@@ -14,20 +14,31 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
 from ..model_types import Model
 from ..errors import StepsalWarning
+from ..storage import read_json, write_json
+from ..vis.figures import plot_group_points
+from ..vis.html import frames_html
+from ..vis.tables import records_frame
 from .evaluate import EvalResult, R1_SAMPLING, evaluate
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-@dataclass
+STUDY_FILE = "study_result.json"  # StudyResult.save's manifest
+POINT_MEASURES = ("lock_in", "question_share", "summary_thinking", "recency")  # StudyResult.plot
+
+
+@dataclass(kw_only=True)
 class StudyResult:
     """What a study produced: the samples, the saliency results per group and their comparison."""
 
@@ -39,8 +50,67 @@ class StudyResult:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name} {len(results)}" for name, results in self.groups.items())
-        skipped = f"; not studied: {dict(self.skipped)}" if self.skipped else ""
-        return f"StudyResult({counts} traces{skipped}; {self.comparison!r})"
+        skipped = f"; {sum(self.skipped.values())} samples not studied" if self.skipped else ""
+        comparison = "no comparison" if self.comparison is None else (
+            f"{len(self.comparison.rows)} measures compared"
+            + (" (descriptive only)" if self.comparison.descriptive_only else ""))
+        return f"StudyResult({counts} traces{skipped}; {comparison})"
+
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per studied trace: its group, index in the group, model, layers, steps and per-trace
+        measures (what :func:`stepsal.compare_groups` compares)."""
+        from ..metrics import TRACE_MEASURES
+
+        records = [{"group": group, "index": index, "model": result.model, "layers": len(result.layers),
+                    "steps": result.layout.n_steps, **result.metrics().per_trace()}
+                   for group, results in self.groups.items() for index, result in enumerate(results)]
+        return records_frame(records, ["group", "index", "model", "layers", "steps", *TRACE_MEASURES])
+
+    def plot(self, measures: Sequence[str] = POINT_MEASURES, **kwargs: Any) -> Figure:
+        """Each trace's per-trace measures by group, with the group means: the matplotlib Figure (the
+        per-layer curves with CIs are ``comparison.plot()``)."""
+        return plot_group_points(self.to_dataframe(), "group", measures, **kwargs)
+
+    def _repr_html_(self) -> str:
+        comparison = self.comparison
+        frames = [] if comparison is None else [
+            (f"{comparison.label_b} - {comparison.label_a}, per-trace measures", comparison.to_dataframe())]
+        frames.append(("per trace", self.to_dataframe()))
+        return frames_html(repr(self), frames, fig=self.plot())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """A folder of its own: ``samples.jsonl`` (:meth:`EvalResult.save`), every saliency result as
+        ``saliency/<group>/<index>.safetensors``, and ``study_result.json`` (the groups' files in order,
+        what was skipped, the comparison)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.samples.save(folder / "samples.jsonl")
+        files: dict[str, list[str]] = {}
+        for group, results in self.groups.items():
+            (folder / "saliency" / group).mkdir(parents=True, exist_ok=True)
+            files[group] = [f"saliency/{group}/{index:04d}.safetensors" for index in range(len(results))]
+            for name, result in zip(files[group], results):
+                result.save(folder / name)
+        write_json(folder / STUDY_FILE, "StudyResult", {
+            "samples": "samples.jsonl", "groups": files, "skipped": self.skipped,
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "folder": None if self.folder is None else str(self.folder)})
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StudyResult":
+        """A study saved by :meth:`save` (its folder)."""
+        from ..metrics import GroupComparison
+        from ..saliency import StepSaliency
+
+        folder = Path(path)
+        data = read_json(folder / STUDY_FILE, "StudyResult")
+        return cls(samples=EvalResult.load(folder / data["samples"]),
+                   groups={group: [StepSaliency.load(folder / name) for name in names]
+                           for group, names in data["groups"].items()},
+                   skipped=dict(data["skipped"]),
+                   comparison=None if data["comparison"] is None else GroupComparison.from_dict(data["comparison"]),
+                   folder=None if data["folder"] is None else Path(data["folder"]))
 
 
 def _trace_of(row: dict, model: Model, min_thinking_steps: int):
@@ -101,4 +171,4 @@ def run_study(model: Model, problems: Sequence[Any], *, out: str | Path, k: int 
     (folder / "study.json").write_text(json.dumps(summary, indent=1, default=float))
     if any(groups.values()):
         report_from_folder(folder)
-    return StudyResult(samples, groups, dict(skipped), comparison, folder)
+    return StudyResult(samples=samples, groups=groups, skipped=dict(skipped), comparison=comparison, folder=folder)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,13 +14,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import OptionError
 from ..model_types import TLModel
-from ..models import backend_of, forward_kwargs
+from ..backends import transformerlens_adapter
 from ..options import SWEEP_METRICS as METRICS
-from ..sites import attention_sites, first_device
+from ..sites import attention_sites
 from ..stats import bootstrap_mean_interval
 from ..traces import SUMMARY, Trace
+from ..storage import frame_from_json, frame_to_json, read_json, write_json
 from ..vis.figures import plot_sweep
+from ..vis.html import frame_section
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Metric = str | Callable[[Tensor, Tensor, Trace], float]
 
@@ -46,10 +54,10 @@ def measure(metric: Metric, logits: Tensor, plain_logits: Tensor, trace: Trace) 
         log_p = F.log_softmax(plain_logits[positions].float(), -1)
         log_q = F.log_softmax(logits[positions].float(), -1)
         return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    raise ValueError(f"unknown metric {metric!r}: use one of {METRICS} or a callable (logits, plain_logits, trace).")
+    raise OptionError(f"unknown metric {metric!r}: use one of {METRICS} or a callable (logits, plain_logits, trace).")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepResult:
     """Per (layer, trace): the metric before and after the intervention at that layer."""
 
@@ -72,14 +80,31 @@ class SweepResult:
             rows.append((layer, deltas.size, float(deltas.mean()), low, high))
         return pandas.DataFrame(rows, columns=["layer", "n", "mean_delta", "ci_low", "ci_high"])
 
-    def plot(self, **kwargs: Any):
-        """Mean delta per layer with its CI band: (matplotlib Figure, axes)."""
-        fig = plot_sweep(self.summary(**kwargs), self.metric)
-        return fig, fig.axes
+    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per (layer, trace): layer, trace, before, after, delta (a copy of ``frame``)."""
+        return self.frame.copy()
+
+    def plot(self, **kwargs: Any) -> Figure:
+        """Mean delta per layer with its CI band: the matplotlib Figure. Keyword arguments go to
+        :meth:`summary` (n_boot, confidence, seed)."""
+        return plot_sweep(self.summary(**kwargs), self.metric)
 
     def __repr__(self) -> str:
         return (f"SweepResult({self.frame.layer.nunique()} layers x {self.frame.trace.nunique()} traces, "
                 f"metric {self.metric})")
+
+    def _repr_html_(self) -> str:
+        summary = self.summary()
+        return frame_section(repr(self), summary, fig=plot_sweep(summary, self.metric))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One JSON file: the metric and the frame (with its dtypes)."""
+        return write_json(path, "SweepResult", {"metric": self.metric, "frame": frame_to_json(self.frame)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SweepResult":
+        data = read_json(path, "SweepResult")
+        return cls(frame=frame_from_json(data["frame"]), metric=data["metric"])
 
 
 def layer_sweep(model: TLModel, traces: Sequence[Trace], intervention: Callable[[int], AbstractContextManager],
@@ -97,24 +122,24 @@ def layer_sweep(model: TLModel, traces: Sequence[Trace], intervention: Callable[
     """
     import pandas
 
-    backend_of(model)
+    adapter = transformerlens_adapter(model, "layer_sweep")
     layers = attention_sites(model).attention_layers if layers is None else sorted(set(layers))
-    device = first_device(model)
     plain = []
     with torch.no_grad():
         for trace in traces:
-            plain.append(model(trace.tokens[None].to(device), **forward_kwargs(model))[0])
+            plain.append(adapter.forward(trace.tokens[None])[0])
     rows = []
     work = [(layer, index) for layer in layers for index in range(len(traces))]
     for layer, index in tqdm(work, desc="layer sweep", disable=not progress):
         trace = traces[index]
         with torch.no_grad(), _enter(intervention, layer, trace):
-            logits = model(trace.tokens[None].to(device), **forward_kwargs(model))[0]
+            logits = adapter.forward(trace.tokens[None])[0]
         before = measure(metric, plain[index], plain[index], trace)
         after = measure(metric, logits, plain[index], trace)
         rows.append((layer, index, before, after, after - before))
     frame = pandas.DataFrame(rows, columns=["layer", "trace", "before", "after", "delta"])
-    return SweepResult(frame, metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
+    return SweepResult(frame=frame,
+                       metric=metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
 
 
 def _enter(intervention: Callable, layer: int, trace: Trace) -> AbstractContextManager:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from ..errors import StepsalError
 from ..formats import TraceFormat, get_format
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -129,7 +130,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k),
     computed as a product (no huge binomials)."""
     if not (n >= 1 and 0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass_at_k needs n >= 1, 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}.")
+        raise StepsalError(f"pass_at_k needs n >= 1, 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}.")
     if n - c < k:
         return 1.0
     miss = 1.0

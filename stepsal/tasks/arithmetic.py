@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..errors import OptionError, StepsalError
+
 Phrasing = Literal["train", "heldout"]
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -195,10 +197,10 @@ def make_problems(count: int, seed: int = 0, phrasing: str = "heldout",
                   steps: tuple[int, int] = (1, 5)) -> list[Problem]:
     """``count`` stories (seeded, reproducible), step counts cycling evenly through ``steps``."""
     if phrasing not in ("train", "heldout"):
-        raise ValueError(f"phrasing must be 'train' or 'heldout', not {phrasing!r}.")
+        raise OptionError(f"phrasing must be 'train' or 'heldout', not {phrasing!r}.")
     low, high = steps
     if not 1 <= low <= high:
-        raise ValueError(f"steps must be (low, high) with 1 <= low <= high; got {steps}.")
+        raise StepsalError(f"steps must be (low, high) with 1 <= low <= high; got {steps}.")
     rng = random.Random(f"{phrasing}:{seed}")
     return [make_problem(rng, phrasing, low + i % (high - low + 1), id=f"{phrasing}-{seed}-{i}")
             for i in range(count)]

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StepsalError
 from .arithmetic import R1_INSTRUCTION, make_problems
 
 SHIPPED = Path(__file__).parent.parent / "data" / "problems.jsonl"
@@ -45,10 +46,10 @@ def load_problems(path: str | Path | None = None, limit: int | None = None) -> l
             row = json.loads(line)
             problem = WordProblem(str(row["id"]), row["question"], row["answer"], row.get("steps"))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: each line needs a JSON object with 'id', 'question' and "
-                             f"'answer' ({error.__class__.__name__}: {error}).") from None
+            raise StepsalError(f"{path}:{number}: each line needs a JSON object with 'id', 'question' and "
+                               f"'answer' ({error.__class__.__name__}: {error}).") from None
         if problem.id in seen:
-            raise ValueError(f"{path}:{number}: problem id {problem.id!r} appears twice; ids must be unique.")
+            raise StepsalError(f"{path}:{number}: problem id {problem.id!r} appears twice; ids must be unique.")
         seen.add(problem.id)
         problems.append(problem)
     return problems[:limit] if limit is not None else problems

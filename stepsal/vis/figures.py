@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import StepsalError
 from .labels import choose_panels, pick_layers, segment_boundaries, step_labels
 
 if TYPE_CHECKING:
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 
     from ..traces import StepLayout
 
-__all__ = ["pick_layers", "plot_flow_effect", "plot_group_curves", "plot_step_maps", "plot_sweep",
-           "segment_boundaries", "step_labels"]
+__all__ = ["pick_layers", "plot_bars", "plot_flow_effect", "plot_flow_stats", "plot_group_curves",
+           "plot_group_points", "plot_layer_measures", "plot_step_maps", "plot_sweep", "segment_boundaries",
+           "step_labels"]
 
 MAPS_TITLE = "Step-Saliency: rows = query step, columns = key step"
 
@@ -160,7 +162,7 @@ def plot_group_curves(layers: Sequence[int], mean: Mapping[str, Mapping[str, Any
         The matplotlib Figure.
     """
     if not mean:
-        raise ValueError("per-layer curves need traces computed over the same layers.")
+        raise StepsalError("per-layer curves need traces computed over the same layers.")
     fig = _figure(figsize=(3.4 * len(measures), 3.0))
     axes = fig.subplots(1, len(measures), squeeze=False)[0]
     for ax, measure in zip(axes, measures):
@@ -199,4 +201,90 @@ def plot_sweep(summary: pandas.DataFrame, metric: str, path: str | os.PathLike |
     ax.set_xlabel("layer of the intervention")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"change in {metric}")
+    return _finish(fig, path)
+
+
+def plot_layer_measures(layers: Sequence[int], values: Mapping[str, Any], title: str = "",
+                        path: str | os.PathLike | None = None) -> Figure:
+    """Per-layer measures as curves on one axis (``values``: measure -> [layer]; NaN leaves a gap).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    fig = _figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    for measure, series in values.items():
+        ax.plot(list(layers), _values(series), marker="o", ms=3, lw=1.2, label=measure.replace("_", " "))
+    _layer_axis(ax, title)
+    ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def plot_flow_stats(frame: pandas.DataFrame, path: str | os.PathLike | None = None) -> Figure:
+    """StepFlow's counters per layer, from a frame with columns part ("OEB" / "SMI"), layer, rows,
+    changed and injections (a :func:`stepsal.vis.tables.flow_stats_frame`): the share of OEB rows
+    changed, and the SMI injections.
+
+    Returns:
+        The matplotlib Figure (one panel per part).
+    """
+    fig = _figure(figsize=(7, 3))
+    left, right = fig.subplots(1, 2, squeeze=False)[0]
+    oeb, smi = frame[frame.part == "OEB"], frame[frame.part == "SMI"]
+    rows = oeb["rows"].to_numpy(dtype=float)
+    share = np.divide(oeb["changed"].to_numpy(dtype=float), rows, out=np.zeros_like(rows), where=rows > 0)
+    left.bar(oeb["layer"].to_numpy(dtype=float), share, color="tab:blue")
+    _layer_axis(left, "OEB: share of rows changed")
+    right.bar(smi["layer"].to_numpy(dtype=float), smi["injections"].to_numpy(dtype=float), color="tab:red")
+    _layer_axis(right, "SMI: injections")
+    return _finish(fig, path)
+
+
+def plot_bars(frame: pandas.DataFrame, label: str, columns: Sequence[str], title: str = "", ylabel: str = "",
+              path: str | os.PathLike | None = None) -> Figure:
+    """Grouped bars: one group per row of ``frame`` (named by its ``label`` column), one bar per
+    entry of ``columns``.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    names = [str(v) for v in frame[label]]
+    fig = _figure(figsize=(max(4.0, 1.0 + 0.6 * len(names) * max(1, len(columns))), 3.2))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(columns))
+    x = np.arange(len(names))
+    for i, column in enumerate(columns):
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, frame[column].to_numpy(dtype=float), width,
+               label=column.replace("_", " "))
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    if len(columns) > 1:
+        ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def plot_group_points(frame: pandas.DataFrame, group: str, measures: Sequence[str],
+                      path: str | os.PathLike | None = None) -> Figure:
+    """One value per row (say, per trace) of each measure, as points per group with the group's mean
+    (a black bar); ``group`` names the column that holds each row's group.
+
+    Returns:
+        The matplotlib Figure (one panel per measure).
+    """
+    groups = list(dict.fromkeys(frame[group]))
+    fig = _figure(figsize=(2.4 * max(1, len(measures)), 3.0))
+    axes = fig.subplots(1, max(1, len(measures)), squeeze=False)[0]
+    for ax, measure in zip(axes, measures):
+        for i, (name, colour) in enumerate(zip(groups, COLOURS * (len(groups) // len(COLOURS) + 1))):
+            values = frame.loc[frame[group] == name, measure].to_numpy(dtype=float)
+            spread = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.scatter(i + spread, values, s=12, color=colour, alpha=0.7)
+            if np.isfinite(values).any():
+                ax.hlines(np.nanmean(values), i - 0.25, i + 0.25, color="black", lw=1.5)
+        ax.set_xticks(range(len(groups)), [str(g) for g in groups], fontsize=7)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_title(measure.replace("_", " "), fontsize=9)
+        ax.tick_params(labelsize=7)
     return _finish(fig, path)

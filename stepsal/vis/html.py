@@ -85,9 +85,19 @@ def frame_section(title: str, frame: pandas.DataFrame, digits: int = 4, fig: Any
     return headline(title) + (figure_png(fig) if fig is not None else "") + frame_html(frame, digits)
 
 
-def generation_html(title: str, rows: Sequence[tuple[str, str]], extra: str = "") -> str:
-    """A headline, then per row its status line and its text; ``extra`` (trusted HTML) last."""
-    parts = [headline(title)]
+def frames_html(title: str, frames: Sequence[tuple[str, pandas.DataFrame]], digits: int = 4, fig: Any = None) -> str:
+    """A headline, the figure when given, then each frame under its caption."""
+    parts = [headline(title)] + ([figure_png(fig)] if fig is not None else [])
+    for caption, frame in frames:
+        parts += [note(caption), frame_html(frame, digits), spacer()]
+    return "".join(parts)
+
+
+def generation_html(title: str, rows: Sequence[tuple[str, str]], extra: str = "",
+                    frame: pandas.DataFrame | None = None) -> str:
+    """A headline, the ``frame`` (one row per generated row) when given, then per row its status line
+    and its text; ``extra`` (trusted HTML) last."""
+    parts = [headline(title)] + ([frame_html(frame), spacer()] if frame is not None else [])
     for b, (status, text) in enumerate(rows):
         parts.append(f"<div style='{STYLE}'><b>row {b}</b>: {esc(status)}</div>"
                      f"<pre style='white-space:pre-wrap;{STYLE}'>{esc(text)}</pre>")

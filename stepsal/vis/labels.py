@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from ..errors import StepsalError
 from ..segments import QUESTION, SUMMARY, THINKING
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def choose_panels(layers: Sequence[int], panels: Sequence[int] | None, count: in
     chosen = list(panels) if panels is not None else pick_layers(list(layers), count)
     missing = [layer for layer in chosen if layer not in layers]
     if missing:
-        raise ValueError(f"layers {missing} were not computed; this result has layers {list(layers)}.")
+        raise StepsalError(f"layers {missing} were not computed; this result has layers {list(layers)}.")
     return chosen
 
 

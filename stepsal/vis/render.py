@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import OptionError
+
 COMPONENTS = ("AttentionHeads", "ColoredTokens", "ColoredTokensMulti")
 
 
@@ -66,7 +68,7 @@ class Widget:
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
-            raise ValueError(f"unknown circuitsvis component {self.component!r}: use one of {COMPONENTS}.")
+            raise OptionError(f"unknown circuitsvis component {self.component!r}: use one of {COMPONENTS}.")
 
     def html(self, bundle: bool = True) -> str:
         # no '<' reaches the HTML parser: trace text in props cannot open a comment or a script

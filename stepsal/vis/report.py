@@ -40,7 +40,7 @@ section {{ border-top: 1px solid #ddd; margin-top: 24px; padding-top: 8px; }}
 """
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ResultView:
     """What a report section shows of one Step-Saliency result, as plain data."""
 

@@ -67,6 +67,12 @@ def record_frame(record: Mapping[str, Any]) -> pandas.DataFrame:
     return _pandas().DataFrame([dict(record)])
 
 
+def records_frame(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pandas.DataFrame:
+    """One row per record, the given columns in their order (an empty frame with those columns when
+    there are no records)."""
+    return _pandas().DataFrame([[record.get(c) for c in columns] for record in records], columns=list(columns))
+
+
 def comparison_frame(rows: Sequence[Mapping[str, Any]], label_a: str, label_b: str, confidence: float,
                      n_boot: int) -> pandas.DataFrame:
     """One row per measure compared between two groups: their means, the difference and Hedges' g with

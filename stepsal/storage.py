@@ -1,0 +1,75 @@
+"""Saving results as strict JSON (pandas frames with their dtypes, plain numbers): the formats behind
+the results' ``save`` / ``load``, next to safetensors for tensors. No dependency beyond pandas.
+
+Non-finite numbers are no JSON: NaN is written as null, +-inf as the strings "inf" / "-inf"; a frame's
+float columns (and :func:`floats`) turn both back into numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import StepsalError
+
+if TYPE_CHECKING:
+    import pandas
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready copy: numpy scalars and arrays (and tensors) as Python values and lists, tuples
+    as lists, NaN as None, +-inf as "inf" / "-inf"."""
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return plain(value.tolist())
+    return value
+
+
+def floats(value: Any) -> Any:
+    """The inverse of :func:`plain` on numbers: None as NaN, "inf" / "-inf" as floats, nested lists kept."""
+    if isinstance(value, list):
+        return [floats(item) for item in value]
+    return float("nan") if value is None else float(value)
+
+
+def frame_to_json(frame: pandas.DataFrame) -> dict[str, Any]:
+    """A frame as columns, dtypes and rows (the index is not kept)."""
+    return {"columns": [str(column) for column in frame.columns], "dtypes": [str(dtype) for dtype in frame.dtypes],
+            "rows": [plain(list(row)) for row in frame.itertuples(index=False, name=None)]}
+
+
+def frame_from_json(data: dict[str, Any]) -> pandas.DataFrame:
+    """The frame :func:`frame_to_json` wrote, with its dtypes."""
+    import pandas
+
+    frame = pandas.DataFrame(data["rows"], columns=data["columns"])
+    for column, dtype in zip(data["columns"], data["dtypes"]):
+        if str(frame[column].dtype) != dtype:
+            frame[column] = frame[column].astype(dtype)
+    return frame
+
+
+def write_json(path: str | os.PathLike, kind: str, data: dict[str, Any]) -> Path:
+    """``{"stepsal": kind, ...data}`` as strict JSON at ``path``."""
+    path = Path(path)
+    path.write_text(json.dumps({"stepsal": kind, **plain(data)}, allow_nan=False, indent=1), encoding="utf-8")
+    return path
+
+
+def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """What :func:`write_json` wrote for a result of ``kind``; an error naming the kind found otherwise."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    found = data.get("stepsal") if isinstance(data, dict) else None
+    if found != kind:
+        raise StepsalError(f"{path} holds {'a ' + repr(found) if found else 'no stepsal result'}, not a saved {kind}.")
+    return data
