@@ -17,6 +17,7 @@ _PUBLIC = {
     "LayerMetrics": "metrics", "compare_groups": "metrics", "layer_metrics": "metrics",
     "GroupComparison": "metrics",
     "load_model": "models", "embedded_folder": "embedded",
+    "SaliencyOptions": "options", "adapter_for": "backends", "ModelAdapter": "backends",
     "StepSaliency": "saliency", "step_saliency": "saliency",
     "FlowEffect": "stepflow", "StepFlow": "stepflow", "saliency_change": "stepflow",
     "FlowStats": "stepflow",
@@ -45,7 +46,9 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     from .metrics import (
         GroupComparison as GroupComparison, LayerMetrics as LayerMetrics, compare_groups as compare_groups,
         layer_metrics as layer_metrics)
+    from .backends import ModelAdapter as ModelAdapter, adapter_for as adapter_for
     from .models import load_model as load_model
+    from .options import SaliencyOptions as SaliencyOptions
     from .saliency import StepSaliency as StepSaliency, step_saliency as step_saliency
     from .stepflow import (
         FlowEffect as FlowEffect, FlowStats as FlowStats, StepFlow as StepFlow, saliency_change as saliency_change)

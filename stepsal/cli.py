@@ -17,7 +17,7 @@ from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
 from .cli_studies import add_study_parsers
 from .formats import FORMATS
 from .sentences import too_few_steps
-from .options import BACKENDS, DTYPE_NAMES, MODES, NORMS, RULES, SWEEP_METRICS, TARGET_NAMES
+from .options import BACKENDS, DTYPE_NAMES, MODES, NORMS, RULES, SWEEP_METRICS, TARGET_NAMES, SaliencyOptions
 
 
 def example_trace_text() -> str:
@@ -66,9 +66,10 @@ def analyze(args: argparse.Namespace) -> int:
     check_trace_fits(model, trace)  # before printing the steps: a trace too long for the model stops here
     print(trace.describe(max_steps=20))
     started = time.perf_counter()
-    result = step_saliency(model, trace, target=args.target, rule=args.rule, norm=args.norm,
-                           per_head=args.per_head, answer=args.answer, token_level=True,
-                           mode=args.mode)
+    options = SaliencyOptions.from_dict({"target": args.target, "rule": args.rule, "norm": args.norm,
+                                         "per_head": args.per_head, "answer": args.answer, "token_level": True,
+                                         "mode": args.mode})
+    result = step_saliency(model, trace, options=options)
     print(f"\nStep-Saliency ({args.rule}, target {result.target}) in {time.perf_counter() - started:.1f} s")
     metrics = result.metrics()
     print("\nper-layer measures (row-normalised maps):")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
-from .options import NORMS, TARGET_NAMES
+from .options import MODES, NORMS, RULES, TARGET_NAMES, SaliencyOptions
 
 REASONER = "smollm2-135m-reasoner"
 
@@ -40,6 +40,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     add_problem_arguments(s, k_default=0)
     s.add_argument("--target", default="all", choices=[t for t in TARGET_NAMES if t != "answer"])  # no --answer
     s.add_argument("--norm", default="causal", choices=NORMS)
+    s.add_argument("--rule", default="ag", choices=RULES)
+    s.add_argument("--mode", default="auto", choices=MODES, help="Step-Saliency's backward pass (see stepsal analyze)")
     s.add_argument("--out", default="stepsal-study", help="folder: samples/, correct/, wrong/, report.html")
     s.set_defaults(func=study_command)
 
@@ -111,8 +113,9 @@ def study_command(args: argparse.Namespace) -> int:
     problems = _problems(args)
     model = load_for_cli(args)
     result = run_study(model, problems, out=out, k=args.k, greedy=not args.no_greedy, temperature=args.temperature,
-                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, target=args.target,
-                       norm=args.norm)
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       saliency=SaliencyOptions.from_dict({"target": args.target, "norm": args.norm, "rule": args.rule,
+                                                           "mode": args.mode}))
     print(result.samples.summary().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(repr(result))
     if result.comparison is not None:

@@ -35,7 +35,7 @@ from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError,
 from .blockwise_layers import blockwise_attention_layers, blockwise_problem, final_residual, logits_from_residual
 from .backends import TransformerLensAdapter, transformerlens_adapter
 from .hookpoints import forward_kwargs, hook_name, hooks_attached, model_label
-from .options import MODES, RULES, Mode, SaliencyOptions
+from .options import MODES, RULES, TARGET_NAMES, Mode, SaliencyOptions
 from .pooling import NORMS, normalize, pool
 from .segments import SUMMARY
 from .sites import attention_sites
@@ -83,6 +83,7 @@ class StepSaliency:
     head_sums: Float[Tensor, "layer head step_q step_k"] | None = None
     token_sums: Float[Tensor, "layer step_q token"] | None = None  # with token_level=True
     token_texts: list[str] | None = None  # the scored tokens' texts, for views
+    options: SaliencyOptions | None = field(default=None, repr=False)  # the settings (None: a callable target, loaded)
     _members: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -123,6 +124,7 @@ class StepSaliency:
                 tensors[name] = getattr(self, name).contiguous()
         meta = {"layers": self.layers, "norm": self.norm, "rule": self.rule, "target": self.target,
                 "model": self.model, "layout": self.layout.to_dict(), "token_texts": self.token_texts}
+        meta["options"] = None if self.options is None else self.options.to_dict()
         save_file(tensors, str(path), metadata={"stepsal": json.dumps(meta)})
         return path
 
@@ -136,7 +138,7 @@ class StepSaliency:
         return cls(sums=tensors["sums"], layout=StepLayout.from_dict(meta["layout"]), layers=meta["layers"],
                    norm=meta["norm"], rule=meta["rule"], target=meta["target"], model=meta["model"],
                    head_sums=tensors.get("head_sums"), token_sums=tensors.get("token_sums"),
-                   token_texts=meta.get("token_texts"))
+                   token_texts=meta.get("token_texts"), options=_loaded_options(meta.get("options")))
 
     # ------------------------------------------------------------ views (stepsal.vis)
 
@@ -599,7 +601,14 @@ def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: st
                         target=description, model=adapter.label,
                         head_sums=None if pooler.head_sums is None else pooler.head_sums.cpu(),
                         token_sums=None if pooler.token_sums is None else pooler.token_sums.cpu(),
-                        token_texts=[trace.text[start:end] for start, end in trace.offsets])
+                        token_texts=[trace.text[start:end] for start, end in trace.offsets], options=options)
+
+
+def _loaded_options(data: dict[str, Any] | None) -> SaliencyOptions | None:
+    """Saved settings; a callable target was saved by name only, so those come back as None."""
+    if data is None or not (isinstance(data["target"], int) or data["target"] in TARGET_NAMES):
+        return None
+    return SaliencyOptions.from_dict(data)
 
 
 def _merged_options(options: SaliencyOptions | None, settings: dict[str, Any]) -> SaliencyOptions:

@@ -262,3 +262,15 @@ def test_saliency_options_as_one_object(tl_models, trace):
     with pytest.raises(stepsal.StepsalError, match="unknown normalisation"):
         SaliencyOptions.from_dict({"norm": "softmax"})
     assert SaliencyOptions.from_dict(options.to_dict()) == options
+
+
+def test_results_keep_their_options_through_save_and_load(tl_models, trace, tmp_path):
+    from stepsal.options import SaliencyOptions
+
+    model = tl_models[("llama", "bridge")]
+    result = step_saliency(model, trace, target="summary", norm="row", layers=[1])
+    assert result.options == SaliencyOptions(target="summary", norm="row", layers=(1,))
+    assert StepSaliency.load(result.save(tmp_path / "r.safetensors")).options == result.options
+    custom = step_saliency(model, trace, target=lambda logits: logits[-1, 3], layers=[1])
+    assert custom.options is not None and callable(custom.options.target)
+    assert StepSaliency.load(custom.save(tmp_path / "c.safetensors")).options is None  # a callable is not saved

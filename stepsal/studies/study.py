@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from tqdm.auto import tqdm
 
 from ..model_types import Model
-from ..errors import StepsalWarning
+from ..errors import StepsalError, StepsalWarning
+from ..options import SaliencyOptions
 from ..storage import read_json, write_json
 from ..vis.figures import plot_group_points
 from ..vis.html import frames_html
@@ -123,8 +124,17 @@ def _trace_of(row: dict, model: Model, min_thinking_steps: int):
 def run_study(model: Model, problems: Sequence[Any], *, out: str | Path, k: int = 0, greedy: bool = True,
               temperature: float = R1_SAMPLING["temperature"], top_p: float = R1_SAMPLING["top_p"],
               max_new_tokens: int = 256, seed: int = 0, target: str = "all", norm: str = "causal",
-              min_thinking_steps: int = 2, progress: bool = True) -> StudyResult:
-    """Generate, label, analyse and compare (see the module docstring). Rerunning resumes."""
+              min_thinking_steps: int = 2, progress: bool = True,
+              saliency: SaliencyOptions | None = None) -> StudyResult:
+    """Generate, label, analyse and compare (see the module docstring). Rerunning resumes.
+
+    ``saliency``: every Step-Saliency setting (:class:`stepsal.SaliencyOptions`); ``target`` and
+    ``norm`` are shorthands for the two most used ones (pass one or the other). Saved results are
+    reused only when they were computed with the same settings."""
+    if saliency is None:
+        saliency = SaliencyOptions.from_dict({"target": target, "norm": norm})
+    elif (target, norm) != ("all", "causal"):
+        raise StepsalError("run_study got saliency= and target=/norm= too: put them in the SaliencyOptions.")
     from ..metrics import compare_groups
     from ..saliency import StepSaliency, step_saliency
     from .report import report_from_folder
@@ -146,14 +156,16 @@ def run_study(model: Model, problems: Sequence[Any], *, out: str | Path, k: int 
         group = "correct" if row["correct"] else "wrong"
         path = folder / group / f"{row['problem']}.{row['mode']}.{row['sample']}.safetensors"
         if path.exists():
-            groups[group].append(StepSaliency.load(path))
-            continue
+            saved = StepSaliency.load(path)
+            if saved.options == saliency:
+                groups[group].append(saved)
+                continue
         try:
             trace = _trace_of(row, model, min_thinking_steps)
         except ValueError as error:  # TraceFormatError: too few steps, no summary, ...
             skipped[str(error).split(":")[0][:80]] += 1
             continue
-        result = step_saliency(model, trace, target=target, norm=norm)
+        result = step_saliency(model, trace, options=saliency)
         path.parent.mkdir(parents=True, exist_ok=True)
         result.save(path)
         groups[group].append(result)
