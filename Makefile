@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export WANDB_MODE=disabled
 
-.PHONY: chromium venv venv-tl4 demo test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
+.PHONY: chromium venv venv-tl4 demo lint test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
 
 venv: $(STAMP)
 
@@ -49,10 +49,18 @@ chromium:
 demo: venv
 	$(VENV)/bin/stepsal analyze --example --out stepsal-out
 
-# both stacks: the pinned one (TransformerLens 3.9, both backends), then TransformerLens 4.x (bridge)
+# ruff (stepsal, tests, benchmarks, training, notebooks/build_notebooks.py) and basedpyright (stepsal, basic
+# mode), both configured in pyproject.toml; ~20 s. The type check runs on the pinned stack only: TransformerLens
+# 4.x has no HookedTransformer nor transformer_lens.loading_from_pretrained (HookedTransformer's loader, which
+# stepsal imports where it exists), so there it reports that import as missing.
+lint: venv
+	$(VENV)/bin/ruff check --no-cache
+	$(VENV)/bin/basedpyright --pythonpath $(PY)
+
+# both stacks: the pinned one (TransformerLens 3.9, both backends, after lint), then TransformerLens 4.x (bridge)
 test: test-pinned test-tl4
 
-test-pinned: venv chromium
+test-pinned: lint venv chromium
 	$(PY) -m pytest -q --durations=10
 
 test-tl4: venv-tl4 chromium

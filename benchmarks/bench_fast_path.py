@@ -22,10 +22,10 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_generate import interleaved_rates  # noqa: E402
+from bench_generate import interleaved_rates
 
 
 def main() -> None:
@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="wrap the forward in torch.compile(dynamic=True)")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     args = parser.parse_args()
-    import stepsal
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import stepsal
     from stepsal.embedded import embedded_folder
 
     folder = embedded_folder("smollm2-135m-reasoner")
@@ -56,13 +56,15 @@ def main() -> None:
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         common = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                       pad_token_id=tokenizer.pad_token_id or 0)
+        # this batch's inputs bound as defaults: each run is called within this iteration only
         runs = {
-            "transformers": lambda: model.generate(**encoded, **common),
-            "transformers static cache": lambda: model.generate(**encoded, **common, cache_implementation="static"),
-            "stepsal fast path": lambda: stepsal.generate(model, messages, None, max_new_tokens=args.tokens,
-                                                          stop_at_eos=False, tokenizer=tokenizer),
-            "stepsal fast path+StepFlow": lambda: stepsal.generate(model, messages, flow, max_new_tokens=args.tokens,
-                                                                   stop_at_eos=False, tokenizer=tokenizer),
+            "transformers": lambda encoded=encoded, common=common: model.generate(**encoded, **common),
+            "transformers static cache": lambda encoded=encoded, common=common: model.generate(
+                **encoded, **common, cache_implementation="static"),
+            "stepsal fast path": lambda messages=messages: stepsal.generate(
+                model, messages, None, max_new_tokens=args.tokens, stop_at_eos=False, tokenizer=tokenizer),
+            "stepsal fast path+StepFlow": lambda messages=messages: stepsal.generate(
+                model, messages, flow, max_new_tokens=args.tokens, stop_at_eos=False, tokenizer=tokenizer),
         }
         if args.compile:
             runs.pop("transformers static cache")

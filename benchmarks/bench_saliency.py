@@ -28,15 +28,15 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-
+import torch
 
 LONG_CONTEXT = 32768  # positions the long-trace runs allow (SmolLM2's own config says 8192)
 
 
 def random_model(n_layers: int):
-    import stepsal
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import stepsal
     from stepsal.embedded import embedded_folder
 
     folder = embedded_folder("smollm2-135m")
@@ -51,8 +51,9 @@ def random_model(n_layers: int):
 def smollm2_long_context():
     """The real SmolLM2-135M-Instruct with its context raised to LONG_CONTEXT (rotary extends; the
     outputs past 8192 tokens are extrapolation, which does not change cost)."""
-    import stepsal
     from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import stepsal
     from stepsal.embedded import embedded_folder
 
     folder = embedded_folder("smollm2-135m")
@@ -73,8 +74,9 @@ def synthetic_trace(model, n_tokens: int, n_steps: int = 40):
 
 
 def run_once(kind: str, model, trace) -> None:
-    import stepsal
     import torch.nn.functional as F
+
+    import stepsal
 
     tokens = trace.tokens[None]
     if kind == "fb_params":

@@ -17,11 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-import stepsal  # noqa: E402
-from archs import ARCHITECTURES, make_arch_model  # noqa: E402
-from stepsal.blockwise_layers import blockwise_problem  # noqa: E402
-from stepsal.models import hooked_transformer_class  # noqa: E402
-from tiny import THINK_TRACE, make_tokenizer  # noqa: E402
+from archs import ARCHITECTURES, make_arch_model
+from tiny import THINK_TRACE, make_tokenizer
+
+import stepsal
+from stepsal.blockwise_layers import blockwise_problem
+from stepsal.models import hooked_transformer_class
 
 
 def relative(a, b) -> float:

@@ -34,7 +34,7 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -160,11 +160,11 @@ def bench_saliency(bench: Bench, model, hf_sdpa, lengths: list[int]) -> None:
                 continue
             row = {"T": n_tokens, "kind": kind}
             try:
-                row.update(bench.measure(lambda: fn(trace), repeats=2 if n_tokens <= 8192 else 1))
+                row.update(bench.measure(lambda fn=fn, trace=trace: fn(trace), repeats=2 if n_tokens <= 8192 else 1))
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
                 failed.add(kind)
-            except Exception as error:  # recorded, not fatal: the rest still runs
+            except Exception as error:  # noqa: BLE001 - recorded, not fatal: the rest still runs
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
                 failed.add(kind)
             if bench.device.type == "cuda":
@@ -181,19 +181,21 @@ def bench_decoding(bench: Bench, hf_by_attn: dict, model, tokenizer, n_new: int,
     flow = stepsal.StepFlow()
     for batch in batches:
         prompt = torch.tensor([ids] * batch, device=bench.device)
-        runs = {f"transformers {attn}": (lambda hf=hf: hf.generate(
+        # this batch's prompt bound as a default: each run is called within this iteration only
+        runs = {f"transformers {attn}": (lambda hf=hf, prompt=prompt: hf.generate(
                     prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, min_new_tokens=n_new,
                     do_sample=False, pad_token_id=0))
                 for attn, hf in hf_by_attn.items()}
-        runs["stepsal bridge"] = lambda: stepsal.generate(model, prompt.cpu(), None, max_new_tokens=n_new,
-                                                          stop_at_eos=False)
-        runs["stepsal bridge + StepFlow"] = lambda: stepsal.generate(model, prompt.cpu(), flow,
-                                                                     max_new_tokens=n_new, stop_at_eos=False)
+        runs["stepsal bridge"] = lambda prompt=prompt: stepsal.generate(model, prompt.cpu(), None,
+                                                                        max_new_tokens=n_new, stop_at_eos=False)
+        runs["stepsal bridge + StepFlow"] = lambda prompt=prompt: stepsal.generate(model, prompt.cpu(), flow,
+                                                                                   max_new_tokens=n_new,
+                                                                                   stop_at_eos=False)
         fast = hf_by_attn["sdpa"]  # the transformers fast path (plain model, no TransformerLens)
-        runs["stepsal fast path"] = lambda: stepsal.generate(fast, prompt.cpu(), None, max_new_tokens=n_new,
-                                                             stop_at_eos=False, tokenizer=tokenizer)
-        runs["stepsal fast path + StepFlow"] = lambda: stepsal.generate(fast, prompt.cpu(), flow, max_new_tokens=n_new,
-                                                                        stop_at_eos=False, tokenizer=tokenizer)
+        runs["stepsal fast path"] = lambda fast=fast, prompt=prompt: stepsal.generate(
+            fast, prompt.cpu(), None, max_new_tokens=n_new, stop_at_eos=False, tokenizer=tokenizer)
+        runs["stepsal fast path + StepFlow"] = lambda fast=fast, prompt=prompt: stepsal.generate(
+            fast, prompt.cpu(), flow, max_new_tokens=n_new, stop_at_eos=False, tokenizer=tokenizer)
         if bench.left() < 60:
             break
         for fn in runs.values():  # warm-up
@@ -222,8 +224,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    import stepsal
     from tiny import make_tokenizer
+
+    import stepsal
 
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16

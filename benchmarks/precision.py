@@ -15,7 +15,7 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 
 def main() -> None:

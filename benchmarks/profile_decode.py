@@ -15,9 +15,9 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-import stepsal  # noqa: E402
+import stepsal
 
 N_TOKENS = 16
 

@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+import pandas
+
+from stepsal.saliency import StepSaliency
 from stepsal.studies.evaluate import load_samples
 
 
@@ -49,21 +52,15 @@ def main(eval_folder: str, study_folder: str | None = None) -> None:
         print(f"traces: {study['traces']}, not studied: {study['skipped']}, "
               f"descriptive only: {study['descriptive_only']}\n")
         if study["comparison"]:
-            import pandas
-
             print(markdown(pandas.DataFrame(study["comparison"])))
             print("\n## Correct vs wrong at the same number of steps (per-trace means; n correct / wrong)\n")
             print(markdown(by_steps_table(Path(study_folder), result)))
 
 
-def by_steps_table(folder: Path, result) -> "pandas.DataFrame":
+def by_steps_table(folder: Path, result) -> pandas.DataFrame:
     """Per number of steps in the problem: each per-trace measure's mean in correct and wrong traces, so
     that a difference is not only the harder problems' longer traces."""
-    import pandas
-
-    from stepsal.saliency import StepSaliency
-
-    steps = dict(zip(result.frame["problem"], result.frame["steps"]))
+    steps = dict(zip(result.frame["problem"], result.frame["steps"], strict=True))
     rows = []
     for group in ("correct", "wrong"):
         for path in sorted((folder / group).glob("*.safetensors")):

@@ -33,25 +33,39 @@ _PUBLIC = {
 
 if TYPE_CHECKING:  # the same names from the same modules, for type checkers and IDEs (at run time: on first use)
     # `name as name`: an explicit re-export, which type checkers honour in a typed package
+    from .backends import ModelAdapter as ModelAdapter, adapter_for as adapter_for
     from .embedded import embedded_folder as embedded_folder
     from .errors import (
-        ArgumentTypeError as ArgumentTypeError, HookPointError as HookPointError,
-        ModelMismatchError as ModelMismatchError, ModelNotFoundError as ModelNotFoundError,
-        NoGradientError as NoGradientError, NonFiniteGradientError as NonFiniteGradientError,
-        OptionError as OptionError, ResultsNotFoundError as ResultsNotFoundError, StepsalError as StepsalError,
-        StepsalWarning as StepsalWarning, TraceFormatError as TraceFormatError,
-        UnsupportedModelError as UnsupportedModelError)
+        ArgumentTypeError as ArgumentTypeError,
+        HookPointError as HookPointError,
+        ModelMismatchError as ModelMismatchError,
+        ModelNotFoundError as ModelNotFoundError,
+        NoGradientError as NoGradientError,
+        NonFiniteGradientError as NonFiniteGradientError,
+        OptionError as OptionError,
+        ResultsNotFoundError as ResultsNotFoundError,
+        StepsalError as StepsalError,
+        StepsalWarning as StepsalWarning,
+        TraceFormatError as TraceFormatError,
+        UnsupportedModelError as UnsupportedModelError,
+    )
     from .formats import FORMATS as FORMATS, TraceFormat as TraceFormat, custom_format as custom_format
     from .generation import Generation as Generation, generate as generate
     from .metrics import (
-        GroupComparison as GroupComparison, LayerMetrics as LayerMetrics, compare_groups as compare_groups,
-        layer_metrics as layer_metrics)
-    from .backends import ModelAdapter as ModelAdapter, adapter_for as adapter_for
+        GroupComparison as GroupComparison,
+        LayerMetrics as LayerMetrics,
+        compare_groups as compare_groups,
+        layer_metrics as layer_metrics,
+    )
     from .models import load_model as load_model
     from .options import SaliencyOptions as SaliencyOptions
     from .saliency import StepSaliency as StepSaliency, step_saliency as step_saliency
     from .stepflow import (
-        FlowEffect as FlowEffect, FlowStats as FlowStats, StepFlow as StepFlow, saliency_change as saliency_change)
+        FlowEffect as FlowEffect,
+        FlowStats as FlowStats,
+        StepFlow as StepFlow,
+        saliency_change as saliency_change,
+    )
     from .studies.evaluate import EvalResult as EvalResult, evaluate as evaluate, load_samples as load_samples
     from .studies.knockout import knockout as knockout
     from .studies.report import report_from_folder as report_from_folder
@@ -60,11 +74,16 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     from .tasks.answers import extract_answer as extract_answer, is_correct as is_correct, pass_at_k as pass_at_k
     from .tasks.problems import WordProblem as WordProblem, load_problems as load_problems
     from .traces import (
-        QUESTION as QUESTION, SUMMARY as SUMMARY, Step as Step, StepLayout as StepLayout, THINKING as THINKING,
-        Trace as Trace)
+        QUESTION as QUESTION,
+        SUMMARY as SUMMARY,
+        THINKING as THINKING,
+        Step as Step,
+        StepLayout as StepLayout,
+        Trace as Trace,
+    )
     from .vis.report import write_report as write_report
 
-__all__ = sorted(_PUBLIC)
+__all__ = sorted(_PUBLIC)  # pyright: ignore[reportUnsupportedDunderAll]  (one list of names: _PUBLIC)
 __version__ = "0.1.0"
 
 

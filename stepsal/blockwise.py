@@ -11,8 +11,8 @@ an ``observer`` can pool attention x gradient there, in memory linear in T.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from jaxtyping import Float

@@ -15,20 +15,21 @@ input through it once per model and compares the logits with the model's own (ca
 from __future__ import annotations
 
 import weakref
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model_types import TLModel
 from .backends.attention import routed_attention
-from .hookpoints import backend_of, first_device, forward_kwargs, hook_name, hooks_attached
 from .blockwise import AttentionSpec, Observer, blockwise_attention
 from .errors import UnsupportedModelError
+from .hookpoints import backend_of, first_device, forward_kwargs, hook_name, hooks_attached, original_model
+from .model_types import TLModel
 from .models import LOGIT_TOLERANCE
 from .sites import attention_sites, probe_ids, probe_logits
 
@@ -113,12 +114,12 @@ def blockwise_attention_layers(model: TLModel, observers: dict[int, Observer] | 
     with ExitStack() as stack:
         if backend_of(model) == "hooked":
             for layer, block in enumerate(model.blocks):
-                attn = block.attn
-                attn.__dict__["forward"] = lambda *a, _attn=attn, _obs=observers.get(layer), **kw: \
+                attn, observer = block.attn, observers.get(layer)
+                vars(attn)["forward"] = lambda *a, _attn=attn, _obs=observer, **kw: \
                     _hooked_forward(_attn, _obs, *a, **kw)
-                stack.callback(attn.__dict__.pop, "forward", None)
+                stack.callback(vars(attn).pop, "forward", None)
         else:  # the kernel masks by position itself
-            routes, configs = {}, [model.original_model.config]  # the mask is built from the outer config
+            routes, configs = {}, [original_model(model).config]  # the mask is built from the outer config
             for layer, block in enumerate(model.blocks):
                 component = getattr(block, "attn", None)
                 if component is None:  # hybrid models: a layer without softmax attention
@@ -132,7 +133,7 @@ def blockwise_attention_layers(model: TLModel, observers: dict[int, Observer] | 
         yield
 
 
-def final_residual(model: TLModel, tokens: Tensor, hooks: list[tuple[str, Callable]] = ()) -> Tensor:
+def final_residual(model: TLModel, tokens: Tensor, hooks: Sequence[tuple[str, Callable]] = ()) -> Tensor:
     """The residual after the last block [T, d_model], without computing logits (``hooks``: more
     forward hooks for the same pass)."""
     store: dict[str, Tensor] = {}
@@ -141,11 +142,8 @@ def final_residual(model: TLModel, tokens: Tensor, hooks: list[tuple[str, Callab
         store["resid"] = x[0]
         raise _Stop
 
-    with hooks_attached(model, [*hooks, (hook_name(model.cfg.n_layers - 1, "resid_post"), stop)]):
-        try:
-            model(tokens[None], **forward_kwargs(model))
-        except _Stop:
-            pass
+    with hooks_attached(model, [*hooks, (hook_name(model.cfg.n_layers - 1, "resid_post"), stop)]), suppress(_Stop):
+        model(tokens[None], **forward_kwargs(model))
     return store["resid"]
 
 
@@ -154,13 +152,13 @@ def logits_from_residual(model: TLModel, resid: Tensor) -> Tensor:
     logits = model.unembed(model.ln_final(resid[None]))[0]
     cap = getattr(model.cfg, "output_logits_soft_cap", None)
     if backend_of(model) == "bridge":
-        cap = getattr(model.original_model.config.get_text_config(), "final_logit_softcapping", None)
+        cap = getattr(original_model(model).config.get_text_config(), "final_logit_softcapping", None)
     if cap and cap > 0:
         logits = cap * torch.tanh(logits / cap)
     return logits
 
 
-_PROBLEMS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+_PROBLEMS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
 
 
 def blockwise_problem(model: TLModel) -> str | None:

@@ -11,13 +11,15 @@ import time
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 from ._offline import apply_offline_defaults
 from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
 from .cli_studies import add_study_parsers
+from .errors import StepsalWarning
 from .formats import FORMATS
-from .sentences import too_few_steps
 from .options import BACKENDS, DTYPE_NAMES, MODES, NORMS, RULES, SWEEP_METRICS, TARGET_NAMES, SaliencyOptions
+from .sentences import too_few_steps
 
 
 def example_trace_text() -> str:
@@ -46,7 +48,7 @@ def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", a
         raise CliError("--target answer needs --answer TEXT (the answer as written in the summary).")
     segmentation = segment_text(text, fmt)
     summary = segmentation.markers[1]
-    if target == "answer" and (summary is None or answer not in text[summary[1]:]):
+    if target == "answer" and (summary is None or answer is None or answer not in text[summary[1]:]):
         raise CliError(f"--answer {answer!r} does not occur in the trace's summary; pass the answer as written there.")
     n_thinking = segmentation.step_segments.count(THINKING)
     if n_thinking < min_steps:
@@ -103,8 +105,8 @@ def parse_intervention(text: str):
             from .stepflow import StepFlow  # lazy: keeps --help torch-free
 
             def attach(layer: int, trace):
-                only = {"oeb_layers": [layer] if text == "oeb" else [], "smi_layers": [layer] if text == "smi" else []}
-                return StepFlow(**only).attached(model, trace)
+                return StepFlow(oeb_layers=[layer] if text == "oeb" else [],
+                                smi_layers=[layer] if text == "smi" else []).attached(model, trace)
             return attach
         return stepflow_part_at
     raise CliError(f"--intervention must be 'knockout:QUERIES:KEYS', 'oeb' or 'smi'; got {text!r}.")
@@ -158,10 +160,14 @@ def generate_command(args: argparse.Namespace) -> int:
     from . import StepFlow, generate  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
-    prompt = args.prompt
+    prompt: str = args.prompt
     if args.message:
-        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": args.message}], tokenize=False,
-                                                     add_generation_prompt=True)
+        tokenizer = model.tokenizer
+        if tokenizer is None:  # load_model always attaches one
+            raise CliError(f"--message needs the model's tokenizer (its chat template); {args.model} has none.")
+        # tokenize=False: the text (transformers types the return as text or ids)
+        prompt = cast(str, tokenizer.apply_chat_template([{"role": "user", "content": args.message}],
+                                                         tokenize=False, add_generation_prompt=True))
         if args.start_thinking and not prompt.rstrip().endswith("<think>"):  # R1-style templates open it already
             prompt += "<think>\n"
     flow = None
@@ -292,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a problem prints one line on stderr and returns 1 (``--debug``: the traceback)."""
     apply_offline_defaults()  # a program, not the library: offline for this process (before any hub import)
     args = build_parser().parse_args(argv)
-    from .errors import StepsalWarning
-
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StepsalWarning)
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stepsal {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - every error becomes one line unless --debug
+    except Exception as error:  # every error becomes one line unless --debug (which re-raises)
         if getattr(args, "debug", False):
             raise
         hint = "" if isinstance(error, EXPECTED) else " (an unexpected error: rerun with --debug for the traceback)"

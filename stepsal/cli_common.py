@@ -47,7 +47,7 @@ def load_for_cli(args: argparse.Namespace):
     from . import load_model  # lazy: keeps --help torch-free
 
     started = time.perf_counter()
-    from .embedded import EMBEDDED
+    from .embedded import EMBEDDED  # lazy: keeps --help torch-free
 
     if args.model.lower() not in EMBEDDED and not Path(args.model).is_dir():
         raise CliError(f"--model {args.model!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a folder "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
 from .options import MODES, NORMS, RULES, TARGET_NAMES, SaliencyOptions
+from .tasks.problems import load_problems
 
 REASONER = "smollm2-135m-reasoner"
 
@@ -47,8 +48,6 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
 
 
 def _problems(args: argparse.Namespace):
-    from .tasks.problems import load_problems
-
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be at least 1; got {args.limit}.")
     if args.problems and not Path(args.problems).is_file():

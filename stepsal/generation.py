@@ -9,27 +9,29 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
-from .errors import StepsalError, StepsalWarning, TraceFormatError
-from .formats import TraceFormat, get_format
 from .backends import Model, adapter_for
+from .errors import StepsalError, StepsalWarning, TraceFormatError
+from .formats import TraceFormat, get_format, prompt_thinking_from
 from .models import load_model
+from .segments import SUMMARY, THINKING
 from .stepflow.config import StepFlow
 from .stepflow.hooks import FlowRun, FlowStats
 from .stepflow.tracker import PhaseTracker
 from .traces import Trace
-from .segments import SUMMARY, THINKING
 from .vis.figures import plot_bars
 from .vis.html import generation_html
 from .vis.tables import records_frame
 
 if TYPE_CHECKING:
+    import pandas
     from matplotlib.figure import Figure
 
 Prompt = str | Sequence[dict] | Tensor
@@ -56,17 +58,17 @@ class Generation:
         return self.texts[0]
 
     def __repr__(self) -> str:
-        lengths = [len(t) - p for t, p in zip(self.tokens, self.prompt_lengths)]
+        lengths = [len(t) - p for t, p in zip(self.tokens, self.prompt_lengths, strict=True)]
         traced = sum(t is not None for t in self.traces)
         flow = f"; {self.stats!r}" if self.stats is not None else "; no StepFlow"
         return f"Generation({len(self.texts)} row(s), new tokens {lengths}, {traced} with a trace{flow})"
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per generated row: prompt and new tokens; where it has a trace, its thinking steps and
         the tokens of thinking and summary (else ``trace_error`` says why not); the generated text."""
         records = []
         for row, (text, tokens, start, trace, error) in enumerate(zip(
-                self.texts, self.tokens, self.prompt_lengths, self.traces, self.trace_errors)):
+                self.texts, self.tokens, self.prompt_lengths, self.traces, self.trace_errors, strict=True)):
             record = {"row": row, "prompt_tokens": start, "new_tokens": len(tokens) - start, "trace_error": error,
                       "text": text}
             if trace is not None:
@@ -84,7 +86,7 @@ class Generation:
 
     def _repr_html_(self) -> str:
         rows = [(repr(trace) if trace is not None else f"no trace: {error}", text)
-                for text, trace, error in zip(self.texts, self.traces, self.trace_errors)]
+                for text, trace, error in zip(self.texts, self.traces, self.trace_errors, strict=True)]
         frame = self.to_dataframe().drop(columns=["trace_error", "text"])
         return generation_html(repr(self), rows, self.stats._repr_html_() if self.stats is not None else "", frame)
 
@@ -108,8 +110,8 @@ def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[l
     if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
-    if isinstance(prompt, Sequence) and prompt:
-        return [ids for one in prompt for ids in _encode_prompts(tokenizer, one)]
+    if isinstance(prompt, Sequence) and prompt:  # a batch (chat messages returned above)
+        return [ids for one in cast("Sequence[Prompt]", prompt) for ids in _encode_prompts(tokenizer, one)]
     raise StepsalError("prompt must be text, chat messages (a list of {'role', 'content'}), token ids, "
                        "or a list of these for a batch; got an empty or unknown value.")
 
@@ -132,9 +134,10 @@ def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequence[Prompt], stepflow: StepFlow | None = None, *,
-             max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int | None = None, fmt: str | TraceFormat = "think", use_cache: bool = True,
+def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequence[Prompt],
+             stepflow: StepFlow | None = None, *, max_new_tokens: int = 256, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, fmt: str | TraceFormat = "think",
+             use_cache: bool = True,
              stop_at_eos: bool = True, marker_in_output: bool = False, tokenizer: Any = None) -> Generation:
     """Generate with the KV cache on and, optionally, StepFlow attached.
 
@@ -201,7 +204,8 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
         tracker.read_prompts(rows)  # markers the prompt only quotes (in code, or closed history) do not count
         for position in range(prompt_length):
             pads = [len(ids) < prompt_length - position for ids in rows]
-            ids = [r[position - (prompt_length - len(r))] if not pad else pad_id for r, pad in zip(rows, pads)]
+            ids = [r[position - (prompt_length - len(r))] if not pad else pad_id
+                   for r, pad in zip(rows, pads, strict=True)]
             run.label(tracker.push(ids, pads))
     generator = None  # made on the logits' device (the last GPU of a split model)
     decode = adapter.decode_step(batch, use_cache)
@@ -219,12 +223,12 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
             chosen = _sample(logits[:, -1], do_sample, temperature, top_p, generator)
             chosen_ids = chosen.tolist()  # the one host transfer per step
             pads = list(finished)
-            chosen_ids = [pad_id if pad else t for t, pad in zip(chosen_ids, pads)]
+            chosen_ids = [pad_id if pad else t for t, pad in zip(chosen_ids, pads, strict=True)]
             tokens = torch.cat([tokens, torch.tensor(chosen_ids, device=device)[:, None]], dim=1)
             mask = torch.cat([mask, torch.tensor([0 if p else 1 for p in pads], device=device)[:, None]], dim=1)
-            if run is not None:
+            if run is not None and tracker is not None:  # both or neither
                 run.label(tracker.push(chosen_ids, pads))
-            finished = [f or t in stop_ids for f, t in zip(finished, chosen_ids)]
+            finished = [f or t in stop_ids for f, t in zip(finished, chosen_ids, strict=True)]
             n_new = 1
             if all(finished):
                 break
@@ -235,8 +239,6 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
 
 def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
     """Why StepFlow changed nothing, in words (so that a zero table is not read as a result)."""
-    from .traces import THINKING
-
     reached = any(THINKING in segments for segments in run.host_segments())
     if not reached:
         return (f"StepFlow never acted: no row reached the thinking segment (marker /{fmt.thinking_start}/ never "
@@ -247,8 +249,6 @@ def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
 
 
 def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFormat) -> None:
-    from .formats import prompt_thinking_from
-
     for ids in rows:
         text = tokenizer.decode(ids)
         if prompt_thinking_from(text, fmt) == len(text):  # no open marker: none at all, in code, or closed

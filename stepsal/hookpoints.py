@@ -2,19 +2,22 @@
 
 The lowest layer under :mod:`stepsal.backends`: it imports no other stepsal module, so that probes
 (:mod:`stepsal.sites`), loading (:mod:`stepsal.models`) and the adapters can all build on it.
-``HookedTransformer`` is imported lazily so the package works where it does not exist (TL 4.x).
+stepsal imports TransformerLens on first use (here, and in the few functions that need more of it),
+never at module level: ``HookedTransformer`` does not exist in TL 4.x, and importing
+``transformer_lens`` patches huggingface_hub's config validation (``enable_hf_numeric_tower``), which
+importing stepsal should not do to a user's process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from .model_types import TLModel
 from .errors import HookPointError, UnsupportedModelError
+from .model_types import HFModel, TLModel
 
 HOOK_ROLES = {
     "pattern": "blocks.{layer}.attn.hook_pattern",
@@ -28,7 +31,7 @@ HookFn = Callable[[Any, Any], Any]
 
 def hooked_transformer_class() -> type | None:
     """``HookedTransformer`` where this TransformerLens has it, else None (TL 4.x)."""
-    try:
+    try:  # lazy: absent in TL 4.x, and importing transformer_lens patches huggingface_hub (module docstring)
         from transformer_lens import HookedTransformer
     except ImportError:
         return None
@@ -36,8 +39,16 @@ def hooked_transformer_class() -> type | None:
 
 
 def bridge_class() -> type:
-    from transformer_lens.model_bridge import TransformerBridge
+    """``TransformerBridge``, imported on first use (see the module docstring)."""
+    from transformer_lens.model_bridge import TransformerBridge  # lazy: patches huggingface_hub on import
+
     return TransformerBridge
+
+
+def original_model(model: TLModel) -> HFModel:
+    """The transformers model a TransformerBridge wraps (TransformerLens stores ``original_model`` in the
+    instance's ``__dict__``, so type checkers see only ``nn.Module.__getattr__``'s ``Tensor | Module``)."""
+    return cast("HFModel", model.original_model)
 
 
 def backend_of(model: TLModel) -> str:

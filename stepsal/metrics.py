@@ -16,8 +16,9 @@ per-trace values (never on flattened layers x samples) with bootstrap confidence
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,12 +27,14 @@ from torch import Tensor
 
 from .errors import StepsalError, StepsalWarning
 from .stats import bootstrap_indices, percentile_interval
+from .storage import floats, plain
 from .traces import QUESTION, SUMMARY, THINKING
 from .vis.figures import plot_group_curves, plot_layer_measures
 from .vis.html import frame_section, metrics_html
 from .vis.tables import comparison_frame, comparison_text, layer_frame, text_table, wide
 
 if TYPE_CHECKING:
+    import pandas
     from matplotlib.figure import Figure
 
 LAYER_MEASURES = ("local_share", "question_share", "summary_thinking_share", "summary_self_share", "recency")
@@ -74,7 +77,7 @@ class LayerMetrics:
             "decay": decay,
         }
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """Long format: one row per (layer, measure)."""
         return layer_frame(self.layers, {measure: getattr(self, measure) for measure in LAYER_MEASURES})
 
@@ -208,7 +211,7 @@ class GroupComparison:
         """A group has fewer than MIN_TRACES traces: the intervals describe, they support no claims."""
         return min((min(r.n_a, r.n_b) for r in self.rows), default=0) < MIN_TRACES
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per per-trace measure: group means, difference and Hedges' g with CIs."""
         return comparison_frame([vars(r) for r in self.rows], self.label_a, self.label_b, self.confidence,
                                 self.n_boot)
@@ -220,18 +223,14 @@ class GroupComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain values (lists for arrays; see :mod:`stepsal.storage` for NaN and inf)."""
-        from .storage import plain
-
         return plain({"label_a": self.label_a, "label_b": self.label_b, "rows": [vars(r) for r in self.rows],
                       "confidence": self.confidence, "n_boot": self.n_boot, "layer_diff": self.layer_diff,
                       "layer_diff_ci": self.layer_diff_ci, "layers": self.layers, "layer_mean": self.layer_mean,
                       "layer_mean_ci": self.layer_mean_ci})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GroupComparison":
+    def from_dict(cls, data: dict[str, Any]) -> GroupComparison:
         """The comparison :meth:`to_dict` described."""
-        from .storage import floats
-
         def arrays(by_measure: dict[str, Any]) -> dict[str, np.ndarray]:
             return {measure: np.array(floats(values), dtype=float) for measure, values in by_measure.items()}
 
@@ -286,19 +285,19 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
         dropped = len(a_all) - len(a) + len(b_all) - len(b)
         if len(a) < 2 or len(b) < 2:
             rows.append(Comparison(measure=measure, n_a=len(a), n_b=len(b), mean_a=float("nan"), mean_b=float("nan"),
-                                   diff=float("nan"), diff_ci=(float("nan"),) * 2, hedges_g=float("nan"),
-                                   g_ci=(float("nan"),) * 2, dropped=dropped))
+                                   diff=float("nan"), diff_ci=(float("nan"), float("nan")), hedges_g=float("nan"),
+                                   g_ci=(float("nan"), float("nan")), dropped=dropped))
             continue
         boot_a = a[bootstrap_indices(rng, len(a), n_boot)]
         boot_b = b[bootstrap_indices(rng, len(b), n_boot)]
         diffs = boot_b.mean(-1) - boot_a.mean(-1)
-        gs = hedges_g(boot_a, boot_b)
+        gs = np.asarray(hedges_g(boot_a, boot_b))  # an array here (batched): asarray only narrows the type
         gs = gs[np.isfinite(gs)]
         rows.append(Comparison(
             measure=measure, n_a=len(a), n_b=len(b), mean_a=float(a.mean()), mean_b=float(b.mean()),
             diff=float(b.mean() - a.mean()), diff_ci=tuple(percentile_interval(diffs, confidence).tolist()),
             hedges_g=float(hedges_g(a, b)),
-            g_ci=tuple(percentile_interval(gs, confidence).tolist()) if gs.size else (float("nan"),) * 2,
+            g_ci=tuple(percentile_interval(gs, confidence).tolist()) if gs.size else (float("nan"), float("nan")),
             dropped=dropped))
     result = GroupComparison(label_a=labels[0], label_b=labels[1], rows=rows, confidence=confidence, n_boot=n_boot)
     if all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b):

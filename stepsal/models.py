@@ -16,19 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ._offline import hub_offline
-from .hookpoints import (HOOK_ROLES, backend_of, bridge_class, first_device, forward_kwargs, hook_name,
-                         hooked_transformer_class, hooks_attached, model_label)
-from .model_types import HFModel, TLModel
+from .embedded import EMBEDDED, embedded_folder
 from .errors import ArgumentTypeError, ModelNotFoundError, StepsalError, UnsupportedModelError
+from .hookpoints import (
+    HOOK_ROLES,
+    backend_of,
+    bridge_class,
+    first_device,
+    forward_kwargs,
+    hook_name,
+    hooked_transformer_class,
+    hooks_attached,
+    model_label,
+)
+from .model_types import HFModel, TLModel
+from .options import BACKENDS
 from .sites import attention_sites, probe_ids, probe_logits
 
 # re-exported: the hook-level helpers used to live here
 __all__ = ["BACKENDS", "HOOK_ROLES", "LOGIT_TOLERANCE", "backend_of", "bridge_class", "context_length", "first_device",
            "forward_kwargs", "hook_name", "hooked_transformer_class", "hooks_attached", "load_model", "model_label",
            "resolve_backend"]
-from .options import BACKENDS
 
 # ---------------------------------------------------------------- loading
 
@@ -126,6 +137,7 @@ def _placement(backend: str, device: Any, n_devices: int, device_map: Any, sourc
         if device_map is not None or device is not None:
             raise StepsalError("pass n_devices, device_map or device, one of them.")
         if backend == "bridge":  # TransformerLens's own translation: "balanced" over the first N GPUs
+            # lazy: transformer_lens loads with the first model (importing it patches huggingface_hub)
             from transformer_lens.utilities.multi_gpu import resolve_device_map
 
             device_map, max_memory = resolve_device_map(n_devices, None, None)
@@ -202,13 +214,12 @@ def resolve_backend(backend: str | None) -> str:
 def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_download: bool,
                     placement: _Placement) -> tuple[Any, Any]:
     """The transformers model (eager attention) and its tokenizer, placed as ``placement`` says."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise StepsalError("an in-memory model needs its tokenizer: load_model(model, tokenizer).")
         # the bridge rewrites the model it is given; keep the caller's model intact
-        hf_model, tokenizer = copy.deepcopy(source).to(dtype).eval(), tokenizer
+        # transformers' decorated PreTrainedModel.to loses its self binding in the type checker
+        hf_model, tokenizer = copy.deepcopy(source).to(dtype).eval(), tokenizer  # pyright: ignore[reportArgumentType]
         hf_model.config._attn_implementation = "eager"
     elif not isinstance(source, (str, os.PathLike)):
         raise ArgumentTypeError(f"cannot load a model from {type(source).__name__}: pass a name, a folder or "
@@ -223,13 +234,12 @@ def _resolve_source(source: Any, tokenizer: Any, dtype: torch.dtype, allow_downl
                                                         local_files_only=local, **extra)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, local_files_only=local)
     if placement.device_map is None and placement.device is not None:
-        hf_model.to(placement.device)
+        # transformers' decorated PreTrainedModel.to loses its self binding in the type checker
+        hf_model.to(placement.device)  # pyright: ignore[reportArgumentType]
     return hf_model.eval(), tokenizer
 
 
 def _folder_of(name: str, allow_download: bool) -> str | Path:
-    from .embedded import EMBEDDED, embedded_folder
-
     if name.lower() in EMBEDDED:
         return embedded_folder(name.lower())
     if Path(name).is_dir():
@@ -248,8 +258,6 @@ def _tokenizer_with_name(tokenizer: Any) -> Any:
     """TransformerLens needs ``name_or_path``; give an in-memory tokenizer one by a save/reload."""
     if getattr(tokenizer, "name_or_path", ""):
         return tokenizer
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -278,6 +286,7 @@ def context_length(hf_config: Any) -> int | None:
 
 def _hooked_from_hf(hf_model: HFModel, tokenizer: Any, dtype: torch.dtype, placement: _Placement) -> Any:
     """HookedTransformer from an in-memory transformers model, never touching the hub."""
+    # lazy: this module exists in TransformerLens 3.x only (HookedTransformer's loader; removed in 4.x)
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
 
     config = copy.deepcopy(hf_model.config)
@@ -303,7 +312,9 @@ def _hooked_from_hf(hf_model: HFModel, tokenizer: Any, dtype: torch.dtype, place
     declared = context_length(hf_model.config)
     if cfg.positional_embedding_type == "rotary" and declared and declared > cfg.n_ctx:
         cfg.n_ctx = declared
-    model = hooked_transformer_class()(cfg, tokenizer=tokenizer, move_to_device=False)
+    hooked = hooked_transformer_class()
+    assert hooked is not None, "resolve_backend refuses 'hooked' where TransformerLens has no HookedTransformer"
+    model = hooked(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
     del state

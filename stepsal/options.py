@@ -86,7 +86,8 @@ class SaliencyOptions:
     @staticmethod
     def check(settings: dict[str, Any]) -> None:
         """Refuse unknown option names with the ones allowed (before a typed construction sees them)."""
-        for name, label, allowed in (("rule", "rule", RULES), ("norm", "normalisation", NORMS), ("mode", "mode", MODES)):
+        for name, label, allowed in (("rule", "rule", RULES), ("norm", "normalisation", NORMS),
+                                     ("mode", "mode", MODES)):
             if name in settings and settings[name] not in allowed:
                 raise OptionError(f"unknown {label} {settings[name]!r}: use one of {allowed}.")
         target = settings.get("target", "all")

@@ -12,7 +12,12 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelNotFoundError, StepsalError
 from .model_types import HFModel
@@ -42,15 +47,13 @@ def merge_lora(model: HFModel, tensors: dict[str, Any], scale: float) -> list[st
     Returns the merged module names; an adapter naming a module the model lacks, or with shapes that
     do not fit, is an error (a wrong base or a corrupt file), never a silent partial merge.
     """
-    import torch
-
     modules = dict(model.named_modules())
     names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
     for name in names:
         if name not in modules or lora_key(name, "A") not in tensors or lora_key(name, "B") not in tensors:
             raise StepsalError(f"the reasoner adapter names {name!r}, which this base model lacks or the "
                                "adapter file is incomplete; reinstall stepsal or rerun training/train_reasoner.py.")
-        weight = modules[name].weight
+        weight = cast(Tensor, modules[name].weight)  # a linear layer's (nn.Module attributes are untyped)
         a = tensors[lora_key(name, "A")].to(torch.float32)
         b = tensors[lora_key(name, "B")].to(torch.float32)
         if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
@@ -64,8 +67,6 @@ def merge_lora(model: HFModel, tensors: dict[str, Any], scale: float) -> list[st
 
 def read_adapter(folder: Path = DATA) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shipped adapter tensors and their metadata (rank, alpha, recorded check)."""
-    from safetensors.torch import load_file
-
     adapter, meta = folder / ADAPTER_FILE, folder / META_FILE
     if not adapter.exists() or not meta.exists():
         raise ModelNotFoundError(f"the reasoner adapter is missing from {folder}; reinstall stepsal or "
@@ -75,9 +76,6 @@ def read_adapter(folder: Path = DATA) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def build_reasoner(folder: Path, base_folder: Path, adapter_folder: Path = DATA) -> None:
     """Merge the adapter into the base, check the recorded log-probability, save (atomic rename)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tensors, meta = read_adapter(adapter_folder)
     print(f"stepsal: building the small reasoner from the embedded base into {folder} (one time, ~10 s)",
           file=sys.stderr)
@@ -98,8 +96,6 @@ def build_reasoner(folder: Path, base_folder: Path, adapter_folder: Path = DATA)
 def completion_logprob(model: HFModel, tokenizer: Any, prompt: str, completion: str) -> float:
     """Summed log-probability of ``completion`` after ``prompt`` (chat template applied), float64;
     ``model``: a transformers or TransformerLens model."""
-    import torch
-
     prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True)
     ids = tokenizer(prefix + completion, return_tensors="pt", add_special_tokens=False).input_ids

@@ -19,24 +19,28 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformers.cache_utils import Cache
 
-from .model_types import TLModel
-from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError, OptionError, StepsalError
-from .blockwise_layers import blockwise_attention_layers, blockwise_problem, final_residual, logits_from_residual
 from .backends import TransformerLensAdapter, transformerlens_adapter
+from .blockwise_layers import blockwise_attention_layers, blockwise_problem, final_residual, logits_from_residual
+from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError, OptionError, StepsalError
 from .hookpoints import forward_kwargs, hook_name, hooks_attached, model_label
-from .options import MODES, RULES, TARGET_NAMES, Mode, SaliencyOptions
-from .pooling import NORMS, normalize, pool
+from .metrics import LayerMetrics, layer_metrics, reference_measures as _reference_measures
+from .model_types import TLModel
+from .options import MODES, TARGET_NAMES, Mode, SaliencyOptions
+from .pooling import normalize, pool
 from .segments import SUMMARY
 from .sites import attention_sites
 from .targets import RowTarget, Target, make_target, row_target
@@ -49,7 +53,10 @@ from .vis.tables import saliency_frame, wide
 from .vis.widgets import colored_tokens_widget, step_maps_widget
 
 if TYPE_CHECKING:
+    import pandas
     from matplotlib.figure import Figure
+
+    from .vis.render import Widget
 
 
 def saliency_scores(pattern: Float[Tensor, "head query key"], grad: Float[Tensor, "head query key"],
@@ -105,15 +112,13 @@ class StepSaliency:
             raise StepsalError("per-head maps were not computed: call step_saliency(..., per_head=True).")
         return normalize(self.head_sums.double(), self.members, self.norm).float()
 
-    def metrics(self) -> "LayerMetrics":  # noqa: F821
+    def metrics(self) -> LayerMetrics:
         """Per-layer Shallow Lock-in and Deep Decay measures (METHOD.md section 5)."""
-        from .metrics import layer_metrics
         return layer_metrics(self)
 
     def reference_measures(self) -> dict[str, Float[Tensor, " layer"]]:
         """The paper's code's measures per layer (final/analysis block intensity, their ratio)."""
-        from .metrics import reference_measures
-        return reference_measures(self)
+        return _reference_measures(self)
 
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file: the sums as tensors, everything else as JSON metadata."""
@@ -129,9 +134,7 @@ class StepSaliency:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "StepSaliency":
-        from safetensors import safe_open
-
+    def load(cls, path: str | os.PathLike) -> StepSaliency:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads(handle.metadata()["stepsal"])
         tensors = load_file(str(path))
@@ -168,7 +171,7 @@ class StepSaliency:
         return torch.nan_to_num(received / torch.where(total > 0, total, 1)).T.float(), token_level
 
     def show(self, view: str = "maps", *, norm: str = "row", layer: int | None = None,
-             source: str | int = "summary") -> "Widget":  # noqa: F821
+             source: str | int = "summary") -> Widget:
         """A circuitsvis widget (offline): ``"maps"`` all layers' step maps (steps as tokens, layers
         as heads), ``"heads"`` per-head maps of ``layer`` (needs ``per_head=True``), ``"tokens"`` the
         trace's tokens coloured by the saliency they receive from ``source`` ("summary" or a step
@@ -186,7 +189,8 @@ class StepSaliency:
                 raise StepsalError(f"layer {layer} was not computed; this result has layers {self.layers}.")
             maps = normalize(self.head_sums[self.layers.index(layer)].double(), self.members, norm).float()
             heads = [f"L{layer}H{head}" for head in range(maps.shape[0])]
-            return step_maps_widget(maps, step_names(self.layout), heads, title=f"Layer {layer}, per head ({norm} norm)")
+            return step_maps_widget(maps, step_names(self.layout), heads,
+                                    title=f"Layer {layer}, per head ({norm} norm)")
         if view == "tokens":
             if self.token_texts is None:
                 raise StepsalError("this result has no token texts (saved by an older stepsal); recompute it.")
@@ -200,7 +204,7 @@ class StepSaliency:
         return plot_step_maps(self.normalized(norm), self.layers, self.layout, panels=layers,
                               title=maps_title(self.rule, norm, self.target), **kwargs)
 
-    def to_dataframe(self, norm: str | None = None) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self, norm: str | None = None) -> pandas.DataFrame:
         """Long format: one row per (layer, step_q, step_k) with the steps' kinds and the map value."""
         norm = norm or self.norm
         return saliency_frame(self.normalized(norm), self.layers, self.layout, norm=norm, rule=self.rule,
@@ -274,7 +278,7 @@ class _LayerPooler:
             queries = members[:, start:start + scores.shape[1]]
             keys = members[:, key_start:key_start + scores.shape[2]]
             mean_over_heads = scores.mean(0)
-            if self.per_head:
+            if self.head_sums is not None:  # per_head
                 self.head_sums[row] += (queries @ scores @ keys.transpose(0, 1)).to(self.sums.device)
             self.sums[row] += (queries @ mean_over_heads @ keys.transpose(0, 1)).to(self.sums.device)
             if self.token_sums is not None:
@@ -300,7 +304,7 @@ class _LayerPooler:
         scores = saliency_scores(pattern[0], grad[0], self.rule)  # [H, T, T], this layer only
         del pattern
         members = self._members_on(scores.device)
-        if self.per_head:
+        if self.head_sums is not None:  # per_head
             self.head_sums[row] = pool(scores.float(), members).to(self.sums.device)
             self.sums[row] = self.head_sums[row].mean(0)
         if not self.per_head or self.token_sums is not None:
@@ -354,8 +358,6 @@ def _backward_patterns(model: TLModel, tokens: Tensor, target_fn: Callable, pool
 
 def _strip_caches(value: Any) -> Any:
     """Drop KV-cache objects from captured block arguments (a recomputation must not append to them)."""
-    from transformers.cache_utils import Cache
-
     if isinstance(value, Cache):
         return None
     if isinstance(value, tuple):
@@ -562,7 +564,8 @@ def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: st
     settings = {"target": target, "rule": rule, "norm": norm, "per_head": per_head, "answer": answer,
                 "layers": layers, "mode": resolve_mode(mode, checkpoint), "token_level": token_level}
     options = _merged_options(options, settings)
-    target, rule, norm, per_head, answer = options.target, options.rule, options.norm, options.per_head, options.answer
+    target, rule, norm, per_head = options.target, options.rule, options.norm, options.per_head
+    answer = cast("str | tuple[int, int] | None", options.answer)  # SaliencyOptions keeps a span as a tuple
     token_level, layers = options.token_level, (None if options.layers is None else list(options.layers))
     adapter = transformerlens_adapter(model, "Step-Saliency")
     check_trace_fits(adapter, trace)
@@ -633,11 +636,11 @@ def check_trace_fits(model: TLModel | TransformerLensAdapter, trace: Trace) -> N
             f"the trace has {len(trace)} tokens ({trace.layout.n_steps} steps) but {adapter.label} has a context of "
             f"{n_ctx}. "
             "Shorten the trace (keep the question, the steps of interest and the summary).")
-    if trace.tokenizer_fingerprint and adapter.tokenizer is not None:
-        if trace.tokenizer_fingerprint != tokenizer_fingerprint(adapter.tokenizer):
-            raise ModelMismatchError(
-                "the trace was tokenised with a different tokenizer than the model's. Rebuild it "
-                "with Trace.from_text(text, model) using this model.")
+    if (trace.tokenizer_fingerprint and adapter.tokenizer is not None
+            and trace.tokenizer_fingerprint != tokenizer_fingerprint(adapter.tokenizer)):
+        raise ModelMismatchError(
+            "the trace was tokenised with a different tokenizer than the model's. Rebuild it "
+            "with Trace.from_text(text, model) using this model.")
     if int(trace.tokens.max()) >= adapter.vocab_size or int(trace.tokens.min()) < 0:
         raise ModelMismatchError(
             f"token ids reach {int(trace.tokens.max())} but the model's vocabulary has "

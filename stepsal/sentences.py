@@ -66,7 +66,8 @@ def too_few_steps(n_thinking: int, minimum: str, lower: str) -> str:
     it, e.g. "min_thinking_steps=2"; ``lower``: what to lower)."""
     return (f"the thinking segment has {n_thinking} step(s), fewer than {minimum}. Steps are sentences ending "
             f"in '. ' of at least {MIN_THINKING_CHARS} characters (CJK: 。！？ end sentences, each character "
-            f"counts twice); pass a longer trace, lower {lower}, or split sentences another way (sentence_end=<regex>).")
+            f"counts twice); pass a longer trace, lower {lower}, or split sentences another way "
+            "(sentence_end=<regex>).")
 
 
 class StepSplitter:

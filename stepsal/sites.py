@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model_types import TLModel
-from .hookpoints import first_device, forward_kwargs, hook_name, hooks_attached
 from .errors import UnsupportedModelError
+from .hookpoints import first_device, forward_kwargs, hook_name, hooks_attached
+from .model_types import TLModel
 
 PROBE_TOKENS = 13  # no head count or head size we know of equals it, so layouts are unambiguous
 
@@ -63,8 +63,8 @@ class AttentionSites:
                    "Use backend='hooked' if HookedTransformer supports the architecture."))
 
 
-_SITES: "weakref.WeakKeyDictionary[Any, AttentionSites]" = weakref.WeakKeyDictionary()
-_PROBE_LOGITS: "weakref.WeakKeyDictionary[Any, Tensor]" = weakref.WeakKeyDictionary()
+_SITES: weakref.WeakKeyDictionary[Any, AttentionSites] = weakref.WeakKeyDictionary()
+_PROBE_LOGITS: weakref.WeakKeyDictionary[Any, Tensor] = weakref.WeakKeyDictionary()
 
 
 def probe_ids(vocab_size: int) -> Tensor:
@@ -113,7 +113,7 @@ def attention_sites(model: TLModel) -> AttentionSites:
     _PROBE_LOGITS[model] = logits.detach().double().cpu()
     # connectivity, not magnitude: a discarded edit leaves its leaf out of the graph (None), while
     # a used one may still get an all-zero gradient in float16 (underflow through many layers)
-    ignored = tuple(layer for layer, grad in zip(leaves, grads) if grad is None)
+    ignored = tuple(layer for layer, grad in zip(leaves, grads, strict=True) if grad is None)
     layouts = {}
     for (layer, role), shape in shapes.items():
         if role == "v" and len(shape) == 4:

@@ -11,12 +11,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pandas
 
 from .errors import StepsalError
-
-if TYPE_CHECKING:
-    import pandas
 
 
 def plain(value: Any) -> Any:
@@ -50,10 +49,8 @@ def frame_to_json(frame: pandas.DataFrame) -> dict[str, Any]:
 
 def frame_from_json(data: dict[str, Any]) -> pandas.DataFrame:
     """The frame :func:`frame_to_json` wrote, with its dtypes."""
-    import pandas
-
     frame = pandas.DataFrame(data["rows"], columns=data["columns"])
-    for column, dtype in zip(data["columns"], data["dtypes"]):
+    for column, dtype in zip(data["columns"], data["dtypes"], strict=True):
         if str(frame[column].dtype) != dtype:
             frame[column] = frame[column].astype(dtype)
     return frame

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -47,6 +47,7 @@ def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | No
     if callable(target):
         return getattr(target, "__name__", "callable"), target
     rows = row_target(target, trace, answer)
+    assert rows is not None  # None only for a callable target, returned above
     if rows.token_id is not None:
         return f"logit[{rows.token_id}]@last", lambda logits: logits[-1, rows.token_id].float()
     tokens = trace.tokens

@@ -5,8 +5,9 @@ sentences (``\\.\\s+``, and the full stops of other scripts), the summary into p
 lines). A step ends after each kept piece (long enough, not a number or a table) and the text
 after it opens the next step, so short pieces are not dropped with their tokens: they join the step
 they start or lie in. Every token of a segment belongs to exactly one step. The rule lives in
-:mod:`stepsal.sentences`, which generation's tracker (:mod:`stepsal.stepflow.tracker`) calls too. Tokens are placed by their first non-whitespace character in
-the decoded text of the exact sequence that is scored (character offsets), never by re-tokenising pieces.
+:mod:`stepsal.sentences`, which generation's tracker (:mod:`stepsal.stepflow.tracker`) calls too.
+Tokens are placed by their first non-whitespace character in the decoded text of the exact sequence
+that is scored (character offsets), never by re-tokenising pieces.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import bisect
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int64
@@ -25,10 +27,20 @@ from torch import Tensor
 from .errors import ModelMismatchError, StepsalError, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
 from .segments import QUESTION, SEGMENT_NAMES, SUMMARY, THINKING
-from .sentences import (BLANK_LINE, SENTENCE_END, Keep, keep_summary_piece, keep_thinking_piece, step_starts,
-                        too_few_steps)
+from .sentences import (
+    BLANK_LINE,
+    SENTENCE_END,
+    Keep,
+    keep_summary_piece,
+    keep_thinking_piece,
+    step_starts,
+    too_few_steps,
+)
 from .vis.html import trace_html
 from .vis.widgets import segmentation_widget
+
+if TYPE_CHECKING:
+    from .vis.render import Widget
 
 __all__ = ["QUESTION", "SEGMENT_NAMES", "SUMMARY", "THINKING", "Step", "StepLayout", "Trace", "keep_thinking_piece",
            "segment_text"]
@@ -90,7 +102,7 @@ class StepLayout:
 
     @classmethod
     def from_token_step(cls, token_step: Sequence[int] | Tensor,
-                        step_segment: Sequence[int]) -> "StepLayout":
+                        step_segment: Sequence[int]) -> StepLayout:
         """A layout from a token -> step map (contiguous steps) and each step's segment."""
         token_step = torch.as_tensor(token_step, dtype=torch.long)
         steps = []
@@ -117,7 +129,7 @@ class StepLayout:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StepLayout":
+    def from_dict(cls, data: dict[str, Any]) -> StepLayout:
         steps = [Step(d["index"], d["segment"], tuple(d["char_span"]), tuple(d["token_span"]), d["text"])
                  for d in data["steps"]]
         token_step = torch.tensor(data["token_step"], dtype=torch.long)
@@ -198,7 +210,7 @@ def align_tokens(text: str, offsets: Sequence[tuple[int, int]], seg: Segmentatio
         raw.append(raw[-1] if blank and raw else bisect.bisect_right(seg.step_starts, token_anchor(text, span)) - 1)
     # anchors never decrease along the sequence, so each step's tokens form one run
     runs: list[list[int]] = []  # [nominal step, first token, last token, last character]
-    for t, (nominal, span) in enumerate(zip(raw, offsets)):
+    for t, (nominal, span) in enumerate(zip(raw, offsets, strict=True)):
         if runs and runs[-1][0] == nominal:
             runs[-1][2], runs[-1][3] = t, max(runs[-1][3], span[1])
         else:
@@ -274,15 +286,16 @@ class Trace:
 
     def marker_end_token(self, segment: int) -> int | None:
         """Position of the token that completes the marker opening THINKING or SUMMARY (None if absent)."""
-        if self.markers is None or self.markers[segment - 1] is None:
+        marker = None if self.markers is None else self.markers[segment - 1]
+        if marker is None:
             return None
-        last_char = self.markers[segment - 1][1] - 1
+        last_char = marker[1] - 1
         return next((t for t, (s, e) in enumerate(self.offsets) if s <= last_char < e), None)
 
     @classmethod
     def from_text(cls, text: str, model_or_tokenizer: Any, fmt: str | TraceFormat = "think", *,
                   add_special_tokens: bool = False, min_thinking_steps: int = 2,
-                  allow_missing_summary: bool = False, sentence_end: str | None = None) -> "Trace":
+                  allow_missing_summary: bool = False, sentence_end: str | None = None) -> Trace:
         """Tokenise ``text`` (chat template included, as generated) and segment it.
 
         ``sentence_end``: a regex ending thinking sentences, for traces the default rule does not
@@ -297,7 +310,7 @@ class Trace:
     def from_tokens(cls, tokens: Sequence[int] | Tensor, model_or_tokenizer: Any,
                     fmt: str | TraceFormat = "think", *, min_thinking_steps: int = 2,
                     allow_missing_summary: bool = False, sentence_end: str | None = None,
-                    prompt_length: int | None = None) -> "Trace":
+                    prompt_length: int | None = None) -> Trace:
         """Segment an exact token sequence (for example a generated one) via its decoded text.
 
         ``prompt_length``: the first tokens were the prompt; markers it only quotes or closes (chat
@@ -315,7 +328,7 @@ class Trace:
     @classmethod
     def _build(cls, text: str, ids: list[int], offsets: list[tuple[int, int]], tokenizer: Any,
                fmt: str | TraceFormat, min_thinking_steps: int, allow_missing_summary: bool,
-               sentence_end: str | None = None, thinking_from: int | None = None) -> "Trace":
+               sentence_end: str | None = None, thinking_from: int | None = None) -> Trace:
         fmt = get_format(fmt)
         if not ids:
             raise TraceFormatError("the trace has no tokens.")
@@ -342,7 +355,7 @@ class Trace:
     def _repr_html_(self) -> str:
         return trace_html(repr(self), self.layout)
 
-    def show(self) -> "Widget":  # noqa: F821
+    def show(self) -> Widget:
         """The segmentation as a circuitsvis widget: tokens coloured by step (no model needed)."""
         return segmentation_widget(self.text, self.offsets, self.layout)
 
@@ -370,7 +383,7 @@ class Trace:
                 "markers": self.markers}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Trace":
+    def from_dict(cls, data: dict[str, Any]) -> Trace:
         return cls(data["text"], torch.tensor(data["tokens"], dtype=torch.long),
                    [tuple(o) for o in data["offsets"]], StepLayout.from_dict(data["layout"]),
                    data["fmt"], data["tokenizer_fingerprint"], data["has_summary"],

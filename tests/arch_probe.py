@@ -48,7 +48,7 @@ def short_reason(error: Exception) -> str:
 def hf_token_saliency(hf_model, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """|A * dL/dA| per layer [L, T, T] from transformers' eager attentions (retain_grad), mean over heads."""
     out = hf_model(tokens[None], output_attentions=True)
-    attentions = dict(zip(_softmax_layers(hf_model.config), out.attentions))
+    attentions = dict(zip(_softmax_layers(hf_model.config), out.attentions, strict=False))
     for attention in attentions.values():
         attention.retain_grad()
     F.cross_entropy(out.logits[0, :-1], tokens[1:]).backward()

@@ -10,41 +10,40 @@ from jaxtyping import install_import_hook  # noqa: E402
 
 # every stepsal module is imported here, under the hook: jaxtyping shapes are checked at runtime
 with install_import_hook("stepsal", "beartype.beartype"):
-    import stepsal  # noqa: F401
-    import stepsal.cli  # noqa: F401
-    import stepsal.cli_studies  # noqa: F401
-    import stepsal.studies.study  # noqa: F401
-    import stepsal.studies.report  # noqa: F401
-    import stepsal.embedded  # noqa: F401
-    import stepsal.generation  # noqa: F401
-    import stepsal.vis.html  # noqa: F401
-    import stepsal.vis.labels  # noqa: F401
-    import stepsal.vis.render  # noqa: F401
-    import stepsal.vis.report  # noqa: F401
-    import stepsal.vis.tables  # noqa: F401
-    import stepsal.vis.widgets  # noqa: F401
-    import stepsal.metrics  # noqa: F401
-    import stepsal.pooling  # noqa: F401
-    import stepsal.saliency  # noqa: F401
-    import stepsal.sites  # noqa: F401
-    import stepsal.stepflow.check  # noqa: F401
-    import stepsal.studies.knockout  # noqa: F401
-    import stepsal.studies.sweep  # noqa: F401
-    import stepsal.studies.evaluate  # noqa: F401
-    import stepsal.tasks.problems  # noqa: F401
-    import stepsal.stepflow.config  # noqa: F401
-    import stepsal.stepflow.hooks  # noqa: F401
-    import stepsal.stepflow.oeb  # noqa: F401
-    import stepsal.stepflow.tracker  # noqa: F401
-    import stepsal.targets  # noqa: F401
-    import stepsal.tasks.answers  # noqa: F401
-    import stepsal.tasks.arithmetic  # noqa: F401
-    import stepsal.reasoner  # noqa: F401
-    import stepsal.traces  # noqa: F401
-    import stepsal.vis.figures  # noqa: F401
+    import stepsal
+    import stepsal.cli
+    import stepsal.cli_studies
+    import stepsal.embedded
+    import stepsal.generation
+    import stepsal.metrics
+    import stepsal.pooling
+    import stepsal.reasoner
+    import stepsal.saliency
+    import stepsal.sites
+    import stepsal.stepflow.check
+    import stepsal.stepflow.config
+    import stepsal.stepflow.hooks
+    import stepsal.stepflow.oeb
+    import stepsal.stepflow.tracker
+    import stepsal.studies.evaluate
+    import stepsal.studies.knockout
+    import stepsal.studies.report
+    import stepsal.studies.study
+    import stepsal.studies.sweep
+    import stepsal.targets
+    import stepsal.tasks.answers
+    import stepsal.tasks.arithmetic
+    import stepsal.tasks.problems
+    import stepsal.traces
+    import stepsal.vis.figures
+    import stepsal.vis.html
+    import stepsal.vis.labels
+    import stepsal.vis.render
+    import stepsal.vis.report
+    import stepsal.vis.tables
+    import stepsal.vis.widgets
 
 import pytest  # noqa: E402
-
 from tiny import make_hf_model, make_tokenizer  # noqa: E402
 
 from stepsal.models import hooked_transformer_class  # noqa: E402

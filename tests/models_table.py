@@ -26,7 +26,7 @@ def read_rows(text: str | None = None) -> dict[tuple[str, str, str], dict[str, s
     for line in body:
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         arch, _, stack, backend, *values = cells
-        rows[(arch.strip("`"), stack, backend)] = dict(zip(COLUMNS, values))
+        rows[(arch.strip("`"), stack, backend)] = dict(zip(COLUMNS, values, strict=False))
     return rows
 
 

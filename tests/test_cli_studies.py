@@ -3,9 +3,7 @@
 import json
 
 import pytest
-
 from conftest import pinned_stack_only
-
 from tiny import save_folder
 
 from stepsal.cli import main
@@ -101,12 +99,11 @@ def test_eval_under_accelerate_launch_splits_problems_across_ranks(chat_llama, p
     """`accelerate launch` with two CPU processes: each rank answers its share into its own file, and
     the merged samples equal a single-process run's."""
     import os
+    import socket
     import subprocess
     import sys
 
     from stepsal.studies.evaluate import load_samples
-
-    import socket
 
     common = ["eval", "--model", str(chat_llama), "--problems", str(problems), "--k", "2", "--max-new-tokens", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -115,8 +112,8 @@ def test_eval_under_accelerate_launch_splits_problems_across_ranks(chat_llama, p
         port = probe.getsockname()[1]
     # --multi_gpu: accelerate's torchrun launcher (its --cpu mode needs MPI); without GPUs each rank uses the CPU
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "stepsal.cli"]
+              "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "stepsal.cli"]
     done = subprocess.run([*launch, *common, "--out", str(tmp_path / "ranks")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-1500:]

@@ -11,8 +11,7 @@ import pandas
 import pytest
 
 import stepsal
-from stepsal.studies.evaluate import (EvalResult, _majority, evaluate, load_samples, parse_shard,
-                                      sign_flip_p_value)
+from stepsal.studies.evaluate import EvalResult, _majority, evaluate, load_samples, parse_shard, sign_flip_p_value
 from stepsal.tasks.problems import SHIPPED, load_problems
 
 

@@ -76,18 +76,15 @@ def test_knockout_works_with_saliency_and_cached_generation(tl_models, trace):
 
 def test_bad_knockouts_are_refused(tl_models, trace):
     model = tl_models[("llama", "bridge")]
-    with pytest.raises(StepsalError, match="would lose every key"):
-        with knockout(model, trace, "question", "question"):
-            pass
-    with pytest.raises(StepsalError, match="unknown group 'answer'"):
-        with knockout(model, trace, "answer", "question"):
-            pass
-    with pytest.raises(StepsalError, match="steps must be indices"):
-        with knockout(model, trace, [99], "question"):
-            pass
-    with pytest.raises(StepsalError, match="a token mask must have shape"):
-        with knockout(model, trace, torch.ones(3, dtype=torch.bool), "question"):
-            pass
+    with pytest.raises(StepsalError, match="would lose every key"), knockout(model, trace, "question", "question"):
+        pass
+    with pytest.raises(StepsalError, match="unknown group 'answer'"), knockout(model, trace, "answer", "question"):
+        pass
+    with pytest.raises(StepsalError, match="steps must be indices"), knockout(model, trace, [99], "question"):
+        pass
+    with (pytest.raises(StepsalError, match="a token mask must have shape"),
+          knockout(model, trace, torch.ones(3, dtype=torch.bool), "question")):
+        pass
 
 
 def test_layer_sweep_of_a_knockout_matches_running_each_layer_by_hand(tl_models, trace, tokenizer):

@@ -110,8 +110,8 @@ def test_reference_measures_equal_a_loop_over_block_normalised_entries(tl_models
     token_step = trace.layout.token_step.tolist()
     sizes = [token_step.count(s) for s in range(trace.layout.n_steps)]
     kinds = [s.kind for s in trace.layout.steps]
-    for i, layer in enumerate(result.layers):
-        def block_mean(kind):
+    for i in range(len(result.layers)):
+        def block_mean(kind, i=i):
             steps = [s for s, k in enumerate(kinds) if k == kind]
             values = [float(result.sums[i, a, b]) / (sizes[a] * sizes[b]) for a in steps for b in steps]
             return sum(values) / len(values)

@@ -172,6 +172,5 @@ def test_hooks_attached_runs_functions_in_order_and_cleans_up(tl_models, backend
     assert seen[0] == "first" and seen[1][0] == "second"
     assert seen[1][1] == pytest.approx(2 * float(plain["x"].abs().sum()), rel=1e-5)  # second saw first's output
     assert sum(len(h._forward_hooks) for h in model.hook_dict.values()) == 0
-    with pytest.raises(KeyError, match="no hook point"):
-        with hooks_attached(model, [("blocks.0.hook_nothing", first)]):
-            pass
+    with pytest.raises(KeyError, match="no hook point"), hooks_attached(model, [("blocks.0.hook_nothing", first)]):
+        pass

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import pinned_stack_only
 from nbclient import NotebookClient
 
@@ -15,7 +14,8 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 @pytest.mark.slow
 def test_step_saliency_notebook_runs_and_shows_the_maps():
     notebook = nbformat.read(NOTEBOOKS / "01_step_saliency.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     assert not [out for out in outputs if out.output_type == "error"]
     assert any("image/png" in out.get("data", {}) for out in outputs), "the step maps are drawn"
@@ -31,7 +31,8 @@ def test_step_saliency_notebook_runs_and_shows_the_maps():
 def run_notebook(name: str, folder) -> tuple[str, list]:
     """Execute a notebook in ``folder`` (it writes files there); its printed text and outputs."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    NotebookClient(notebook, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(folder)}}).execute()
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     assert not [out for out in outputs if out.output_type == "error"]
     printed = "".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
@@ -78,7 +79,8 @@ def test_notebooks_are_built_from_their_sources():
     spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOKS / "build_notebooks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for name, cells in [("01_step_saliency.ipynb", module.STEP_SALIENCY), ("02_layer_ablation.ipynb", module.LAYER_ABLATION),
+    for name, cells in [("01_step_saliency.ipynb", module.STEP_SALIENCY),
+                        ("02_layer_ablation.ipynb", module.LAYER_ABLATION),
                         ("03_stepflow.ipynb", module.STEPFLOW), ("04_correct_vs_wrong.ipynb", module.CORRECT_VS_WRONG)]:
         stored = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert [c.source for c in stored.cells] == [c.source for c in cells], name

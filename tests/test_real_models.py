@@ -164,7 +164,7 @@ def test_mla_values_are_read_head_first_and_smi_adds_exactly_their_mean(deepseek
     values = plain[v_name][0].transpose(0, 1)  # [pos, head, d_value]
     thinking = [s for s in trace.layout.steps if s.segment == THINKING]
     expected = torch.zeros_like(plain[name][0])
-    for previous, step in zip(thinking, thinking[1:]):
+    for previous, step in zip(thinking, thinking[1:], strict=False):
         mean = values[list(range(*previous.token_span))].mean(0)
         expected[step.token_span[0]] = alpha * torch.einsum("hd,hdm->m", mean, output_weights(model, layer))
     torch.testing.assert_close(steered[name][0] - plain[name][0], expected, atol=1e-5, rtol=1e-4)
@@ -173,9 +173,9 @@ def test_mla_values_are_read_head_first_and_smi_adds_exactly_their_mean(deepseek
 
 def test_mla_hook_z_site_is_refused_up_front(deepseek, tokenizer):
     trace = Trace.from_text(THINK_TRACE, tokenizer)
-    with pytest.raises(UnsupportedModelError, match="hook_z does not split heads.*smi_site='resid_post'"):
-        with StepFlow(smi_site="z").attached(deepseek, trace):
-            pass
+    with (pytest.raises(UnsupportedModelError, match="hook_z does not split heads.*smi_site='resid_post'"),
+          StepFlow(smi_site="z").attached(deepseek, trace)):
+        pass
 
 
 # ---------------------------------------------------------------- 6. hybrid linear attention
@@ -197,9 +197,9 @@ def test_hybrid_models_use_their_softmax_layers_and_refuse_the_others(qwen3_next
     with pytest.raises(UnsupportedModelError, match=r"layers \[1\] never fire hook_pattern.*Layers with a usable "
                                                     r"pattern: \[0, 3\]"):
         step_saliency(qwen3_next, trace, layers=[1, 3])
-    with pytest.raises(UnsupportedModelError, match=r"Odds-Equal Bridge.*layers \[2\] never fire"):
-        with StepFlow(oeb_layers=[2]).attached(qwen3_next, trace):
-            pass
+    with (pytest.raises(UnsupportedModelError, match=r"Odds-Equal Bridge.*layers \[2\] never fire"),
+          StepFlow(oeb_layers=[2]).attached(qwen3_next, trace)):
+        pass
     assert StepFlow().layers_for(qwen3_next) == ([0], [3])
 
 
@@ -227,7 +227,8 @@ def test_hybrid_bands_keep_their_attention_layers_and_alpha_zero_turns_smi_off(t
     assert StepFlow(oeb_layers=[3]).layers_for(model) == ([3], [7])
     assert StepFlow(oeb_layers=[3], alpha=0.0).layers_for(model) == ([3], [])
     assert "OEB layers [3]" in StepFlow(oeb_layers=[3]).describe(model)
-    with pytest.raises(UnsupportedModelError, match=r"default OEB band .* Choose oeb_layers / smi_layers among \[3, 7\]"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"default OEB band .* Choose oeb_layers / smi_layers among \[3, 7\]"):
         StepFlow().layers_for(model)  # bottom quarter = layers 0-1: Mamba only
     trace = Trace.from_text(THINK_TRACE, tokenizer)
     out = generate(model, trace.tokens[:60], StepFlow(oeb_layers=[3], tau_max=0.9), max_new_tokens=6,

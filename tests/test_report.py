@@ -12,8 +12,8 @@ import torch
 from tiny import THINK_TRACE
 
 import stepsal
-from stepsal.vis.render import Widget
 from stepsal.studies.report import report_from_folder
+from stepsal.vis.render import Widget
 from stepsal.vis.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -135,7 +135,8 @@ def test_dataframes_match_the_tensors(result):
     n = result.layout.n_steps
     assert len(frame) == len(result.layers) * n * n
     row = frame[(frame.layer == 1) & (frame.step_q == 5) & (frame.step_k == 2)].iloc[0]
-    assert row.value == pytest.approx(float(result.maps[1, 5, 2])) and (row.kind_q, row.kind_k) == ("summary", "thinking")
+    assert row.value == pytest.approx(float(result.maps[1, 5, 2]))
+    assert (row.kind_q, row.kind_k) == ("summary", "thinking")
     metrics = result.metrics()
     long = metrics.to_dataframe()
     assert float(long[(long.layer == 0) & (long.measure == "recency")].value.iloc[0]) == pytest.approx(

@@ -243,7 +243,7 @@ def test_study_result(study, tmp_path):
     assert loaded.skipped == study.skipped and loaded.folder == study.folder
     assert {g: len(r) for g, r in loaded.groups.items()} == {g: len(r) for g, r in study.groups.items()}
     for group, results in study.groups.items():
-        for a, b in zip(results, loaded.groups[group]):
+        for a, b in zip(results, loaded.groups[group], strict=True):
             assert_same_saliency(b, a)
     assert_same_comparison(loaded.comparison, study.comparison)
 
@@ -269,7 +269,7 @@ def test_the_type_checking_imports_match_the_lazy_table():
                  if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
     imported = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
                 for alias in node.names if alias.asname == alias.name}  # `X as X`: an explicit re-export
-    table = {name: module for name, module in stepsal._PUBLIC.items()}
+    table = dict(stepsal._PUBLIC)
     assert imported == table
     for name in ("GroupComparison", "FlowStats", "SweepResult", "EvalResult", "StudyResult", "Generation",
                  "FlowEffect", "LayerMetrics", "StepSaliency"):

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ARCHS, BACKENDS, needs_hooked
+from test_pooling import naive_maps
 from tiny import THINK_TRACE, make_hf_model
 
 import stepsal
 from stepsal import StepLayout, StepSaliency, Trace, step_saliency
 from stepsal.errors import ModelMismatchError, NonFiniteGradientError
-from test_pooling import naive_maps
 
 
 def hf_token_saliency(hf_model, tokens, target_fn, rule="ag"):

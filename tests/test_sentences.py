@@ -8,8 +8,7 @@ other scripts' stops, with token boundaries anywhere.
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import stepsal
 from stepsal.sentences import SENTENCE_END, StepSplitter, keep_thinking_piece, step_starts
@@ -101,7 +100,8 @@ def test_the_table_row_example_from_the_issue(tokenizer):
 FRAGMENTS = st.sampled_from([
     "we add", "the sum", " of two numbers", "then check", "12", "4.5", "-", "---", "|", " | ", "| a | b |",
     "|---|", "1.", "2)", "- item", "\n", "\n\n", " ", ". ", ".\n", ".", "。", "！", "？", "。。", "？！", "। ",
-    "我们先相加", "然后乘以三", "\n```\nx = 1. y = 2. Then z.\n```\n", "x = 1. y", "`code`", ", ", "so", "42.", " 7 ", "\t",
+    "我们先相加", "然后乘以三", "\n```\nx = 1. y = 2. Then z.\n```\n", "x = 1. y", "`code`", ", ", "so", "42.",
+    " 7 ", "\t",
 ])
 
 

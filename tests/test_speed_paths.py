@@ -26,7 +26,8 @@ CHECK = " Let me check the product again."
 LONG_TRACE = THINK_TRACE.replace(CHECK, CHECK * 12)
 
 
-@pytest.mark.parametrize("variant", [{}, {"softcap": 3.0}, {"window": 7}, {"sinks": True}, {"window": 5, "sinks": True}])
+@pytest.mark.parametrize("variant",
+                         [{}, {"softcap": 3.0}, {"window": 7}, {"sinks": True}, {"window": 5, "sinks": True}])
 def test_blockwise_kernel_equals_full_attention_and_its_gradients(variant):
     torch.manual_seed(0)
     n_heads, n_kv, n_tokens = 6, 2, 45
@@ -41,7 +42,7 @@ def test_blockwise_kernel_equals_full_attention_and_its_gradients(variant):
     expected = torch.autograd.grad(z_ref, (q, k, v), grad_z, retain_graph=True)
     (grad_pattern,) = torch.autograd.grad(z_ref, pattern, grad_z)
     assert torch.allclose(z, z_ref, atol=1e-5)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert sorted(blocks) == [0, 16, 32]
     for start, (key_start, weights, grads) in blocks.items():
@@ -143,7 +144,7 @@ def test_fast_path_generates_the_hook_paths_tokens_and_statistics(hf_models, tl_
     for prompts in (PROMPTS[0], PROMPTS):  # one row, and a left-padded batch
         hooked = generate(tl_models[(arch, "bridge")], prompts, flow, max_new_tokens=16)
         fast = generate(hf_models[arch], prompts, flow, max_new_tokens=16, tokenizer=tokenizer)
-        assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens))
+        assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens, strict=True))
         a, b = hooked.stats.to_dict(), fast.stats.to_dict()
         changed += a["oeb"][0]["changed"]
         injections += a["smi"][1]["injections"]
@@ -152,7 +153,8 @@ def test_fast_path_generates_the_hook_paths_tokens_and_statistics(hf_models, tl_
             for layer in a[part]:
                 for field in fields:
                     expected = b[part][layer][field]  # None where nothing was changed
-                    assert a[part][layer][field] == (expected if expected is None else pytest.approx(expected, rel=1e-5))
+                    assert a[part][layer][field] == (
+                        expected if expected is None else pytest.approx(expected, rel=1e-5))
     assert injections > 0 and changed > 0  # both parts acted
 
 
@@ -165,7 +167,7 @@ def test_fast_path_on_sinks_windows_softcapping_qk_norms_and_mla(arch, tokenizer
     fast_model = make_arch_model(arch, len(tokenizer))  # the same weights, never wrapped by a bridge
     hooked = generate(bridge, PROMPTS, flow, max_new_tokens=12)
     fast = generate(fast_model, PROMPTS, flow, max_new_tokens=12, tokenizer=tokenizer)
-    assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens))
+    assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens, strict=True))
     assert hooked.stats.oeb_changed.tolist() == fast.stats.oeb_changed.tolist()
     assert hooked.stats.smi_count.tolist() == fast.stats.smi_count.tolist()
     assert torch.allclose(hooked.stats.oeb_after, fast.stats.oeb_after, rtol=1e-4)
@@ -228,7 +230,7 @@ def test_fast_path_on_the_reasoner_equals_the_bridge():
     flow = StepFlow()
     hooked = generate(bridge, messages, flow, max_new_tokens=40)
     fast = generate(hf, messages, flow, max_new_tokens=40, tokenizer=tok)
-    assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens))
+    assert all(torch.equal(a, b) for a, b in zip(hooked.tokens, fast.tokens, strict=True))
     assert hooked.stats.oeb_changed.tolist() == fast.stats.oeb_changed.tolist()
     assert hooked.stats.smi_count.tolist() == fast.stats.smi_count.tolist()
     assert fast.stats.acted()

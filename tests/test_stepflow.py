@@ -138,7 +138,7 @@ def expected_momentum(model, trace, layer, window="step"):
     values = capture(model, [f"blocks.{layer}.attn.hook_v"], trace.tokens[None])[f"blocks.{layer}.attn.hook_v"][0]
     thinking = [s for s in trace.layout.steps if s.segment == THINKING]
     vectors = {}
-    for previous, step in zip(thinking, thinking[1:]):
+    for previous, step in zip(thinking, thinking[1:], strict=False):
         span = list(range(*previous.token_span))
         span = span if window == "step" else span[-window:]
         mean = values[span].mean(0)  # [kv_head, d_head]
@@ -394,7 +394,7 @@ def test_oeb_during_cached_generation_on_prefill_and_decode_rows(tl_models, back
     assert [p.shape[2] for p in patterns] == [out.prompt_lengths[0]] + [1] * 5
     cache = torch.cat(values, dim=1)  # every position's values, in order
     n_changed = 0
-    for pattern, z in zip(patterns, outputs):
+    for pattern, z in zip(patterns, outputs, strict=True):
         q, k = pattern.shape[2], pattern.shape[3]
         bridged, changed, _ = naive_bridge(pattern, segments[:, k - q:k], segments[:, :k], torch.arange(k - q, k), 0.9)
         v = cache[:, :k].repeat_interleave(model.cfg.n_heads // cache.shape[2], dim=2).double()
@@ -472,8 +472,12 @@ def char_level_ids(tokenizer, text):
     return ids
 
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    HealthCheck,
+    given,
+    settings,
+    strategies as st,
+)
 
 WORDS = st.sampled_from(["add", "the", "sum", "of", "two", "numbers", "then", "check", "it", "again", "The",
                          "carefully", "12", "4.5", "x=3", "(a+b)", "so", "we", "get", "So", "Ok"])
@@ -525,21 +529,23 @@ def test_layers_accept_numpy_integers_and_refuse_other_types():
         StepFlow(oeb_layers=[0.5])
 
 
-CJK_WORDS = st.sampled_from(["我们", "先", "把", "两个", "数", "相加", "然后", "乘以", "三", "检查", "结果", "再", "12", "所以"])
+CJK_WORDS = st.sampled_from(["我们", "先", "把", "两个", "数", "相加", "然后", "乘以", "三", "检查", "结果", "再",
+                             "12", "所以"])
 CJK_SENTENCE = st.lists(CJK_WORDS, min_size=1, max_size=8).map("".join)
 
 
 @settings(max_examples=80, deadline=None)
-@given(sentences=st.lists(CJK_SENTENCE, min_size=1, max_size=8), stops=st.lists(
-    st.sampled_from(["。", "！", "？", "。\n", ". ", "। ", "。。", "？！", "！ "]), min_size=8, max_size=8), cuts=st.lists(
-    st.integers(1, 4), min_size=200, max_size=200))
+@given(sentences=st.lists(CJK_SENTENCE, min_size=1, max_size=8),
+       stops=st.lists(st.sampled_from(["。", "！", "？", "。\n", ". ", "। ", "。。", "？！", "！ "]),
+                      min_size=8, max_size=8),
+       cuts=st.lists(st.integers(1, 4), min_size=200, max_size=200))
 def test_tracker_and_traces_agree_on_the_sentence_ends_of_other_scripts(sentences, stops, cuts):
     """CJK stops need no space; other scripts' stops do. Token boundaries fall anywhere (chunks of
     1-4 characters), so a stop may share its token with the next sentence's first characters."""
     from stepsal.stepflow.tracker import RowTracker
     from stepsal.traces import align_tokens, segment_text
 
-    body = "".join(sentence + stop for sentence, stop in zip(sentences, stops))
+    body = "".join(sentence + stop for sentence, stop in zip(sentences, stops, strict=False))
     text = "问题：多少？\n<think>\n" + body + "\n</think>\n答案是十二。"
     tokens, position = [], 0
     for cut in cuts:
@@ -563,8 +569,8 @@ def test_tracker_and_traces_agree_on_the_sentence_ends_of_other_scripts(sentence
 def test_cjk_reasoning_is_split_into_steps(tokenizer):
     from stepsal.traces import segment_text
 
-    text = ("<|im_start|>user\n2加2再乘以3是多少？<|im_end|>\n<think>\n首先我们把两个数相加得到四。然后我们把和乘以三得到十二。"
-            "最后再检查一遍结果。\n</think>\n答案是十二。")
+    text = ("<|im_start|>user\n2加2再乘以3是多少？<|im_end|>\n<think>\n首先我们把两个数相加得到四。"
+            "然后我们把和乘以三得到十二。最后再检查一遍结果。\n</think>\n答案是十二。")
     segmentation = segment_text(text, "think")
     assert segmentation.step_segments.count(THINKING) == 3
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from tiny import THINK_TRACE
 
 import stepsal
@@ -28,7 +27,7 @@ def check_layout(trace: Trace) -> None:
         spans = trace.offsets[first:last]
         # the tokens of this step cover exactly its characters, without gaps
         assert spans[0][0] == step.char_span[0] and max(e for _, e in spans) == step.char_span[1]
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
             assert start <= end
         assert step.text == trace.text[step.char_span[0]:step.char_span[1]]
         assert step.char_span[0] >= previous_end
@@ -180,7 +179,7 @@ def test_every_step_is_covered_by_exactly_its_tokens(tokenizer, question, senten
     thinking_steps = [s for s in trace.layout.steps if s.segment == THINKING]
     kept = [p for p in trace.kept_pieces if p[1] <= text.index("</think>")]
     assert len(thinking_steps) == len(kept)
-    for step, (start, end) in zip(thinking_steps, kept):
+    for step, (start, end) in zip(thinking_steps, kept, strict=True):
         assert step.char_span[0] <= start and end <= step.char_span[1]
     # the segments partition the text at the markers
     think_tokens = trace.layout.token_segment == THINKING

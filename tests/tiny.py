@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL = ["<|endoftext|>", "<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|start|>",
            "<|channel|>", "<|message|>", "<|end|>", "<|return|>"]
@@ -26,10 +34,8 @@ THINK_TRACE = (
 )
 
 
-def make_tokenizer(folder) -> "PreTrainedTokenizerFast":  # noqa: F821
+def make_tokenizer(folder) -> PreTrainedTokenizerFast:
     """A byte-level BPE (vocab 400) saved to ``folder`` and reloaded (TransformerLens needs a name)."""
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

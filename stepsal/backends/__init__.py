@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from transformers import PreTrainedModel
+
 from ..errors import UnsupportedModelError
+from ..hookpoints import bridge_class, hooked_transformer_class
 from ..model_types import Model
 from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
-from ..hookpoints import bridge_class, hooked_transformer_class
 from .transformerlens import TransformerLensAdapter
 from .transformers import TransformersAdapter
 
@@ -31,8 +33,6 @@ def _is_transformerlens(model: object) -> bool:
 
 
 def _is_transformers(model: object) -> bool:
-    from transformers import PreTrainedModel
-
     return isinstance(model, PreTrainedModel)
 
 
@@ -48,7 +48,7 @@ def register_adapter(accepts: Callable[[Any], bool], make: Callable[[Any, Any], 
     _ADAPTERS.insert(0, (accepts, make))
 
 
-def adapter_for(model: Model, tokenizer: Any = None) -> ModelAdapter:
+def adapter_for(model: Model | ModelAdapter, tokenizer: Any = None) -> ModelAdapter:
     """The adapter of ``model`` (an adapter is returned as it is)."""
     if isinstance(model, ModelAdapter):
         return model
@@ -60,7 +60,7 @@ def adapter_for(model: Model, tokenizer: Any = None) -> ModelAdapter:
         "tokenizer) (a TransformerLens model), or pass a transformers causal LM with its tokenizer.")
 
 
-def transformerlens_adapter(model: Model, purpose: str) -> TransformerLensAdapter:
+def transformerlens_adapter(model: Model | ModelAdapter, purpose: str) -> TransformerLensAdapter:
     """The adapter of a TransformerLens model, for work that reads and edits its hook points
     (Step-Saliency, knockouts, sweeps); other kinds are refused with the fix."""
     adapter = adapter_for(model)  # an adapter is returned as it is

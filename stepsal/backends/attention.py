@@ -14,6 +14,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 AttentionFn = Callable[..., tuple[Tensor, Any]]
 # mask kind -> the name registered with transformers: "none" (the function masks by position
@@ -27,8 +30,6 @@ def _dispatch(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_
     routes = _ROUTES.get(id(module))
     if routes:
         return routes[-1](module, query, key, value, attention_mask, **kwargs)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -37,9 +38,6 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     for kind, name in ROUTE_NAMES.items():
         AttentionInterface.register(name, _dispatch)
         AttentionMaskInterface.register(name, _no_mask if kind == "none" else sdpa_mask)

@@ -7,11 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Float
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from ..hookpoints import (
+    HookFn,
+    backend_of,
+    first_device,
+    forward_kwargs,
+    hook_name,
+    hooks_attached,
+    model_label,
+    original_model,
+)
 from ..model_types import TLModel
 from ..sites import attention_sites
 from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
-from ..hookpoints import HookFn, backend_of, first_device, forward_kwargs, hook_name, hooks_attached, model_label
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +37,8 @@ HOOKED_DECODE_WARNING = (
 
 class TransformerLensAdapter(ModelAdapter):
     """HookedTransformer ("hooked") or TransformerBridge ("bridge"): hook points, their own caches."""
+
+    model: TLModel
 
     def __init__(self, model: TLModel, tokenizer: Any = None):
         super().__init__(model, tokenizer or model.tokenizer)
@@ -69,12 +81,13 @@ class TransformerLensAdapter(ModelAdapter):
         if self.kind == "hooked":
             if not use_cache:
                 return lambda tokens, mask, n_new: model(tokens, attention_mask=mask)[:, -n_new:]
+            # lazy: HookedTransformer's path; transformer_lens loads with the first model (see hookpoints)
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
             cache = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch)
             return lambda tokens, mask, n_new: model(tokens[:, -n_new:], past_kv_cache=cache,
                                                      attention_mask=mask[:, -n_new:])
-        cache = _full_cache(model.original_model.config) if use_cache else None
+        cache = _full_cache(original_model(model).config) if use_cache else None
 
         def bridge_step(tokens: Tensor, mask: Tensor, n_new: int) -> Tensor:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -98,7 +111,7 @@ class TransformerLensAdapter(ModelAdapter):
         return attention_sites(self.model).value_layout
 
 
-def flow_hooks(run: FlowRun, adapter: ModelAdapter) -> list[tuple[str, HookFn]]:
+def flow_hooks(run: FlowRun, adapter: TransformerLensAdapter) -> list[tuple[str, HookFn]]:
     """StepFlow's effects as TransformerLens hook functions: OEB on ``hook_pattern``; SMI keeps
     ``hook_v`` values and injects on ``hook_resid_post`` or ``hook_z``. One function per hook point,
     so registration order does not matter."""
@@ -143,8 +156,6 @@ def _full_cache(config: Any) -> Any:
     """A transformers cache that keeps every key: attention layers never trim a sliding window (the
     hooks read absolute positions as k - q; the model still applies its window through the mask);
     hybrid models also get their linear-attention or state-space layers' state."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
     types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
     if set(types) <= ATTENTION_LAYER_TYPES:
         return DynamicCache()  # lazily built full layers

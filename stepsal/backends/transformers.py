@@ -19,14 +19,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..model_types import HFModel
 from ..blockwise import eager_pattern
 from ..errors import UnsupportedModelError
+from ..model_types import HFModel
 from .attention import routed_attention
 from .base import DecodeStep, ModelAdapter
 
@@ -38,8 +41,6 @@ ATTENTION_TYPES = {"full_attention", "sliding_attention"}  # chunked attention: 
 
 
 def is_transformers_model(model: HFModel) -> bool:
-    from transformers import PreTrainedModel
-
     return isinstance(model, PreTrainedModel)
 
 
@@ -68,16 +69,14 @@ def _flow_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, atte
                     oeb_index: dict[int, int], **kwargs: Any) -> tuple[Tensor, None]:
     """A transformers attention function: query [B, H, q, D], key/value [B, H_kv, k, D] -> [B, q, H, D]."""
     layer = module.layer_idx
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scale: float = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer in run.smi_layers:
         run.remember(layer, value[:, :, -query.shape[2]:].transpose(1, 2))
     bridged = layer in oeb_index and run.any_active
     if not bridged and not softcap and s_aux is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    pattern = eager_pattern(query, key, scaling, softcap, s_aux, attention_mask, sliding_window)
+                                      scaling=scale, **kwargs)
+    pattern = eager_pattern(query, key, scale, softcap, s_aux, attention_mask, sliding_window)
     if bridged:
         edited = run.bridge(oeb_index[layer], pattern)
         pattern = pattern if edited is None else edited
@@ -137,6 +136,7 @@ class TransformersAdapter(ModelAdapter):
     functions and module hooks; computes the last position's logits only while decoding."""
 
     kind = "transformers"
+    model: HFModel
 
     def __init__(self, model: HFModel, tokenizer: Any = None):
         super().__init__(model, tokenizer)
@@ -160,11 +160,9 @@ class TransformersAdapter(ModelAdapter):
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return cast(Tensor, self.model.get_input_embeddings().weight).device  # nn.Module attributes are untyped
 
     def decode_step(self, batch: int, use_cache: bool) -> DecodeStep:
-        from transformers.cache_utils import DynamicCache
-
         model = self.model
         cache = DynamicCache() if use_cache else None  # keeps every key (the mask applies sliding windows)
 

@@ -18,6 +18,7 @@ from .config import StepFlow
 from .hooks import FlowStats
 
 if TYPE_CHECKING:
+    import pandas
     from matplotlib.figure import Figure
 
 MEASURES = ("local_share", "question_share", "summary_self_share")
@@ -38,7 +39,7 @@ class FlowEffect:
         return plot_flow_effect(self.without.normalized(norm), self.with_flow.normalized(norm), self.without.layers,
                                 self.without.layout, panels=layers, prefer=acted, norm=norm, **kwargs)
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """Long format: one row per (layer, measure), ``value`` the change with - without StepFlow."""
         frame = layer_frame(self.without.layers, {m: self.delta[m] for m in MEASURES})
         frame.attrs.update(value="with StepFlow - without")

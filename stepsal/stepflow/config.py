@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from ..errors import StepsalError, UnsupportedModelError
 from ..backends import Model, adapter_for
+from ..errors import StepsalError, UnsupportedModelError
 from ..hookpoints import model_label
+from ..model_types import TLModel
 from ..options import SMI_SITES
 from ..sites import attention_sites
 from ..traces import Trace
@@ -87,7 +89,7 @@ class StepFlow:
             chosen.append(layers)
         return chosen[0], chosen[1]
 
-    def layers_for(self, model: Model) -> tuple[list[int], list[int]]:
+    def layers_for(self, model: TLModel) -> tuple[list[int], list[int]]:
         """(OEB layers, SMI layers) on ``model``: default bands keep the layers that have what each
         part hooks (hybrid models mix in linear-attention layers); chosen layers must all have it."""
         sites = attention_sites(model)

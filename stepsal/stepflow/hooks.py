@@ -9,16 +9,16 @@ closures bound to a layer: OEB on ``hook_pattern``, SMI on ``hook_v`` (to rememb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import StepsalError
 from ..backends import Model, ModelAdapter, adapter_for
-from ..backends.transformerlens import flow_hooks, output_weights
+from ..backends.transformerlens import TransformerLensAdapter, flow_hooks, output_weights
 from ..traces import SUMMARY, THINKING, Trace
 from ..vis.figures import plot_flow_stats
 from ..vis.html import frame_section
@@ -29,6 +29,7 @@ from .smi import momentum_vector, source_members, step_momentum
 from .tracker import TokenLabel
 
 if TYPE_CHECKING:
+    import pandas
     from matplotlib.figure import Figure
 
     from .config import StepFlow
@@ -50,7 +51,7 @@ class FlowStats:
     smi_norm: Tensor  # sum of injected vector norms
 
     @classmethod
-    def zeros(cls, oeb_layers: list[int], smi_layers: list[int], device: torch.device) -> "FlowStats":
+    def zeros(cls, oeb_layers: list[int], smi_layers: list[int], device: torch.device) -> FlowStats:
         z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         return cls(oeb_layers=oeb_layers, smi_layers=smi_layers, oeb_rows=z(len(oeb_layers)),
                    oeb_changed=z(len(oeb_layers)), oeb_before=z(len(oeb_layers)), oeb_after=z(len(oeb_layers)),
@@ -69,7 +70,7 @@ class FlowStats:
                     for i, layer in enumerate(self.smi_layers)},
         }
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per (part, layer): OEB rows and bridge mass, SMI injections."""
         return flow_stats_frame(self.to_dict())
 
@@ -154,7 +155,8 @@ class FlowRun:
 
     def hooks(self) -> list[tuple[str, Callable]]:
         """The TransformerLens hook functions of this run (what ``attach_flow`` attaches there)."""
-        return flow_hooks(self, self.adapter)
+        # TransformerLens hook points: meaningful for a TransformerLens model's run only (as documented)
+        return flow_hooks(self, cast(TransformerLensAdapter, self.adapter))
 
     # ------------------------------------------------------------ effects
 

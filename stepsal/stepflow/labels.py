@@ -78,15 +78,15 @@ class StepLabels:
         if fresh:
             wanted = [lab.inject and (lab.segment == THINKING or self.smi_at_summary) for _, lab, _ in fresh]
             source = [(lab.step - 1 if lab.segment == THINKING else self._last_step[b]) if inject else -1
-                      for (b, lab, _), inject in zip(fresh, wanted)]
+                      for (b, lab, _), inject in zip(fresh, wanted, strict=True)]
             rows_index, cols = self._index(fresh)
             values = torch.tensor([[lab.segment, lab.step, src, int(src >= 0)]
-                                   for (_, lab, _), src in zip(fresh, source)], device=self.device)
+                                   for (_, lab, _), src in zip(fresh, source, strict=True)], device=self.device)
             for tensor, column in ((self.first_segment, 0), (self.segment, 0), (self.first_step, 1),
                                    (self.step, 1), (self.source, 2)):
                 tensor[rows_index, cols] = values[:, column]
             self.inject[rows_index, cols] = values[:, 3].bool()
-            for (b, lab, _), src in zip(fresh, source):
+            for (b, lab, _), src in zip(fresh, source, strict=True):
                 self._host_segments[b].append(lab.segment)
                 self._host_inject[b].append(src >= 0)
         if relabels:  # processing-time labels, injections and sources stay as they were
@@ -116,7 +116,7 @@ class StepLabels:
         """The next forward runs positions [offset, offset + n_new) of every row."""
         self.offset, self.n_new = offset, n_new
         window = [(segs[offset:offset + n_new], injs[offset:offset + n_new])  # processing-time labels
-                  for segs, injs in zip(self._host_segments, self._host_inject)]
+                  for segs, injs in zip(self._host_segments, self._host_inject, strict=True)]
         self.any_active = any(s in (THINKING, SUMMARY) for segs, _ in window for s in segs)
         self.any_inject = any(any(injs) for _, injs in window)
 

@@ -20,7 +20,7 @@ def source_members(steps: Int64[Tensor, "batch *qdim key"], source: Int64[Tensor
     keys = torch.arange(steps.shape[-1], device=steps.device)
     earlier = keys[None, :] < query_positions[:, None]  # [q, k]
     members = (steps == source[:, :, None]) & earlier & (source[:, :, None] >= 0)
-    if window != "step":
+    if isinstance(window, int):  # else "step" (StepFlow accepts nothing else)
         from_end = members.flip(-1).cumsum(-1).flip(-1)
         members &= from_end <= window
     return members

@@ -13,13 +13,17 @@ from __future__ import annotations
 import codecs
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from ..formats import TraceFormat, code_spans, inside, prompt_thinking_from
 from ..segments import QUESTION, SUMMARY, THINKING
 from ..sentences import MIN_THINKING_CHARS, SENTENCE_END, StepSplitter, keep_thinking_piece
+from ..traces import tokenizer_fingerprint
 
 WINDOW_CHARS = 96
 _TOKEN_TEXT_CACHE: dict[str, list[str]] = {}
@@ -28,8 +32,6 @@ _TOKEN_BYTES_CACHE: dict[str, list[bytes]] = {}
 
 def token_texts(tokenizer: Any) -> list[str]:
     """Text of every token id, decoded once per tokenizer (the decode path never calls the tokenizer)."""
-    from ..traces import tokenizer_fingerprint
-
     key = tokenizer_fingerprint(tokenizer)
     if key not in _TOKEN_TEXT_CACHE:
         # decode each token after a reference token and cut the reference off: SentencePiece
@@ -52,12 +54,8 @@ def token_bytes(tokenizer: Any) -> list[bytes]:
     """UTF-8 bytes of every token id. A character split over several tokens (byte-level BPE, or
     SentencePiece's byte fallback) decodes to U+FFFD piece by piece; its tokens keep their bytes
     here, so that decoding the stream incrementally gives the same text as decoding the sequence."""
-    from ..traces import tokenizer_fingerprint
-
     key = "bytes:" + tokenizer_fingerprint(tokenizer)
     if key not in _TOKEN_BYTES_CACHE:
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
         byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
         texts = token_texts(tokenizer)
         result = []
@@ -223,11 +221,11 @@ class PhaseTracker:
 
     def read_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """Each row's prompt ids, before they are pushed: see :meth:`RowTracker.read_prompt`."""
-        for row, ids in zip(self.rows, prompts):
+        for row, ids in zip(self.rows, prompts, strict=True):
             row.read_prompt(b"".join(self.bytes[i] for i in ids).decode("utf-8", "replace"))
 
     def push(self, token_ids: Sequence[int], is_pad: Sequence[bool] | None = None) -> list[list[TokenLabel]]:
         """One token per row; returns each row's labels (one, or several after a marker)."""
         is_pad = is_pad or [False] * len(token_ids)
         return [[row.pad()] if pad else row.push(decoder.decode(self.bytes[token]))
-                for row, decoder, token, pad in zip(self.rows, self.decoders, token_ids, is_pad)]
+                for row, decoder, token, pad in zip(self.rows, self.decoders, token_ids, is_pad, strict=True)]

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas
+import torch
 from tqdm.auto import tqdm
 
 from ..errors import ResultsNotFoundError, StepsalError
+from ..generation import generate
 from ..model_types import Model
 from ..stats import bootstrap_mean_interval
 from ..stepflow.config import StepFlow
@@ -62,8 +67,6 @@ def accelerate_shard() -> tuple[tuple[int, int], str] | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    import torch
-
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     return (rank, world), (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
 
@@ -85,13 +88,11 @@ def _key(row: dict) -> tuple:
 def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
              k: int = 4, greedy: bool = True, temperature: float = R1_SAMPLING["temperature"],
              top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
-             shard: tuple[int, int] = (0, 1), progress: bool = True) -> "EvalResult":
+             shard: tuple[int, int] = (0, 1), progress: bool = True) -> EvalResult:
     """Answer ``problems`` (objects with ``id``, ``messages()`` and ``answer``) under each condition.
 
     Returns the :class:`EvalResult` of every sample in ``out`` (all shards found there).
     """
-    from ..generation import generate
-
     if k < 0 or (k == 0 and not greedy):
         raise StepsalError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
     folder = Path(out)
@@ -115,7 +116,8 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
                               do_sample=mode == "sampled", temperature=temperature, top_p=top_p,
                               seed=batch_seed if mode == "sampled" else None)
             flow_stats = _flow_summary(result.stats)
-            for i, (text, tokens, start) in enumerate(zip(result.texts, result.tokens, result.prompt_lengths)):
+            for i, (text, tokens, start) in enumerate(zip(result.texts, result.tokens, result.prompt_lengths,
+                                                          strict=True)):
                 answer = extract_answer(text)
                 row = {"problem": problem.id, "condition": condition, "mode": mode, "sample": i,
                        "seed": batch_seed if mode == "sampled" else None, "gold": problem.answer,
@@ -131,8 +133,6 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
 
 def _stable_hash(text: str) -> int:
     """A seed from a problem id that does not change between runs (Python's hash() does)."""
-    import zlib
-
     return zlib.crc32(text.encode())
 
 
@@ -149,10 +149,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_samples(folder: str | Path) -> "EvalResult":
+def load_samples(folder: str | Path) -> EvalResult:
     """Every sample in a folder's ``samples*.jsonl`` files (all shards), one row per key."""
-    import pandas
-
     folder = Path(folder)
     files = sorted(folder.glob("samples*.jsonl"))
     if not files:
@@ -171,14 +169,14 @@ def _majority(answers: Sequence[str | None]) -> str | None:
     if not counts:
         return None
     best = max(counts.values())
-    return next(a for a, k in zip(answers, keyed) if k is not None and counts[k] == best)
+    return next(a for a, k in zip(answers, keyed, strict=True) if k is not None and counts[k] == best)
 
 
 @dataclass
 class EvalResult:
     """All samples (``frame``: one row per problem, condition, mode and sample) and their statistics."""
 
-    frame: "pandas.DataFrame"  # noqa: F821
+    frame: pandas.DataFrame
 
     def __repr__(self) -> str:
         frame = self.frame
@@ -191,7 +189,7 @@ class EvalResult:
     def _repr_html_(self) -> str:
         return frame_section(repr(self), self.summary(), fig=self.plot())
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per sample (problem, condition, mode, sample, answer, correct, text, tokens, ...): a
         copy of ``frame``; :meth:`summary` and :meth:`per_problem` aggregate it."""
         return self.frame.copy()
@@ -212,42 +210,40 @@ class EvalResult:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "EvalResult":
+    def load(cls, path: str | os.PathLike) -> EvalResult:
         """Samples saved by :meth:`save` (a JSON-lines file), or every ``samples*.jsonl`` of a folder
         (:func:`load_samples`)."""
-        import pandas
-
         path = Path(path)
         if path.is_dir():
             return load_samples(path)
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return cls(frame=pandas.DataFrame(rows))
 
-    def per_problem(self) -> "pandas.DataFrame":  # noqa: F821
+    def per_problem(self) -> pandas.DataFrame:
         """Per (condition, mode, problem): samples, correct ones, pass@1, majority-vote correctness."""
         rows = []
-        for (condition, mode, problem), group in self.frame.groupby(["condition", "mode", "problem"], sort=False):
+        # pandas types a group's key as Hashable; grouping by a list of columns gives tuples
+        for (condition, mode, problem), group in self.frame.groupby(  # pyright: ignore[reportGeneralTypeIssues]
+                ["condition", "mode", "problem"], sort=False):
             n, c = len(group), int(group["correct"].sum())
             majority = _majority([a if isinstance(a, str) else None for a in group["answer"]])  # NaN: none
             rows.append({"condition": condition, "mode": mode, "problem": problem, "steps": group["steps"].tolist()[0],
                          "n": n, "correct": c, "pass@1": c / n,
                          "majority": is_correct(majority, group["gold"].tolist()[0])})
-        import pandas
-
         return pandas.DataFrame(rows)
 
-    def summary(self) -> "pandas.DataFrame":  # noqa: F821
+    def summary(self) -> pandas.DataFrame:
         """Per (condition, mode): problems, pass@1 (mean over samples), pass@k, majority vote, format rates."""
-        import pandas
-
         per = self.per_problem()
         rows = []
-        for (condition, mode), group in per.groupby(["condition", "mode"], sort=False):
+        # a group's key: a tuple (pandas types it as Hashable)
+        for (condition, mode), group in per.groupby(["condition", "mode"], sort=False):  # pyright: ignore[reportGeneralTypeIssues]
             k = int(group["n"].min())
             samples = self.frame[(self.frame.condition == condition) & (self.frame["mode"] == mode)]
             rows.append({"condition": condition, "mode": mode, "problems": len(group), "k": k,
                          "pass@1": group["pass@1"].mean(),
-                         "pass@k": np.mean([pass_at_k(int(n), int(c), k) for n, c in zip(group.n, group.correct)]),
+                         "pass@k": np.mean([pass_at_k(int(n), int(c), k)
+                                            for n, c in zip(group.n, group.correct, strict=True)]),
                          "majority": group["majority"].mean(), "closed_think": samples["closed_think"].mean(),
                          "boxed": samples["boxed"].mean(), "new_tokens": samples["new_tokens"].mean()})
         return pandas.DataFrame(rows)

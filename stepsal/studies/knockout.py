@@ -7,17 +7,18 @@ A'[k] = A[k] / sum_{j in K} A[j] = exp(s_k) / sum_{j in K} exp(s_j).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from ..model_types import TLModel
-from ..errors import StepsalError
 from ..backends import transformerlens_adapter
+from ..errors import StepsalError
 from ..hookpoints import hook_name, hooks_attached
+from ..model_types import TLModel
 from ..sites import attention_sites
 from ..traces import SEGMENT_NAMES, Trace
 

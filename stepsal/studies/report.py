@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..errors import ResultsNotFoundError
 from ..metrics import compare_groups
 from ..saliency import StepSaliency
@@ -21,8 +23,6 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
     """One page from every saved result (``*.safetensors``) under ``folder``; two subfolders of
     results are compared as groups first (per-trace measures with CIs, per-layer curves), then all
     results are listed, with full sections for the first ``max_sections`` (None: all)."""
-    from safetensors import safe_open
-
     root = Path(folder)
     files, others = [], []
     for path in sorted(root.rglob("*.safetensors")):
@@ -34,7 +34,7 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
     results = [StepSaliency.load(f) for f in files]
     names = [str(f.relative_to(root)) for f in files]
     groups: dict[str, list[StepSaliency]] = {}
-    for f, r in zip(files, results):
+    for f, r in zip(files, results, strict=True):
         groups.setdefault(str(f.parent.relative_to(root)), []).append(r)
     extra = []
     if len(groups) == 2 and all(len(g) >= 2 for g in groups.values()):

@@ -17,22 +17,28 @@ import json
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ..model_types import Model
 from ..errors import StepsalError, StepsalWarning
+from ..metrics import TRACE_MEASURES, GroupComparison, compare_groups
+from ..model_types import Model, TLModel
 from ..options import SaliencyOptions
+from ..saliency import StepSaliency, step_saliency
 from ..storage import read_json, write_json
+from ..traces import Trace
 from ..vis.figures import plot_group_points
 from ..vis.html import frames_html
 from ..vis.tables import records_frame
-from .evaluate import EvalResult, R1_SAMPLING, evaluate
+from .evaluate import R1_SAMPLING, EvalResult, evaluate
+from .report import report_from_folder
 
 if TYPE_CHECKING:
+    import pandas
     from matplotlib.figure import Figure
 
 STUDY_FILE = "study_result.json"  # StudyResult.save's manifest
@@ -57,11 +63,9 @@ class StudyResult:
             + (" (descriptive only)" if self.comparison.descriptive_only else ""))
         return f"StudyResult({counts} traces{skipped}; {comparison})"
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per studied trace: its group, index in the group, model, layers, steps and per-trace
         measures (what :func:`stepsal.compare_groups` compares)."""
-        from ..metrics import TRACE_MEASURES
-
         records = [{"group": group, "index": index, "model": result.model, "layers": len(result.layers),
                     "steps": result.layout.n_steps, **result.metrics().per_trace()}
                    for group, results in self.groups.items() for index, result in enumerate(results)]
@@ -90,7 +94,7 @@ class StudyResult:
         for group, results in self.groups.items():
             (folder / "saliency" / group).mkdir(parents=True, exist_ok=True)
             files[group] = [f"saliency/{group}/{index:04d}.safetensors" for index in range(len(results))]
-            for name, result in zip(files[group], results):
+            for name, result in zip(files[group], results, strict=True):
                 result.save(folder / name)
         write_json(folder / STUDY_FILE, "StudyResult", {
             "samples": "samples.jsonl", "groups": files, "skipped": self.skipped,
@@ -99,11 +103,8 @@ class StudyResult:
         return folder
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "StudyResult":
+    def load(cls, path: str | os.PathLike) -> StudyResult:
         """A study saved by :meth:`save` (its folder)."""
-        from ..metrics import GroupComparison
-        from ..saliency import StepSaliency
-
         folder = Path(path)
         data = read_json(folder / STUDY_FILE, "StudyResult")
         return cls(samples=EvalResult.load(folder / data["samples"]),
@@ -115,13 +116,11 @@ class StudyResult:
 
 
 def _trace_of(row: dict, model: Model, min_thinking_steps: int):
-    from ..traces import Trace
-
     return Trace.from_tokens(row["tokens"], model, prompt_length=row["prompt_length"],
                              min_thinking_steps=min_thinking_steps)
 
 
-def run_study(model: Model, problems: Sequence[Any], *, out: str | Path, k: int = 0, greedy: bool = True,
+def run_study(model: TLModel, problems: Sequence[Any], *, out: str | Path, k: int = 0, greedy: bool = True,
               temperature: float = R1_SAMPLING["temperature"], top_p: float = R1_SAMPLING["top_p"],
               max_new_tokens: int = 256, seed: int = 0, target: str = "all", norm: str = "causal",
               min_thinking_steps: int = 2, progress: bool = True,
@@ -135,10 +134,6 @@ def run_study(model: Model, problems: Sequence[Any], *, out: str | Path, k: int 
         saliency = SaliencyOptions.from_dict({"target": target, "norm": norm})
     elif (target, norm) != ("all", "causal"):
         raise StepsalError("run_study got saliency= and target=/norm= too: put them in the SaliencyOptions.")
-    from ..metrics import compare_groups
-    from ..saliency import StepSaliency, step_saliency
-    from .report import report_from_folder
-
     folder = Path(out)
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)

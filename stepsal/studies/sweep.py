@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..backends import transformerlens_adapter
 from ..errors import OptionError
 from ..model_types import TLModel
-from ..backends import transformerlens_adapter
 from ..options import SWEEP_METRICS as METRICS
 from ..sites import attention_sites
 from ..stats import bootstrap_mean_interval
-from ..traces import SUMMARY, Trace
 from ..storage import frame_from_json, frame_to_json, read_json, write_json
+from ..traces import SUMMARY, Trace
 from ..vis.figures import plot_sweep
 from ..vis.html import frame_section
 
@@ -61,13 +64,11 @@ def measure(metric: Metric, logits: Tensor, plain_logits: Tensor, trace: Trace) 
 class SweepResult:
     """Per (layer, trace): the metric before and after the intervention at that layer."""
 
-    frame: "pandas.DataFrame"  # noqa: F821 - columns layer, trace, before, after, delta
+    frame: pandas.DataFrame
     metric: str
 
-    def summary(self, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> "pandas.DataFrame":  # noqa: F821
+    def summary(self, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> pandas.DataFrame:
         """Per layer: mean delta over traces with a percentile bootstrap CI (traces resampled)."""
-        import pandas
-
         rng = np.random.default_rng(seed)
         rows = []
         for layer, group in self.frame.groupby("layer", sort=True):
@@ -80,7 +81,7 @@ class SweepResult:
             rows.append((layer, deltas.size, float(deltas.mean()), low, high))
         return pandas.DataFrame(rows, columns=["layer", "n", "mean_delta", "ci_low", "ci_high"])
 
-    def to_dataframe(self) -> "pandas.DataFrame":  # noqa: F821
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per (layer, trace): layer, trace, before, after, delta (a copy of ``frame``)."""
         return self.frame.copy()
 
@@ -102,12 +103,13 @@ class SweepResult:
         return write_json(path, "SweepResult", {"metric": self.metric, "frame": frame_to_json(self.frame)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SweepResult":
+    def load(cls, path: str | os.PathLike) -> SweepResult:
         data = read_json(path, "SweepResult")
         return cls(frame=frame_from_json(data["frame"]), metric=data["metric"])
 
 
-def layer_sweep(model: TLModel, traces: Sequence[Trace], intervention: Callable[[int], AbstractContextManager],
+def layer_sweep(model: TLModel, traces: Sequence[Trace],
+                intervention: Callable[[int], AbstractContextManager] | Callable[[int, Trace], AbstractContextManager],
                 metric: Metric = "summary_loss", layers: Sequence[int] | None = None,
                 progress: bool = True) -> SweepResult:
     """For each layer, run every trace with ``intervention(layer)`` entered (a knockout at that layer,
@@ -120,8 +122,6 @@ def layer_sweep(model: TLModel, traces: Sequence[Trace], intervention: Callable[
         metric: "loss", "summary_loss" (default), "summary_kl" or ``fn(logits, plain_logits, trace)``.
         layers: default: every layer with a usable attention pattern.
     """
-    import pandas
-
     adapter = transformerlens_adapter(model, "layer_sweep")
     layers = attention_sites(model).attention_layers if layers is None else sorted(set(layers))
     plain = []
@@ -144,8 +144,6 @@ def layer_sweep(model: TLModel, traces: Sequence[Trace], intervention: Callable[
 
 def _enter(intervention: Callable, layer: int, trace: Trace) -> AbstractContextManager:
     """``intervention(layer, trace)`` when it takes two arguments, else ``intervention(layer)``."""
-    import inspect
-
     try:
         takes_trace = len(inspect.signature(intervention).parameters) >= 2
     except (TypeError, ValueError):  # builtins without a signature

@@ -113,8 +113,8 @@ def is_correct(predicted: str | None, gold: str | int | float) -> bool:
 
 
 def _math_verify(predicted: str, gold: str) -> bool | None:
-    try:
-        from math_verify import parse, verify
+    try:  # lazy: math_verify is optional (not a dependency); without it the plain comparisons decide
+        from math_verify import parse, verify  # pyright: ignore[reportMissingImports]
     except ImportError:
         return None
     try:

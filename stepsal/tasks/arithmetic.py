@@ -59,7 +59,8 @@ SUB = {
 }
 MUL = {
     "train": ["{Pron} ends up with {k} times as many {item} as before.", "The number of {item} is multiplied by {k}.",
-              "{Pron} gets enough to have {k} times the {item} {pron} had.", "{Pos_cap} {item} become {word} times as many.",
+              "{Pron} gets enough to have {k} times the {item} {pron} had.",
+              "{Pos_cap} {item} become {word} times as many.",
               "After a good week {pron} has {k} times as many {item}.", "{Pron} multiplies {pos} {item} by {k}.",
               "A machine turns each of {pos} {item} into {k}."],
     "heldout": ["{Pos_cap} pile of {item} grows to {k} times its size.",
@@ -69,7 +70,8 @@ MUL = {
 DIV = {
     "train": ["{Pron} splits the {item} into {k} equal groups and keeps one group.",
               "{Pron} keeps only one {part} of the {item}.", "{Pron} shares the {item} equally among {k} kids, "
-              "{obj}self included, and keeps {pos} share.", "The {item} are divided into {k} equal piles; {pron} keeps one.",
+              "{obj}self included, and keeps {pos} share.",
+              "The {item} are divided into {k} equal piles; {pron} keeps one.",
               "Only one {part} of the {item} is left after a sale.",
               "{Pron} keeps one out of every {k} {item} and gives the rest away.",
               "{Pron} cuts the number of {item} down to one {part}."],
@@ -80,7 +82,8 @@ DIV = {
 QUESTION = {
     "train": ["How many {item} does {name} have now?", "How many {item} does {name} have in the end?",
               "How many {item} does {name} have at the end?", "How many {item} are left with {name}?"],
-    "heldout": ["What is the final number of {item} {name} has?", "Count {name}'s {item} at the end. How many are there?",
+    "heldout": ["What is the final number of {item} {name} has?",
+                "Count {name}'s {item} at the end. How many are there?",
                 "By the end, how many {item} belong to {name}?"],
 }
 KINDS = {"add": ADD, "sub": SUB, "mul": MUL, "div": DIV}
@@ -124,7 +127,7 @@ class Problem:
         """One sentence per step: the start, then each operation with its arithmetic."""
         fill = _filler(self.name, self.pronoun, self.item)
         sentences = [THINK["start"].format(n=self.values[0], **fill)]
-        for (kind, n), a, b in zip(self.operations, self.values, self.values[1:]):
+        for (kind, n), a, b in zip(self.operations, self.values, self.values[1:], strict=False):
             sentences.append(THINK[kind].format(n=n, k=n, a=a, b=b, **fill))
         return sentences
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ MAPS_TITLE = "Step-Saliency: rows = query step, columns = key step"
 
 
 def _figure(*args: Any, **kwargs: Any) -> Figure:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads with the first figure (module docstring)
 
     return Figure(*args, **kwargs)
 
@@ -78,7 +79,7 @@ def plot_step_maps(maps: Any, layers: Sequence[int], layout: StepLayout, *, pane
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(chosen):]:
         ax.axis("off")
-    for ax, layer in zip(axes.flat, chosen):
+    for ax, layer in zip(axes.flat, chosen, strict=False):
         image = _draw_map(ax, values[layers.index(layer)], labels, cuts, f"layer {layer}", "viridis")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title or MAPS_TITLE, fontsize=9)
@@ -127,7 +128,7 @@ def plot_flow_effect(before: Any, after: Any, layers: Sequence[int], layout: Ste
     size = 2.2 + 0.12 * len(labels)
     fig = _figure(figsize=(3 * size, size * len(chosen)))
     axes = fig.subplots(len(chosen), 3, squeeze=False)
-    for row, layer in zip(axes, chosen):
+    for row, layer in zip(axes, chosen, strict=True):
         i = layers.index(layer)
         diff = after[i] - before[i]
         bound = float(abs(diff).max()) or 1.0
@@ -165,8 +166,8 @@ def plot_group_curves(layers: Sequence[int], mean: Mapping[str, Mapping[str, Any
         raise StepsalError("per-layer curves need traces computed over the same layers.")
     fig = _figure(figsize=(3.4 * len(measures), 3.0))
     axes = fig.subplots(1, len(measures), squeeze=False)[0]
-    for ax, measure in zip(axes, measures):
-        for (label, by_measure), colour in zip(mean.items(), COLOURS):
+    for ax, measure in zip(axes, measures, strict=True):
+        for (label, by_measure), colour in zip(mean.items(), COLOURS, strict=False):
             low, high = mean_ci[label][measure]
             ax.plot(layers, by_measure[measure], color=colour, label=label, lw=1.4)
             ax.fill_between(layers, low, high, color=colour, alpha=0.2, lw=0)
@@ -176,7 +177,7 @@ def plot_group_curves(layers: Sequence[int], mean: Mapping[str, Mapping[str, Any
 
 
 def _layer_axis(ax: Any, title: str, xlabel: str = "layer") -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib loads with the first figure (module docstring)
 
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -191,7 +192,7 @@ def plot_sweep(summary: pandas.DataFrame, metric: str, path: str | os.PathLike |
     Returns:
         The matplotlib Figure.
     """
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib loads with the first figure (module docstring)
 
     fig = _figure(figsize=(6, 3))
     ax = fig.subplots()
@@ -230,7 +231,7 @@ def plot_flow_stats(frame: pandas.DataFrame, path: str | os.PathLike | None = No
     """
     fig = _figure(figsize=(7, 3))
     left, right = fig.subplots(1, 2, squeeze=False)[0]
-    oeb, smi = frame[frame.part == "OEB"], frame[frame.part == "SMI"]
+    oeb, smi = frame.loc[frame.part == "OEB"], frame.loc[frame.part == "SMI"]
     rows = oeb["rows"].to_numpy(dtype=float)
     share = np.divide(oeb["changed"].to_numpy(dtype=float), rows, out=np.zeros_like(rows), where=rows > 0)
     left.bar(oeb["layer"].to_numpy(dtype=float), share, color="tab:blue")
@@ -276,8 +277,8 @@ def plot_group_points(frame: pandas.DataFrame, group: str, measures: Sequence[st
     groups = list(dict.fromkeys(frame[group]))
     fig = _figure(figsize=(2.4 * max(1, len(measures)), 3.0))
     axes = fig.subplots(1, max(1, len(measures)), squeeze=False)[0]
-    for ax, measure in zip(axes, measures):
-        for i, (name, colour) in enumerate(zip(groups, COLOURS * (len(groups) // len(COLOURS) + 1))):
+    for ax, measure in zip(axes, measures, strict=False):
+        for i, (name, colour) in enumerate(zip(groups, COLOURS * (len(groups) // len(COLOURS) + 1), strict=False)):
             values = frame.loc[frame[group] == name, measure].to_numpy(dtype=float)
             spread = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
             ax.scatter(i + spread, values, s=12, color=colour, alpha=0.7)

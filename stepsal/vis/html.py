@@ -7,7 +7,8 @@ import base64
 import html
 import io
 import numbers
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .tables import cell, record_frame, steps_frame
 
@@ -36,7 +37,7 @@ def frame_html(frame: pandas.DataFrame, digits: int = 4, raw: Iterable[str] = ()
         return f"<{tag} style='text-align:{align};padding:2px 6px'>{text}</{tag}>"
 
     head = "".join(f"<th style='padding:2px 6px'>{esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(td(v, c) for v, c in zip(row, columns)) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(td(v, c) for v, c in zip(row, columns, strict=True)) + "</tr>" for row in rows)
     return f"<table style='border-collapse:collapse;{STYLE}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>" \
         "</table>"
 

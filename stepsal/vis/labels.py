@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import StepsalError
 from ..segments import QUESTION, SUMMARY, THINKING
@@ -33,7 +34,7 @@ def step_names(layout: StepLayout, width: int = 24) -> list[str]:
     """'T3:So·the·total·cost..' for every step: its label and the start of its text. circuitsvis's
     attention views delete every whitespace character from labels, so words are joined by '·'."""
     names = []
-    for label, step in zip(step_labels(layout), layout.steps):
+    for label, step in zip(step_labels(layout), layout.steps, strict=True):
         text = "\u00b7".join(step.text.split())
         names.append(f"{label}:{text[:width]}{'..' if len(text) > width else ''}")
     return names

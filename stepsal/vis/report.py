@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas
 
 from .figures import plot_step_maps
 from .html import figure_png, frame_html, headline, steps_html
@@ -24,8 +27,6 @@ from .tables import record_frame
 from .widgets import colored_tokens_widget, segmentation_from_tokens, step_maps_widget
 
 if TYPE_CHECKING:
-    import pandas
-
     from ..traces import StepLayout
 
 PAGE = """<!DOCTYPE html>
@@ -99,12 +100,10 @@ def skipped_note(names: Sequence[str], shown: int = 5) -> str:
 def results_index(views: Sequence[ResultView], names: Sequence[str], shown: int) -> str:
     """A table of all results (linked to their sections for the first ``shown``), with a note when
     some have no section."""
-    import pandas
-
     frame = pandas.DataFrame([
         {"result": f"<a href='#r{i}'>{html.escape(n)}</a>" if i < shown else html.escape(n), "model": v.model,
          "layers": len(v.layers), "steps": len(v.layout.steps), **v.per_trace}
-        for i, (n, v) in enumerate(zip(names, views))])
+        for i, (n, v) in enumerate(zip(names, views, strict=True))])
     note = "" if shown == len(views) else (
         f"<p style='font-size:12px;color:#666'>Sections below for the first {shown} of {len(views)} results; "
         "open any other with <code>StepSaliency.load(path).show()</code>, or write the page with "
@@ -141,5 +140,6 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[Any], names: Sequ
     sections = list(extra_sections)
     if len(views) > 1:
         sections.append(results_index(views, names, shown))
-    sections += [result_section(v, n, f"r{i}") for i, (n, v) in enumerate(zip(names[:shown], views[:shown]))]
+    sections += [result_section(v, n, f"r{i}")
+                 for i, (n, v) in enumerate(zip(names[:shown], views[:shown], strict=True))]
     return write_page(out_dir, title, sections)

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas
 
 from .labels import step_labels
 
 if TYPE_CHECKING:
-    import pandas
-
     from ..traces import StepLayout
-
-
-def _pandas():
-    import pandas
-
-    return pandas
 
 
 def _number(value: Any) -> float:
@@ -38,7 +33,7 @@ def saliency_frame(maps: Any, layers: Sequence[int], layout: StepLayout, **attrs
     n = len(layout.steps)
     rows = [(layer, q, k, kinds[q], kinds[k], labels[q], labels[k], float(values[i][q][k]))
             for i, layer in enumerate(layers) for q in range(n) for k in range(n)]
-    frame = _pandas().DataFrame(rows, columns=["layer", "step_q", "step_k", "kind_q", "kind_k", "label_q",
+    frame = pandas.DataFrame(rows, columns=["layer", "step_q", "step_k", "kind_q", "kind_k", "label_q",
                                                "label_k", "value"])
     frame.attrs.update(attrs)
     return frame
@@ -50,8 +45,8 @@ def layer_frame(layers: Sequence[int], values: Mapping[str, Any], long: bool = T
     columns = {measure: [_number(v) for v in series] for measure, series in values.items()}
     if long:
         rows = [(layer, measure, columns[measure][i]) for i, layer in enumerate(layers) for measure in columns]
-        return _pandas().DataFrame(rows, columns=["layer", "measure", "value"])
-    return _pandas().DataFrame({"layer": list(layers), **columns})
+        return pandas.DataFrame(rows, columns=["layer", "measure", "value"])
+    return pandas.DataFrame({"layer": list(layers), **columns})
 
 
 def wide(frame: pandas.DataFrame) -> pandas.DataFrame:
@@ -64,13 +59,13 @@ def wide(frame: pandas.DataFrame) -> pandas.DataFrame:
 
 def record_frame(record: Mapping[str, Any]) -> pandas.DataFrame:
     """One row: a column per key (say, a trace's per-trace measures)."""
-    return _pandas().DataFrame([dict(record)])
+    return pandas.DataFrame([dict(record)])
 
 
 def records_frame(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pandas.DataFrame:
     """One row per record, the given columns in their order (an empty frame with those columns when
     there are no records)."""
-    return _pandas().DataFrame([[record.get(c) for c in columns] for record in records], columns=list(columns))
+    return pandas.DataFrame([[record.get(c) for c in columns] for record in records], columns=list(columns))
 
 
 def comparison_frame(rows: Sequence[Mapping[str, Any]], label_a: str, label_b: str, confidence: float,
@@ -79,7 +74,7 @@ def comparison_frame(rows: Sequence[Mapping[str, Any]], label_a: str, label_b: s
     CIs. ``rows``: mappings with measure, n_a, n_b, mean_a, mean_b, diff, diff_ci, hedges_g, g_ci, dropped."""
     records = [(r["measure"], r["n_a"], r["n_b"], r["mean_a"], r["mean_b"], r["diff"], r["diff_ci"][0],
                 r["diff_ci"][1], r["hedges_g"], r["g_ci"][0], r["g_ci"][1], r.get("dropped", 0)) for r in rows]
-    frame = _pandas().DataFrame(records, columns=[
+    frame = pandas.DataFrame(records, columns=[
         "measure", f"n_{label_a}", f"n_{label_b}", f"mean_{label_a}", f"mean_{label_b}", "diff", "diff_lo",
         "diff_hi", "hedges_g", "g_lo", "g_hi", "dropped"])
     frame.attrs.update(confidence=confidence, n_boot=n_boot, diff=f"{label_b} - {label_a}", labels=(label_a, label_b))
@@ -94,18 +89,18 @@ def flow_stats_frame(data: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> pan
             for layer, d in data["oeb"].items()]
     rows += [("SMI", layer, None, None, None, None, d["injections"], d["mean_norm"])
              for layer, d in data["smi"].items()]
-    return _pandas().DataFrame(rows, columns=["part", "layer", "rows", "changed", "bridge_mass_before",
+    return pandas.DataFrame(rows, columns=["part", "layer", "rows", "changed", "bridge_mass_before",
                                               "bridge_mass_after", "injections", "mean_norm"])
 
 
 def steps_frame(layout: StepLayout, width: int = 90) -> pandas.DataFrame:
     """One row per step: its label, kind, token span and the start of its text."""
     rows = []
-    for label, step in zip(step_labels(layout), layout.steps):
+    for label, step in zip(step_labels(layout), layout.steps, strict=True):
         text = " ".join(step.text.split())
         rows.append((label, step.kind, f"{step.token_span[0]}-{step.token_span[1]}",
                      text if len(text) <= width else text[:width - 3] + "..."))
-    return _pandas().DataFrame(rows, columns=["step", "kind", "tokens", "text"])
+    return pandas.DataFrame(rows, columns=["step", "kind", "tokens", "text"])
 
 
 # ---------------------------------------------------------------- text
@@ -132,13 +127,15 @@ def text_table(frame: pandas.DataFrame, digits: int = 4, headers: Mapping[str, s
         values = frame.iloc[:, i].tolist()
         names.append(str(headers.get(column, column)))
         columns.append([cell(v, digits) for v in values])
-        left.append(frame.dtypes.iloc[i] == object and all(isinstance(v, str) for v in values))
-    widths = [max([len(name), *map(len, column)]) for name, column in zip(names, columns)]
+        # a numpy dtype compared with the object type (dtype('O') == object), not a type comparison
+        left.append(frame.dtypes.iloc[i] == object and all(isinstance(v, str) for v in values))  # noqa: E721
+    widths = [max([len(name), *map(len, column)]) for name, column in zip(names, columns, strict=True)]
 
     def line(texts: Sequence[str]) -> str:
-        return " ".join(t.ljust(w) if lft else t.rjust(w) for t, w, lft in zip(texts, widths, left)).rstrip()
+        cells = zip(texts, widths, left, strict=True)
+        return " ".join(t.ljust(w) if lft else t.rjust(w) for t, w, lft in cells).rstrip()
 
-    return "\n".join([line(names), *(line(row) for row in zip(*columns))])
+    return "\n".join([line(names), *(line(row) for row in zip(*columns, strict=True))])
 
 
 def comparison_text(frame: pandas.DataFrame) -> str:

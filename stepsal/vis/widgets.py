@@ -3,7 +3,8 @@ heads as heads), tokens coloured by values, a layout's segmentation."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
