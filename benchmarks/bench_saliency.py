@@ -7,7 +7,7 @@
    the floor of any attention x gradient method). Target: <= 1.15x.
 2. peak memory (each measurement in a fresh process: peak RSS during the call, reset through
    /proc/self/clear_refs, minus RSS before it) vs the same
-   baselines; target <= 1.25x. Long-trace mode (blockwise kernel): on the 2-layer model against a
+   baselines; target <= 1.25x. Blockwise mode: on the 2-layer model against a
    plain forward+backward at T = 2048 and 4096 (time <= 1.5x), alone at T = 8192 and 16384
    (<= 3 GB); on SmolLM2-135M against the normal mode at T = 2048 and alone up to T = 16384 (< 8 GB).
 3. pooling: one matrix product vs the reference's double loop over step pairs at S = 60, T = 2000;
@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-LONG_CONTEXT = 32768  # positions the long-trace runs allow (SmolLM2's own config says 8192)
+LONG_CONTEXT = 32768  # positions the long blockwise runs allow (SmolLM2's own config says 8192)
 
 
 def random_model(n_layers: int):
@@ -97,9 +97,9 @@ def run_once(kind: str, model, trace) -> None:
             logits = model(tokens)
             torch.autograd.grad(F.cross_entropy(logits[0, :-1], tokens[0, 1:]), store["x"])
     elif kind == "saliency":
-        stepsal.step_saliency(model, trace, checkpoint=False)
+        stepsal.step_saliency(model, trace, mode="patterns")
     elif kind == "saliency_long":
-        stepsal.step_saliency(model, trace, checkpoint=True)
+        stepsal.step_saliency(model, trace, mode="blockwise")
     else:
         raise ValueError(kind)
 
@@ -158,10 +158,10 @@ def bench_time_and_memory(sizes: list[int], layer_counts: list[int], repeats: in
                   f"{r['saliency']['peak'] / r['fb_input']['peak']:12.2f}", flush=True)
 
 
-def bench_linear_mode(long_sizes: list[int]) -> None:
-    """The long-trace mode (blockwise kernel, memory linear in T) on the 2-layer SmolLM2-width model:
+def bench_blockwise_two_layers(long_sizes: list[int]) -> None:
+    """The blockwise mode (memory linear in T) on the 2-layer SmolLM2-width model:
     against a plain forward+backward where that fits, alone at T = 16384."""
-    print("\n== 2b. long-trace mode (checkpoint=True, blockwise kernel), 2 layers with SmolLM2's widths")
+    print("\n== 2b. blockwise mode, 2 layers with SmolLM2's widths")
     print(f"{'T':>6} {'fb_input s':>10} {'pattern s':>9} {'long s':>8} {'long/fb_input':>13} "
           f"{'fb_input GB':>11} {'pattern GB':>10} {'long GB':>8}")
     for n_tokens in (2048, 4096):
@@ -176,8 +176,8 @@ def bench_linear_mode(long_sizes: list[int]) -> None:
               f"{r['peak'] / 2**30:8.2f}   (target at 16384: <= 3 GB)", flush=True)
 
 
-def bench_long_mode(sizes: list[int]) -> None:
-    print("\n== 2c. long-trace mode on SmolLM2-135M-Instruct (30 layers; context raised past 8192)")
+def bench_blockwise_smollm2(sizes: list[int]) -> None:
+    print("\n== 2c. blockwise mode on SmolLM2-135M-Instruct (30 layers; context raised past 8192)")
     print(f"{'T':>6} {'mode':>14} {'time s':>8} {'peak GB':>8}")
     for n_tokens, kind in [(2048, "saliency"), *((t, "saliency_long") for t in sizes)]:
         r = measure(kind, 0, n_tokens, 1)
@@ -219,7 +219,7 @@ def bench_pooling(n_steps: int = 60, n_tokens: int = 2000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="T = 256 only, 4 layers")
-    parser.add_argument("--skip-long", action="store_true", help="skip the long-trace runs (T up to 16384, ~1 h)")
+    parser.add_argument("--skip-long", action="store_true", help="skip the long blockwise runs (T up to 16384, ~1 h)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -232,8 +232,8 @@ def main() -> None:
         return
     bench_time_and_memory([256, 1024, 2048], [4, 8], 2)
     if not args.skip_long:
-        bench_linear_mode([8192, 16384])
-        bench_long_mode([2048, 4096, 16384])
+        bench_blockwise_two_layers([8192, 16384])
+        bench_blockwise_smollm2([2048, 4096, 16384])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Model: random weights shaped like R1-Distill-Qwen-1.5B (Qwen2, 28 layers, d_model 1536, 12 heads,
 2 KV heads, vocab 151936), bf16. Measured side by side, in this one process:
 
-1. Step-Saliency at T = 2k, 4k, 8k, 16k, 32k (the long-trace mode also at 64k and 128k): ``normal`` and
-   ``long`` (blockwise kernel, memory linear in T) modes against
+1. Step-Saliency at T = 2k, 4k, 8k, 16k, 32k (the blockwise mode also at 64k and 128k): ``patterns`` and
+   ``blockwise`` (memory linear in T) modes against
    two baselines, a forward+backward through the same TransformerLens model (gradient to the
    embeddings, frozen parameters: ``tl_fb``) and the floor, plain transformers with sdpa attention
    and gradient checkpointing (``hf_sdpa_ckpt_fb``). Time (best of 2 after a warm-up at the smallest
@@ -146,8 +146,8 @@ def bench_saliency(bench: Bench, model, hf_sdpa, lengths: list[int]) -> None:
     kinds = {
         "tl_fb": lambda trace: tl_forward_backward(model, trace.tokens.to(device)),
         "hf_sdpa_ckpt_fb": lambda trace: hf_checkpointed_forward_backward(hf_sdpa, trace.tokens.to(device)),
-        "saliency_normal": lambda trace: stepsal.step_saliency(model, trace, mode="patterns"),
-        "saliency_long": lambda trace: stepsal.step_saliency(model, trace, mode="blockwise"),
+        "saliency_patterns": lambda trace: stepsal.step_saliency(model, trace, mode="patterns"),
+        "saliency_blockwise": lambda trace: stepsal.step_saliency(model, trace, mode="blockwise"),
     }
     warm = synthetic_trace(min(lengths), model.cfg.d_vocab)
     for fn in kinds.values():
@@ -156,7 +156,7 @@ def bench_saliency(bench: Bench, model, hf_sdpa, lengths: list[int]) -> None:
     for n_tokens in lengths:
         trace = synthetic_trace(n_tokens, model.cfg.d_vocab)
         for kind, fn in kinds.items():
-            if kind in failed or bench.left() < 30 or (n_tokens > 32768 and kind != "saliency_long"):
+            if kind in failed or bench.left() < 30 or (n_tokens > 32768 and kind != "saliency_blockwise"):
                 continue
             row = {"T": n_tokens, "kind": kind}
             try:

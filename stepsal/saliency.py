@@ -10,7 +10,7 @@ each block's input residual and stops before the logits; the loss is taken over 
 logits; the backward pass recomputes one block at a time, and the kernel's backward pass hands
 each block of queries' A and dL/dA = dL/dz . v to the pooler. Where the kernel cannot reproduce a
 model (checked on a probe input, see :func:`stepsal.blockwise_layers.blockwise_problem`), the
-long-trace mode recomputes blocks with the model's own attention instead (one layer's [H, T, T]
+blockwise mode recomputes blocks with the model's own attention instead (one layer's [H, T, T]
 tensors at a time), with a warning that says why.
 """
 
@@ -368,7 +368,7 @@ def _strip_caches(value: Any) -> Any:
 
 
 def _backward_recompute(model: TLModel, tokens: Tensor, target_fn: Callable, pooler: _LayerPooler) -> Tensor:
-    """The long-trace mode with the model's own attention (models the blockwise kernel does not cover)."""
+    """The recompute mode: blocks recomputed with the model's own attention (where the kernel does not reach)."""
     n_layers = model.cfg.n_layers
     block_inputs: list[Any] = [None] * n_layers
     store: dict[str, Tensor] = {}

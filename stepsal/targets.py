@@ -58,7 +58,7 @@ def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | No
 class RowTarget:
     """A built-in target as the logits rows it reads: the mean next-token loss over rows
     [start, end) (row p predicts token p + 1), or with ``token_id`` that logit in the one row
-    (the long-trace mode computes logits for these rows only, in chunks)."""
+    (the blockwise mode computes logits for these rows only, in chunks)."""
 
     start: int
     end: int

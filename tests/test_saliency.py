@@ -89,10 +89,10 @@ def test_targets_match_transformers(tl_models, hf_models, trace):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_long_trace_mode_equals_normal_mode(tl_models, trace, arch, backend):
+def test_blockwise_mode_equals_patterns_mode(tl_models, trace, arch, backend):
     model = tl_models[(arch, backend)]
-    normal = step_saliency(model, trace, per_head=True, checkpoint=False)
-    long = step_saliency(model, trace, per_head=True, checkpoint=True)
+    normal = step_saliency(model, trace, per_head=True, mode="patterns")
+    long = step_saliency(model, trace, per_head=True, mode="blockwise")
     assert_close_relative(long.sums, normal.sums.double(), tol=1e-5)
     assert_close_relative(long.head_sums, normal.head_sums.double(), tol=1e-5)
 
@@ -110,8 +110,8 @@ def test_head_maps_average_to_layer_maps_and_layers_subset(tl_models, trace):
     full = step_saliency(model, trace, per_head=True)
     assert full.head_maps.shape == (2, 4, trace.layout.n_steps, trace.layout.n_steps)
     torch.testing.assert_close(full.head_maps.mean(1), full.maps, rtol=1e-5, atol=1e-12)
-    for checkpoint in (False, True):  # the backward pass stops at the lowest requested layer
-        second = step_saliency(model, trace, layers=[1], checkpoint=checkpoint)
+    for mode in ("patterns", "blockwise"):  # the backward pass stops at the lowest requested layer
+        second = step_saliency(model, trace, layers=[1], mode=mode)
         assert second.layers == [1]
         torch.testing.assert_close(second.sums[0], full.sums[1])
 
@@ -158,13 +158,13 @@ def test_token_ids_outside_the_vocabulary(tl_models, trace):
         step_saliency(tl_models[("llama", BACKENDS[0])], bad)
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_nan_gradients_are_reported(tl_models, trace, checkpoint):
+@pytest.mark.parametrize("mode", ["patterns", "blockwise"])
+def test_nan_gradients_are_reported(tl_models, trace, mode):
     def nan_gradient(logits):  # value 0, gradient inf * 0 = NaN
         return torch.sqrt(logits[-1, 0] - logits[-1, 0])
 
     with pytest.raises(NonFiniteGradientError, match="NaN/inf saliency"):
-        step_saliency(tl_models[("llama", "bridge")], trace, target=nan_gradient, checkpoint=checkpoint)
+        step_saliency(tl_models[("llama", "bridge")], trace, target=nan_gradient, mode=mode)
     with pytest.raises(NonFiniteGradientError, match="target value is nan"):
         step_saliency(tl_models[("llama", BACKENDS[0])], trace, target=lambda lg: lg.sum() * float("nan"))
 
@@ -191,9 +191,9 @@ def all_hooks(model):
     return sum(hook_points) + sum(block_pre_hooks)
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("mode", ["patterns", "blockwise"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hooks_removed_and_parameters_restored_when_an_exception_escapes(tl_models, trace, backend, checkpoint):
+def test_hooks_removed_and_parameters_restored_when_an_exception_escapes(tl_models, trace, backend, mode):
     model = tl_models[("llama", backend)]
     flags = [p.requires_grad for p in model.parameters()]
     before = all_hooks(model)
@@ -202,10 +202,10 @@ def test_hooks_removed_and_parameters_restored_when_an_exception_escapes(tl_mode
         raise KeyError("boom inside the target")
 
     with pytest.raises(KeyError, match="boom"):
-        step_saliency(model, trace, target=failing, checkpoint=checkpoint)
+        step_saliency(model, trace, target=failing, mode=mode)
     assert all_hooks(model) == before == 0
     assert [p.requires_grad for p in model.parameters()] == flags
-    step_saliency(model, trace, checkpoint=checkpoint)  # and it still works afterwards
+    step_saliency(model, trace, mode=mode)  # and it still works afterwards
 
 
 def test_runtime_shape_checking_is_active():
@@ -227,8 +227,8 @@ def test_result_metrics_and_figure(tl_models, trace, tmp_path):
         plot_step_maps(result.maps, result.layers, result.layout, panels=[7])
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_no_attention_sized_tensor_outlives_the_call(tl_models, trace, checkpoint):
+@pytest.mark.parametrize("mode", ["patterns", "blockwise"])
+def test_no_attention_sized_tensor_outlives_the_call(tl_models, trace, mode):
     """A gradient hook that closes over its own tensor leaks it through a C++ reference cycle."""
     import gc
 
@@ -240,8 +240,8 @@ def test_no_attention_sized_tensor_outlives_the_call(tl_models, trace, checkpoin
         return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-2:] == (T, T)]
 
     before = len(live_patterns())
-    step_saliency(model, trace, checkpoint=checkpoint)
-    step_saliency(model, trace, checkpoint=checkpoint, target=lambda lg: lg[-1, 3])
+    step_saliency(model, trace, mode=mode)
+    step_saliency(model, trace, mode=mode, target=lambda lg: lg[-1, 3])
     assert len(live_patterns()) == before
 
 
@@ -274,3 +274,17 @@ def test_results_keep_their_options_through_save_and_load(tl_models, trace, tmp_
     custom = step_saliency(model, trace, target=lambda logits: logits[-1, 3], layers=[1])
     assert custom.options is not None and callable(custom.options.target)
     assert StepSaliency.load(custom.save(tmp_path / "c.safetensors")).options is None  # a callable is not saved
+
+
+
+def test_checkpoint_is_the_deprecated_name_of_mode(tl_models, trace):
+    """checkpoint=True/False still works (blockwise/patterns) with a DeprecationWarning, and not beside mode=."""
+    model = tl_models[("llama", "bridge")]
+    with pytest.warns(DeprecationWarning, match="mode='blockwise'"):
+        old = step_saliency(model, trace, checkpoint=True)
+    assert old.options.mode == "blockwise"
+    torch.testing.assert_close(old.sums, step_saliency(model, trace, mode="blockwise").sums)
+    with pytest.warns(DeprecationWarning):
+        assert step_saliency(model, trace, checkpoint=False).options.mode == "patterns"
+    with pytest.raises(stepsal.StepsalError, match="not checkpoint= as well"):
+        step_saliency(model, trace, checkpoint=True, mode="blockwise")

@@ -1,6 +1,6 @@
 """The two fast modes of issue 9, each against the path that defines it.
 
-1. Long-trace Step-Saliency through the blockwise kernel (memory linear in T) equals the
+1. Step-Saliency's blockwise mode (the blockwise kernel (memory linear in T) equals the
    pattern-hook result, on every architecture family that loads.
 2. StepFlow on a plain transformers model generates the hook path's tokens and statistics.
 """
@@ -20,7 +20,7 @@ from stepsal import StepFlow, Trace, generate, step_saliency
 from stepsal.blockwise import AttentionSpec, blockwise_attention, reference_attention
 from stepsal.blockwise_layers import blockwise_problem
 
-# ---------------------------------------------------------------- 1. the kernel and the long-trace mode
+# ---------------------------------------------------------------- 1. the kernel and the blockwise mode
 
 CHECK = " Let me check the product again."
 LONG_TRACE = THINK_TRACE.replace(CHECK, CHECK * 12)
@@ -72,10 +72,10 @@ def test_long_trace_mode_equals_the_pattern_hooks(arch, backend, tokenizer, monk
     monkeypatch.setattr(stepsal.saliency, "LOGIT_ROWS", 37)  # several chunks of logits
     trace = Trace.from_text(LONG_TRACE, model)  # longer than one block of queries
     for target in ("all", "summary", 5):
-        pattern = step_saliency(model, trace, target=target, per_head=True, token_level=True, checkpoint=False)
+        pattern = step_saliency(model, trace, target=target, per_head=True, token_level=True, mode="patterns")
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*blockwise kernel")  # no fallback
-            linear = step_saliency(model, trace, target=target, per_head=True, token_level=True, checkpoint=True)
+            linear = step_saliency(model, trace, target=target, per_head=True, token_level=True, mode="blockwise")
         assert linear.layers == pattern.layers
         for name in ("sums", "head_sums", "token_sums"):
             a, b = getattr(pattern, name), getattr(linear, name)
@@ -103,11 +103,11 @@ def test_long_trace_mode_never_forms_an_attention_sized_tensor(tl_models, tokeni
     trace = Trace.from_text(THINK_TRACE.replace(CHECK, CHECK * 22), tokenizer)  # T ~ 480
     n_tokens, n_heads = len(trace), model.cfg.n_heads
     with _LargestTensor() as watch:
-        step_saliency(model, trace, checkpoint=True)
+        step_saliency(model, trace, mode="blockwise")
     assert n_tokens > 400
     assert watch.largest <= n_heads * 256 * n_tokens  # blocks of 256 queries x at most T keys
     with _LargestTensor() as watch:
-        step_saliency(model, trace, checkpoint=False)
+        step_saliency(model, trace, mode="patterns")
     assert watch.largest >= n_heads * n_tokens * n_tokens  # the pattern path does form it
     for threshold, linear in ((n_tokens + 1, False), (n_tokens, True)):  # automatic: from BLOCKWISE_FROM tokens
         monkeypatch.setattr(stepsal.saliency, "BLOCKWISE_FROM", threshold)
@@ -119,8 +119,8 @@ def test_long_trace_mode_never_forms_an_attention_sized_tensor(tl_models, tokeni
 def test_rule_g_falls_back_with_a_warning_and_the_same_result(tl_models, trace_for_g):
     model = tl_models[("llama", BACKENDS[0])]
     with pytest.warns(UserWarning, match="rule='g'"):
-        long = step_saliency(model, trace_for_g, rule="g", checkpoint=True)
-    normal = step_saliency(model, trace_for_g, rule="g", checkpoint=False)
+        long = step_saliency(model, trace_for_g, rule="g", mode="blockwise")
+    normal = step_saliency(model, trace_for_g, rule="g", mode="patterns")
     assert torch.allclose(long.sums, normal.sums, rtol=1e-4, atol=1e-8)
 
 

@@ -31,13 +31,14 @@ from ..blockwise import eager_pattern
 from ..errors import UnsupportedModelError
 from ..model_types import HFModel
 from .attention import routed_attention
-from .base import DecodeStep, ModelAdapter
+from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
 
 if TYPE_CHECKING:
     from ..stepflow.config import StepFlow
     from ..stepflow.hooks import FlowRun
 
-ATTENTION_TYPES = {"full_attention", "sliding_attention"}  # chunked attention: not on the fast path
+# the softmax-attention layer types of the one set, less chunked attention: its masks are untested here
+FAST_PATH_TYPES = ATTENTION_LAYER_TYPES - {"chunked_attention"}
 
 
 def is_transformers_model(model: HFModel) -> bool:
@@ -49,7 +50,7 @@ def decoder_layers(model: HFModel) -> list[Any]:
     config = model.config.get_text_config()
     types = set(getattr(config, "layer_types", None) or [])
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if types - ATTENTION_TYPES or layers is None or not all(
+    if types - FAST_PATH_TYPES or layers is None or not all(
             hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj") for layer in layers):
         raise UnsupportedModelError(
             f"StepFlow's transformers fast path covers decoder-only models whose every layer has softmax "

@@ -59,7 +59,7 @@ class FlowEffect:
 def saliency_change(model: TLModel, trace: Trace, flow: StepFlow, **saliency_kwargs: Any) -> FlowEffect:
     """Step-Saliency of ``trace`` twice, plain and with ``flow`` attached (teacher forcing).
 
-    Keyword arguments go to :func:`stepsal.step_saliency` (target, rule, norm, ...). The long-trace
+    Keyword arguments go to :func:`stepsal.step_saliency` (target, rule, norm, ...). The blockwise
     mode is not used here: it would run StepFlow's hooks twice per block.
     """
     saliency_kwargs["mode"] = "patterns"

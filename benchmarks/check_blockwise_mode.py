@@ -1,11 +1,11 @@
-"""The long-trace mode (blockwise kernel) against the pattern hooks on every architecture of docs/models.md.
+"""The blockwise mode (blockwise kernel) against the pattern hooks on every architecture of docs/models.md.
 
 For each tiny architecture (tests/archs.py) and backend that loads: the relative difference of the
 step sums, per-head sums and token-level sums between ``mode="patterns"`` (pattern hooks) and
 ``mode="blockwise"`` (blockwise kernel), targets "all" and a token's logit; or why the kernel does
-not cover the model (then the long-trace mode falls back to the model's own attention).
+not cover the model (then the blockwise mode falls back to the model's own attention).
 
-Usage: python benchmarks/check_long_mode.py   (about a minute on 2 cores)
+Usage: python benchmarks/check_blockwise_mode.py   (about a minute on 2 cores)
 """
 
 import os
