@@ -33,6 +33,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     e.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
     e.add_argument("--shard", default=None, help="i/n: this process takes every n-th problem from the i-th")
     e.add_argument("--merge", action="store_true", help="only summarise the samples already in --out (all shards)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="discard samples in --out made with other settings (a rerun refuses them otherwise)")
     e.add_argument("--out", default="stepsal-eval", help="folder of samples*.jsonl and summary.json")
     e.set_defaults(func=eval_command)
 
@@ -97,7 +99,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print(flow.describe(model))
     result = evaluate(model, problems, flow, out=out, k=args.k, greedy=not args.no_greedy,
                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                      seed=args.seed, shard=shard)
+                      seed=args.seed, shard=shard, overwrite=args.overwrite)
     if shard[1] > 1:
         print(f"shard {shard[0]}/{shard[1]} done; when every shard is: stepsal eval --merge --out {out}")
         return 0

@@ -41,6 +41,10 @@ class ResultsNotFoundError(StepsalError, FileNotFoundError):
     """A folder without the saved results or samples a study reads."""
 
 
+class SettingsMismatchError(StepsalError):
+    """An output folder holding results made with other settings than the run resuming into it."""
+
+
 class HookPointError(StepsalError, KeyError):
     """A hook point name that the model does not have."""
 

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import StepsalError, StepsalWarning
+from .errors import OptionError, StepsalError, StepsalWarning
 from .stats import bootstrap_indices, percentile_interval
 from .storage import floats, plain
 from .traces import QUESTION, SUMMARY, THINKING
@@ -109,8 +109,20 @@ def _mean_rows(values: Tensor) -> Tensor:
     return values.mean(-1)
 
 
+def require_unsigned(result, what: str) -> None:
+    """Refuse signed maps (rule='ag_signed'): the measures read each row as a distribution."""
+    rule = getattr(result, "rule", None)
+    if rule == "ag_signed":
+        raise OptionError(
+            f"{what} reads saliency maps as distributions (shares that add up to 1), but this result has "
+            "rule='ag_signed', whose signed entries cancel and are no shares. Compute the measures on "
+            "rule='ag' (step_saliency(..., rule='ag')), or use result.normalized(...) yourself.")
+
+
 def layer_metrics(result) -> LayerMetrics:
-    """Per-layer measures of a :class:`~stepsal.saliency.StepSaliency`."""
+    """Per-layer measures of a :class:`~stepsal.saliency.StepSaliency` (not of signed maps:
+    rule='ag_signed' is refused)."""
+    require_unsigned(result, "metrics()")
     rows = result.normalized("row").double()  # [L, S, S]
     layout = result.layout
     question, thinking, summary = (layout.steps_of(s) for s in (QUESTION, THINKING, SUMMARY))
@@ -147,6 +159,7 @@ def reference_measures(result) -> dict[str, Float[Tensor, " layer"]]:
     (``analysis_block_intensity``) and their ratio (``final_heat_anomaly``, about 1 when normal).
     Computed here on exact token -> step alignment (the reference's mapping drifts). NaN where a
     trace has no summary."""
+    require_unsigned(result, "reference_measures()")
     maps = result.normalized("block").double()  # [L, S, S]
     layout = result.layout
     thinking, summary = (torch.tensor(layout.steps_of(s), dtype=torch.long) for s in (THINKING, SUMMARY))

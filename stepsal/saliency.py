@@ -579,14 +579,14 @@ def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: st
         if not layers or not all(0 <= layer < adapter.n_layers for layer in layers):
             raise StepsalError(f"layers must be a non-empty subset of 0..{adapter.n_layers - 1}; got {layers}.")
         sites.require_attention(layers, f"Step-Saliency on {adapter.label}")
-    description, target_fn = make_target(target, trace, answer)
+    description, target_fn = make_target(target, trace, answer, adapter.vocab_size)
     device = adapter.device
     tokens = trace.tokens.to(device)
     pooler = _LayerPooler(layers, trace.layout.membership(device=device), rule, per_head, adapter.n_heads,
                           token_level)
     run = _choose_mode(model, trace, rule, options.mode)
     if run is _backward_blockwise:
-        run = partial(_backward_blockwise, rows=row_target(target, trace, answer))
+        run = partial(_backward_blockwise, rows=row_target(target, trace, answer, adapter.vocab_size))
     try:
         with frozen_parameters(model), torch.enable_grad():
             run(model, tokens, target_fn, pooler)

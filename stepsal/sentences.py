@@ -21,7 +21,10 @@ from collections.abc import Callable
 # whitespace (। ۔ ։ ።)
 SPACED_STOPS = ".\u0964\u06d4\u0589\u1362"
 WIDE_STOPS = "\u3002\uff01\uff1f\uff61"
-SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}]\\s+|[{WIDE_STOPS}]+\\s*")
+# zero-width characters (U+200B/C/D, U+FEFF) that Python's \s does not match count as whitespace
+# after a stop: '.' + U+200B between two sentences ends the first
+ZERO_WIDTH = "\u200b\u200c\u200d\ufeff"
+SENTENCE_END = re.compile(f"[{re.escape(SPACED_STOPS)}][\\s{ZERO_WIDTH}]+|[{WIDE_STOPS}]+[\\s{ZERO_WIDTH}]*")
 BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 MIN_THINKING_CHARS = 15
 MIN_SUMMARY_CHARS = 10

@@ -30,10 +30,17 @@ def answer_token_span(trace: Trace, answer: str | tuple[int, int]) -> tuple[int,
     if isinstance(answer, tuple):
         start, end = answer
     else:
-        char = trace.text.rfind(answer)
-        if not answer or char < 0:
-            raise StepsalError(f"answer {answer!r} does not occur in the trace text; pass the answer "
-                               "exactly as written in the summary, or a token span (start, end).")
+        summary = (trace.layout.token_segment == SUMMARY).nonzero().flatten()
+        if summary.numel() == 0:
+            raise StepsalError(f"answer {answer!r}: the trace has no summary to find it in; pass a complete "
+                               "trace (thinking closed, then the summary), or a token span (start, end).")
+        summary_char = trace.offsets[int(summary[0])][0]
+        char = trace.text.rfind(answer, summary_char) if answer else -1  # the summary only
+        if char < 0:
+            where = (" (only before it: in the question or the thinking)" if answer and answer in trace.text
+                     else "")
+            raise StepsalError(f"answer {answer!r} does not occur in the trace's summary{where}; pass the "
+                               "answer exactly as written in the summary, or a token span (start, end).")
         overlapping = [t for t, (s, e) in enumerate(trace.offsets) if s < char + len(answer) and e > char]
         start, end = overlapping[0], overlapping[-1] + 1
     if not 1 <= start < end <= len(trace):
@@ -42,11 +49,11 @@ def answer_token_span(trace: Trace, answer: str | tuple[int, int]) -> tuple[int,
 
 
 def make_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None,
-                ) -> tuple[str, TargetFn]:
+                vocab_size: int | None = None) -> tuple[str, TargetFn]:
     """(description, function of the logits [T, V] of one trace -> scalar)."""
     if callable(target):
         return getattr(target, "__name__", "callable"), target
-    rows = row_target(target, trace, answer)
+    rows = row_target(target, trace, answer, vocab_size)
     assert rows is not None  # None only for a callable target, returned above
     if rows.token_id is not None:
         return f"logit[{rows.token_id}]@last", lambda logits: logits[-1, rows.token_id].float()
@@ -65,12 +72,18 @@ class RowTarget:
     token_id: int | None = None
 
 
-def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None) -> RowTarget | None:
+def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | None = None,
+               vocab_size: int | None = None) -> RowTarget | None:
     """The logits rows a target reads (None for a callable, which may read all of them); bad
-    targets are refused here."""
+    targets are refused here (a token id outside 0..vocab_size - 1 too, when ``vocab_size`` is given)."""
     if callable(target):
         return None
     if isinstance(target, int) and not isinstance(target, bool):
+        if target < 0 or (vocab_size is not None and target >= vocab_size):
+            vocab = f"0..{vocab_size - 1}" if vocab_size is not None else "0 or more"
+            raise OptionError(f"target={target} is no token id of this model (ids are {vocab}; a negative "
+                              "number is not read as a Python index). Pass a token id, e.g. "
+                              "tokenizer.convert_tokens_to_ids(...), or a named target.")
         return RowTarget(len(trace) - 1, len(trace), target)
     if target == "all":
         return RowTarget(0, len(trace) - 1)

@@ -135,3 +135,35 @@ def test_evaluate_is_paired_resumable_and_sharded(tl_models, tmp_path):
                                       frame.sort_values(key).reset_index(drop=True))
     row = json.loads(path.read_text().splitlines()[0])
     assert {"problem", "condition", "seed", "text", "answer", "correct", "new_tokens", "flow"} <= set(row)
+
+
+def test_a_rerun_with_other_settings_is_refused_and_reports_only_what_it_asked_for(tl_models, tmp_path):
+    """Rows record their settings: resuming with another model, sampling or StepFlow is refused with the
+    setting named (overwrite=True starts again); a rerun without StepFlow reports the baseline only."""
+    from stepsal.errors import SettingsMismatchError
+
+    model = tl_models[("llama", "bridge")]
+    problems = [TextProblem(f"q{i}", i) for i in range(2)]
+    flow = stepsal.StepFlow(oeb_layers=[0], smi_layers=[], tau_max=0.9)
+    run = {"k": 1, "max_new_tokens": 4, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = evaluate(model, problems, flow, out=tmp_path, **run)
+        assert set(first.frame["condition"]) == {"baseline", "stepflow"}
+        lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+        assert json.loads(lines[0])["settings"]["max_new_tokens"] == 4
+        for changed, message in [({"max_new_tokens": 5}, "max_new_tokens=4; this run asks for max_new_tokens=5"),
+                                 ({"seed": 1}, "seed=0; this run asks for seed=1"),
+                                 ({"temperature": 0.9}, "temperature=0.6; this run asks for temperature=0.9")]:
+            with pytest.raises(SettingsMismatchError, match=message):
+                evaluate(model, problems, flow, out=tmp_path, **{**run, **changed})
+        with pytest.raises(SettingsMismatchError, match="stepflow samples made with stepflow="):
+            evaluate(model, problems, stepsal.StepFlow(oeb_layers=[1], smi_layers=[]), out=tmp_path, **run)
+        with pytest.raises(SettingsMismatchError, match="made with model="):
+            evaluate(tl_models[("qwen2", "bridge")], problems, flow, out=tmp_path, **run)
+        baseline = evaluate(model, problems, None, out=tmp_path, **run)  # --no-stepflow: the baseline only
+        assert set(baseline.frame["condition"]) == {"baseline"} and len(baseline.frame) == 2 * (1 + 1)
+        assert (tmp_path / "samples.jsonl").read_text().splitlines() == lines  # nothing regenerated
+        fresh = evaluate(model, problems, None, out=tmp_path, overwrite=True, **{**run, "max_new_tokens": 5})
+    assert set(fresh.frame["condition"]) == {"baseline"}
+    assert {row["settings"]["max_new_tokens"] for row in fresh.frame.to_dict("records")} == {5}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -49,6 +51,10 @@ class StepFlow:
                     object.__setattr__(self, name, tuple(sorted({operator.index(layer) for layer in given})))
                 except TypeError:
                     raise StepsalError(f"{name} must be whole layer numbers; got {given!r}.") from None
+        for name, paper in (("tau_max", 0.15), ("alpha", 0.06)):  # nan passes every comparison; "0.1" is no number
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise StepsalError(f"{name} must be a finite number; got {value!r}. The paper uses {paper}.")
         if not 0 < self.tau_max < 1:
             raise StepsalError(f"tau_max must lie in (0, 1); got {self.tau_max}. The paper uses 0.15.")
         if self.alpha < 0:

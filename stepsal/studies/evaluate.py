@@ -27,7 +27,8 @@ import pandas
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ResultsNotFoundError, StepsalError
+from ..backends import adapter_for
+from ..errors import ResultsNotFoundError, SettingsMismatchError, StepsalError
 from ..generation import generate
 from ..model_types import Model
 from ..stats import bootstrap_mean_interval
@@ -88,18 +89,27 @@ def _key(row: dict) -> tuple:
 def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
              k: int = 4, greedy: bool = True, temperature: float = R1_SAMPLING["temperature"],
              top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
-             shard: tuple[int, int] = (0, 1), progress: bool = True) -> EvalResult:
+             shard: tuple[int, int] = (0, 1), progress: bool = True, overwrite: bool = False) -> EvalResult:
     """Answer ``problems`` (objects with ``id``, ``messages()`` and ``answer``) under each condition.
 
-    Returns the :class:`EvalResult` of every sample in ``out`` (all shards found there).
+    Each row records the settings that produced it (model, sampling, StepFlow). A rerun into the same
+    folder resumes, and refuses (:class:`SettingsMismatchError`, naming the setting) samples made with
+    other settings; ``overwrite=True`` discards this shard's samples first. Returns the samples this
+    call asked for (its problems, conditions, modes and k) from every shard found in ``out``.
     """
     if k < 0 or (k == 0 and not greedy):
         raise StepsalError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = shard_file(folder, shard)
-    done = {_key(row) for row in _read_jsonl(path)}
+    if overwrite:
+        path.unlink(missing_ok=True)
     conditions = {"baseline": None} | ({"stepflow": flow} if flow is not None else {})
+    settings = {condition: _settings(model, condition_flow, max_new_tokens, temperature, top_p, seed)
+                for condition, condition_flow in conditions.items()}
+    existing = _read_jsonl(path)
+    _check_settings(existing, settings, path)
+    done = {_key(row) for row in existing}
     modes = ([("greedy", 1)] if greedy else []) + ([("sampled", k)] if k else [])
     mine = list(problems)[shard[0]::shard[1]]
     work = [(p, c, m, n) for p in mine for c in conditions for m, n in modes
@@ -118,17 +128,40 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
             flow_stats = _flow_summary(result.stats)
             for i, (text, tokens, start) in enumerate(zip(result.texts, result.tokens, result.prompt_lengths,
                                                           strict=True)):
-                answer = extract_answer(text)
+                answer = extract_answer(text, thinking_open=True)  # the prompt opened <think>: summary only
                 row = {"problem": problem.id, "condition": condition, "mode": mode, "sample": i,
                        "seed": batch_seed if mode == "sampled" else None, "gold": problem.answer,
                        "answer": answer, "correct": is_correct(answer, problem.answer),
                        "steps": getattr(problem, "n_steps", None), "new_tokens": len(tokens) - start,
                        "closed_think": "</think>" in text, "boxed": "\\boxed{" in text,
-                       "text": text, "flow": flow_stats,
+                       "text": text, "flow": flow_stats, "settings": settings[condition],
                        "prompt_length": start, "tokens": tokens.tolist()}  # exact ids: traces without retokenising
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
-    return load_samples(folder)
+    frame = load_samples(folder).frame
+    asked = frame["problem"].isin([p.id for p in problems]) & frame["condition"].isin(list(conditions)) & (
+        ((frame["mode"] == "greedy") & greedy) | ((frame["mode"] == "sampled") & (frame["sample"] < k)))
+    return EvalResult(frame=frame.loc[asked].reset_index(drop=True))
+
+
+def _settings(model: Model, flow: StepFlow | None, max_new_tokens: int, temperature: float, top_p: float,
+              seed: int) -> dict[str, Any]:
+    """What a sample of one condition depends on, as recorded in its row."""
+    return {"model": adapter_for(model).label, "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "top_p": top_p, "seed": seed, "stepflow": None if flow is None else flow.to_dict()}
+
+
+def _check_settings(rows: list[dict], settings: dict[str, dict[str, Any]], path: Path) -> None:
+    """Refuse to resume from rows that other settings produced (rows of other conditions are kept)."""
+    for row in rows:
+        recorded, wanted = row.get("settings"), settings.get(row.get("condition", ""))
+        if recorded is None or wanted is None or recorded == wanted:
+            continue
+        name = next(key for key in wanted if recorded.get(key) != wanted[key])
+        raise SettingsMismatchError(
+            f"{path} holds {row['condition']} samples made with {name}={recorded.get(name)!r}; this run asks for "
+            f"{name}={wanted[name]!r}. Use another --out, or overwrite=True (stepsal eval --overwrite) to discard "
+            "this folder's samples.")
 
 
 def _stable_hash(text: str) -> int:

@@ -1,7 +1,8 @@
 """Answers of reasoning traces: extract the final answer, compare it with the gold one, pass@k.
 
 - :func:`extract_answer`: the last ``\\boxed{...}`` after the thinking (nested braces), else the
-  last "final answer is / the answer is / Answer:" phrase, else the last number.
+  last "final answer is / the answer is / Answer:" phrase, else the last number. Only the summary
+  counts: a trace whose thinking never closes has no answer (a cut-off "... so 13 * " is no "13").
 - :func:`is_correct`: numbers compared exactly as fractions after normalising thousands commas,
   signs, decimals, ``a/b``, ``\\frac``, currency, percent and unit words; math-verify (optional
   extra) for what that does not parse; else normalised text.
@@ -42,8 +43,26 @@ def last_boxed(text: str) -> str | None:
     return found
 
 
-def extract_answer(text: str, fmt: str | TraceFormat = "think") -> str | None:
-    """The final answer of a generated trace, as written (None when there is nothing to take)."""
+def thinking_closed(text: str, fmt: str | TraceFormat = "think", thinking_open: bool = False) -> bool:
+    """Whether the thinking in ``text`` is over: its last thinking marker (or, with
+    ``thinking_open``, the prompt's, before ``text``) is followed by a summary marker. A text with
+    no thinking marker and ``thinking_open=False`` is a plain answer: True."""
+    fmt = get_format(fmt)
+    opened = [m.end() for m in re.finditer(fmt.thinking_start, text)]
+    if not opened and not thinking_open:
+        return True
+    return any(m.start() >= (opened[-1] if opened else 0) for m in re.finditer(fmt.summary_start, text))
+
+
+def extract_answer(text: str, fmt: str | TraceFormat = "think", thinking_open: bool = False) -> str | None:
+    """The final answer of a generated trace, as written (None when there is nothing to take).
+
+    The answer is read from the summary only: a text whose thinking never closes (the last thinking
+    marker has no summary marker after it) has none. ``thinking_open=True`` says the prompt opened
+    the thinking (a generated continuation after ``<think>``): then a text without the summary
+    marker has no answer either. Texts without any marker otherwise count as a plain answer."""
+    if not thinking_closed(text, fmt, thinking_open):
+        return None
     part = SPECIAL_TOKEN.sub(" ", after_thinking(text, fmt))  # '<|im_end|>' and the like are not the answer
     boxed = last_boxed(part)
     if boxed is not None and boxed.strip():  # an empty \boxed{} (an echoed instruction) is no answer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import StepsalError
 from .arithmetic import R1_INSTRUCTION, make_problems
@@ -28,6 +28,9 @@ class WordProblem:
     answer: int | str
     n_steps: int | None = None
 
+    def __post_init__(self) -> None:
+        check_problem_id(self.id, "WordProblem")
+
     def prompt(self) -> str:
         return f"{self.question}\n{R1_INSTRUCTION}"
 
@@ -35,8 +38,28 @@ class WordProblem:
         return [{"role": "user", "content": self.prompt()}]
 
 
+def check_problem_id(problem_id: str, where: str) -> str:
+    """``problem_id`` if it is safe as part of a file name (studies name files after it), else an
+    error naming it and ``where`` it came from: no path separator, '..', NUL, absolute path or empty id."""
+    bad = ("it is empty" if not problem_id.strip() else
+           "it contains a path separator" if "/" in problem_id or "\\" in problem_id else
+           "it contains '..'" if ".." in problem_id else
+           "it contains a NUL character" if "\0" in problem_id else
+           "it is an absolute path" if PurePosixPath(problem_id).is_absolute() or PureWindowsPath(problem_id).drive
+           else None)  # 'C:x' names a drive though it has no separator
+    if bad is not None:
+        raise StepsalError(f"{where}: problem id {problem_id!r} is not usable in file names ({bad}); "
+                           "use ids of letters, digits, '-', '_' and single dots, e.g. 'gsm-001'.")
+    return problem_id
+
+
 def load_problems(path: str | Path | None = None, limit: int | None = None) -> list[WordProblem]:
-    """Problems from a JSONL file (default: the shipped set), the first ``limit`` of them."""
+    """Problems from a JSONL file (default: the shipped set), the first ``limit`` of them.
+
+    Ids become file names in studies: ids with a path separator, '..', a NUL, an absolute path or
+    an empty id are refused, as is a negative ``limit``."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise StepsalError(f"limit must be a whole number >= 0 (or None for all problems); got {limit!r}.")
     path = Path(path) if path is not None else SHIPPED
     problems, seen = [], set()
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -44,6 +67,7 @@ def load_problems(path: str | Path | None = None, limit: int | None = None) -> l
             continue
         try:
             row = json.loads(line)
+            check_problem_id(str(row["id"]), f"{path}:{number}")
             problem = WordProblem(str(row["id"]), row["question"], row["answer"], row.get("steps"))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise StepsalError(f"{path}:{number}: each line needs a JSON object with 'id', 'question' and "
