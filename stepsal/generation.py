@@ -172,7 +172,8 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
         model = load_model(model, backend="bridge")
     adapter = adapter_for(model, tokenizer)
     if adapter.tokenizer is None:
-        raise StepsalError("a transformers model needs its tokenizer: generate(model, prompt, tokenizer=tokenizer).")
+        raise StepsalError(f"{type(adapter.model).__name__} has no tokenizer, and generate needs one: "
+                           "generate(model, prompt, tokenizer=tokenizer).")
     if (warning := adapter.generation_warning()) is not None:
         warnings.warn(warning, StepsalWarning, stacklevel=3)
     tokenizer = adapter.tokenizer

@@ -101,8 +101,8 @@ class SaliencyOptions:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings; a callable target is written as its name."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        if callable(self.target):
-            data["target"] = getattr(self.target, "__name__", "callable")
+        if callable(self.target):  # marked, so that no name reads as a built-in target
+            data["target"] = f"<callable {getattr(self.target, '__name__', '?')}>"
         for name in ("layers", "answer"):
             if isinstance(data[name], tuple):
                 data[name] = list(data[name])

@@ -74,14 +74,16 @@ def too_few_steps(n_thinking: int, minimum: str, lower: str) -> str:
 
 
 class StepSplitter:
-    """Step starts of one segment's text, fed in chunks; exact for any chunking.
+    """Step starts of one segment's text, fed in chunks; for the built-in delimiters (and any whose
+    unfinished match starts within ``lookback`` characters or just before trailing whitespace) the
+    same for any chunking as for the whole text at once.
 
     A delimiter match is *settled* once a character follows that it does not take (the default
     delimiters end in a greedy run of stops or whitespace); the piece before it is then judged with
     ``keep``. A kept piece makes the end of its delimiter a step start, *confirmed* when non-whitespace
     text arrives from there on. Positions are absolute: ``offset`` is the position of the first
-    character fed. Work per chunk is bounded by the chunk and ``lookback`` (how far back an
-    unfinished delimiter may begin: a stop waiting for its whitespace); memory by the current piece.
+    character fed. Work per chunk is bounded by the chunk, ``lookback`` and a trailing whitespace run;
+    memory by the current piece.
     """
 
     def __init__(self, delimiter: re.Pattern[str] = SENTENCE_END, keep: Keep = keep_thinking_piece,
@@ -114,7 +116,10 @@ class StepSplitter:
         while True:
             match = next((m for m in self.delimiter.finditer(self.buffer, self.scan_from) if m.end() > 0), None)
             if match is None:
-                self.scan_from = max(0, len(self.buffer) - self.lookback)
+                # a delimiter may still begin within the last ``lookback`` characters, or at the
+                # character before a trailing run of whitespace (a stop waiting for more of it)
+                blank_run = len(self.buffer) - len(self.buffer.rstrip())
+                self.scan_from = max(0, min(len(self.buffer) - self.lookback, len(self.buffer) - blank_run - 1))
                 break
             if match.end() == len(self.buffer) and not final:  # more of it may still come
                 self.scan_from = match.start()

@@ -80,9 +80,11 @@ def problems_file(ctx: Context, problem_id: Any) -> Path:
 
 
 def evaluated_row(ctx: Context, generated: str) -> tuple[Any, Any, Any]:
-    """(answer, correct, closed_think) of the row evaluate writes for one generated continuation."""
-    tokens = torch.tensor(ctx.tokenizer(generated)["input_ids"])
-    fake = SimpleNamespace(texts=[generated], tokens=[tokens], prompt_lengths=[0], stats=None)
+    """(answer, correct, closed_think) of the row evaluate writes for one generated continuation of a
+    prompt that opened the thinking (as R1-style chat templates do)."""
+    prompt = ctx.tokenizer("<|im_start|>assistant\n<think>\n")["input_ids"]
+    tokens = torch.tensor(prompt + ctx.tokenizer(generated)["input_ids"])
+    fake = SimpleNamespace(texts=[generated], tokens=[tokens], prompt_lengths=[len(prompt)], stats=None)
     problem = WordProblem("p1", "What is 6 plus 7?", 13)
     with mock.patch.object(stepsal.studies.evaluate, "generate", lambda *args, **kwargs: fake):
         stepsal.studies.evaluate.evaluate(ctx.model, [problem], out=ctx.folder / "eval", k=0, greedy=True,

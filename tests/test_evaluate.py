@@ -167,3 +167,46 @@ def test_a_rerun_with_other_settings_is_refused_and_reports_only_what_it_asked_f
         fresh = evaluate(model, problems, None, out=tmp_path, overwrite=True, **{**run, "max_new_tokens": 5})
     assert set(fresh.frame["condition"]) == {"baseline"}
     assert {row["settings"]["max_new_tokens"] for row in fresh.frame.to_dict("records")} == {5}
+
+
+@dataclass(frozen=True)
+class PlainProblem(TextProblem):
+    """A prompt that does not open the thinking: a plain answer counts."""
+
+    def messages(self):
+        return f"Question: what is {self.answer}? Answer:"
+
+
+def test_reruns_check_every_shard_and_greedy_rows_ignore_sampling_settings(tl_models, tmp_path, monkeypatch):
+    """A stale file of another shard layout with other settings is refused too (load_samples merges
+    them all); greedy rows do not depend on temperature, top_p or seed; a shard without problems in a
+    fresh folder returns no rows; an answer counts without a summary where the prompt opened no thinking."""
+    import stepsal.studies.evaluate as evaluate_module
+    from stepsal.errors import SettingsMismatchError
+
+    model = tl_models[("llama", "bridge")]
+    problems = [TextProblem(f"q{i}", i) for i in range(2)]
+    flow = stepsal.StepFlow(oeb_layers=[0], smi_layers=[], tau_max=0.9)
+    run = {"k": 0, "max_new_tokens": 3, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate(model, problems, flow, out=tmp_path / "a", **run)
+        with pytest.raises(SettingsMismatchError, match=r"samples\.jsonl holds stepflow samples"):
+            evaluate(model, problems, stepsal.StepFlow(oeb_layers=[1], smi_layers=[]), out=tmp_path / "a",
+                     shard=(0, 2), **run)
+        greedy = evaluate(model, problems, flow, out=tmp_path / "a", temperature=0.9, top_p=0.5, seed=3, **run)
+        assert len(greedy.frame) == 2 * 2  # reused: greedy answers do not depend on sampling settings
+        empty = evaluate(model, problems[:1], None, out=tmp_path / "b", shard=(1, 2), **run)
+        assert empty.frame.empty
+
+        def plain_answer(model, prompts, flow, **kwargs):  # a model that answers without thinking
+            result = original(model, prompts, flow, **kwargs)
+            result.texts = [" 7" for _ in result.texts]
+            return result
+
+        original = evaluate_module.generate
+        monkeypatch.setattr(evaluate_module, "generate", plain_answer)
+        plain = evaluate(model, [PlainProblem("p7", 7)], None, out=tmp_path / "c", **run)
+        opened = evaluate(model, [TextProblem("t7", 7)], None, out=tmp_path / "d", **run)
+    assert plain.frame["correct"].tolist() == [True]  # the prompt opened no thinking: " 7" is the answer
+    assert opened.frame["correct"].tolist() == [False]  # the prompt opened <think>: " 7" is unfinished thinking

@@ -181,3 +181,15 @@ def test_a_split_marker_undoes_the_step_its_first_characters_opened():
     assert labels == expected_steps(text, pieces)
     starts = [p for p in range(1, len(labels)) if labels[p] >= 1 and labels[p] != labels[p - 1]]
     assert injects == starts + [text.index("</think>")]
+
+
+def test_splitter_finds_a_blank_line_whose_whitespace_run_outgrows_the_lookback():
+    """A delimiter that starts before a long run of whitespace (a paragraph break with 70 spaces on
+    the empty line) is found fed one character at a time, as in one piece."""
+    from stepsal.sentences import BLANK_LINE, keep_summary_piece
+
+    text = "Paragraph one is long.\n" + " " * 70 + "\nParagraph two is long."
+    whole, _ = step_starts(text, 0, len(text), BLANK_LINE, keep_summary_piece)
+    splitter = StepSplitter(BLANK_LINE, keep_summary_piece)
+    assert whole == [text.index("Paragraph two")]
+    assert [start for char in text for start in splitter.feed(char)] + splitter.close() == whole

@@ -144,6 +144,10 @@ class TransformersAdapter(ModelAdapter):
         self.config = model.config.get_text_config()
 
     @property
+    def label(self) -> str:
+        return str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+
+    @property
     def n_layers(self) -> int:
         return self.config.num_hidden_layers
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..backends import adapter_for
 from ..errors import ResultsNotFoundError, SettingsMismatchError, StepsalError
+from ..formats import get_format, prompt_thinking_from
 from ..generation import generate
 from ..model_types import Model
 from ..stats import bootstrap_mean_interval
@@ -94,7 +95,8 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
 
     Each row records the settings that produced it (model, sampling, StepFlow). A rerun into the same
     folder resumes, and refuses (:class:`SettingsMismatchError`, naming the setting) samples made with
-    other settings; ``overwrite=True`` discards this shard's samples first. Returns the samples this
+    other settings (in any shard's file); ``overwrite=True`` discards the folder's samples first (a
+    shard: its own file). Returns the samples this
     call asked for (its problems, conditions, modes and k) from every shard found in ``out``.
     """
     if k < 0 or (k == 0 and not greedy):
@@ -102,14 +104,17 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = shard_file(folder, shard)
-    if overwrite:
-        path.unlink(missing_ok=True)
+    if overwrite:  # an unsharded run discards the folder's samples; a shard its own file
+        for old in sorted(folder.glob("samples*.jsonl")) if shard[1] == 1 else [path]:
+            old.unlink(missing_ok=True)
     conditions = {"baseline": None} | ({"stepflow": flow} if flow is not None else {})
     settings = {condition: _settings(model, condition_flow, max_new_tokens, temperature, top_p, seed)
                 for condition, condition_flow in conditions.items()}
+    for file in sorted(folder.glob("samples*.jsonl")):  # every shard's: load_samples merges them all
+        _check_settings(_read_jsonl(file), settings, file)
     existing = _read_jsonl(path)
-    _check_settings(existing, settings, path)
     done = {_key(row) for row in existing}
+    tokenizer = adapter_for(model).tokenizer
     modes = ([("greedy", 1)] if greedy else []) + ([("sampled", k)] if k else [])
     mine = list(problems)[shard[0]::shard[1]]
     work = [(p, c, m, n) for p in mine for c in conditions for m, n in modes
@@ -126,9 +131,12 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
                               do_sample=mode == "sampled", temperature=temperature, top_p=top_p,
                               seed=batch_seed if mode == "sampled" else None)
             flow_stats = _flow_summary(result.stats)
+            # where the prompt opened the thinking, an answer needs the summary marker in the text
+            prompt = tokenizer.decode(result.tokens[0][:result.prompt_lengths[0]].tolist()) if tokenizer else ""
+            opened = prompt_thinking_from(prompt, get_format("think")) < len(prompt)
             for i, (text, tokens, start) in enumerate(zip(result.texts, result.tokens, result.prompt_lengths,
                                                           strict=True)):
-                answer = extract_answer(text, thinking_open=True)  # the prompt opened <think>: summary only
+                answer = extract_answer(text, thinking_open=opened)
                 row = {"problem": problem.id, "condition": condition, "mode": mode, "sample": i,
                        "seed": batch_seed if mode == "sampled" else None, "gold": problem.answer,
                        "answer": answer, "correct": is_correct(answer, problem.answer),
@@ -139,6 +147,8 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
     frame = load_samples(folder).frame
+    if frame.empty:  # a shard without problems, in a fresh folder
+        return EvalResult(frame=frame)
     asked = frame["problem"].isin([p.id for p in problems]) & frame["condition"].isin(list(conditions)) & (
         ((frame["mode"] == "greedy") & greedy) | ((frame["mode"] == "sampled") & (frame["sample"] < k)))
     return EvalResult(frame=frame.loc[asked].reset_index(drop=True))
@@ -147,20 +157,31 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
 def _settings(model: Model, flow: StepFlow | None, max_new_tokens: int, temperature: float, top_p: float,
               seed: int) -> dict[str, Any]:
     """What a sample of one condition depends on, as recorded in its row."""
-    return {"model": adapter_for(model).label, "max_new_tokens": max_new_tokens, "temperature": temperature,
+    adapter = adapter_for(model)
+    dtype = str(next(adapter.model.parameters()).dtype).removeprefix("torch.")
+    return {"model": adapter.label, "dtype": dtype, "max_new_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "seed": seed, "stepflow": None if flow is None else flow.to_dict()}
+
+
+GREEDY_IGNORES = ("temperature", "top_p", "seed")  # greedy samples do not depend on these
 
 
 def _check_settings(rows: list[dict], settings: dict[str, dict[str, Any]], path: Path) -> None:
     """Refuse to resume from rows that other settings produced (rows of other conditions are kept)."""
     for row in rows:
         recorded, wanted = row.get("settings"), settings.get(row.get("condition", ""))
-        if recorded is None or wanted is None or recorded == wanted:
+        if not isinstance(recorded, dict) or wanted is None:  # rows from before settings were kept; other conditions
             continue
-        name = next(key for key in wanted if recorded.get(key) != wanted[key])
+        asked = set(wanted)
+        keys = sorted(set(recorded) | asked, key=lambda key: (key not in asked, key))  # the asked ones first
+        if row.get("mode") == "greedy":
+            keys = [key for key in keys if key not in GREEDY_IGNORES]
+        name = next((key for key in keys if recorded.get(key) != wanted.get(key)), None)
+        if name is None:
+            continue
         raise SettingsMismatchError(
             f"{path} holds {row['condition']} samples made with {name}={recorded.get(name)!r}; this run asks for "
-            f"{name}={wanted[name]!r}. Use another --out, or overwrite=True (stepsal eval --overwrite) to discard "
+            f"{name}={wanted.get(name)!r}. Use another --out, or overwrite=True (stepsal eval --overwrite) to discard "
             "this folder's samples.")
 
 
