@@ -111,9 +111,14 @@ class SaliencyOptions:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SaliencyOptions:
         """Settings from :meth:`to_dict` (unknown keys are refused, naming the known ones)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise OptionError(f"unknown saliency settings {unknown}: the settings are {sorted(known)}.")
+        refuse_unknown_settings(cls, data, "saliency settings")
         cls.check(data)
         return cls(**data)
+
+
+def refuse_unknown_settings(settings_class: type, data: dict[str, Any], what: str) -> None:
+    """Refuse keys that are no field of a settings dataclass, naming the fields (for ``from_dict``)."""
+    known = {f.name for f in fields(settings_class)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise OptionError(f"unknown {what} {unknown}: the settings are {sorted(known)}.")

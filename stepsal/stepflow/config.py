@@ -14,7 +14,7 @@ from ..backends import Model, adapter_for
 from ..errors import StepsalError, UnsupportedModelError
 from ..hookpoints import model_label
 from ..model_types import TLModel
-from ..options import SMI_SITES
+from ..options import SMI_SITES, refuse_unknown_settings
 from ..sites import attention_sites
 from ..traces import Trace
 from .hooks import FlowRun
@@ -75,10 +75,7 @@ class StepFlow:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepFlow:
         """Settings from :meth:`to_dict` (unknown keys are refused, naming the known ones)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise StepsalError(f"unknown StepFlow settings {unknown}: the settings are {sorted(known)}.")
+        refuse_unknown_settings(cls, data, "StepFlow settings")
         return cls(**data)
 
     def layers(self, n_layers: int) -> tuple[list[int], list[int]]:
