@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas
 import pytest
+from tiny import TextProblem
 
 import stepsal
 from stepsal.studies.evaluate import EvalResult, _majority, evaluate, load_samples, parse_shard, sign_flip_p_value
@@ -88,16 +89,6 @@ def test_problem_files_with_bad_lines_are_refused(tmp_path):
     path.write_text('{"id": "a", "question": "q?"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: .*'answer'"):
         load_problems(path)
-
-
-@dataclass(frozen=True)
-class TextProblem:
-    """A problem whose prompt is already in chat form (the tiny tokenizer has no chat template)."""
-    id: str
-    answer: int
-
-    def messages(self):
-        return f"<|im_start|>user\nWhat is {self.answer}?<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
 def test_evaluate_is_paired_resumable_and_sharded(tl_models, tmp_path):

@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pandas
 import pytest
 import torch
 from matplotlib.figure import Figure
-from tiny import THINK_TRACE
+from tiny import THINK_TRACE, TextProblem
 
 import stepsal
 from stepsal.metrics import Comparison, GroupComparison
@@ -70,16 +69,6 @@ def generation(model, traces):
 def sweep(model, traces):
     return stepsal.layer_sweep(model, traces, lambda layer, t: stepsal.knockout(model, t, "summary", "thinking",
                                                                                   layers=[layer]), progress=False)
-
-
-@dataclass(frozen=True)
-class TextProblem:
-    """A problem whose prompt is already in chat form (the tiny tokenizer has no chat template)."""
-    id: str
-    answer: int
-
-    def messages(self):
-        return f"<|im_start|>user\nWhat is {self.answer}?<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
 @pytest.fixture(scope="module")

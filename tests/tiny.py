@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -89,3 +91,13 @@ def save_folder(folder, model, tokenizer):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@dataclass(frozen=True)
+class TextProblem:
+    """A problem whose prompt is already in chat form (the tiny tokenizer has no chat template)."""
+    id: str
+    answer: int
+
+    def messages(self) -> str:
+        return f"<|im_start|>user\nWhat is {self.answer}?<|im_end|>\n<|im_start|>assistant\n<think>\n"
