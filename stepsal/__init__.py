@@ -12,7 +12,7 @@ _PUBLIC = {
     "TraceFormatError": "errors", "UnsupportedModelError": "errors", "StepsalWarning": "errors",
     "ArgumentTypeError": "errors", "HookPointError": "errors", "ModelNotFoundError": "errors",
     "NoGradientError": "errors", "OptionError": "errors", "ResultsNotFoundError": "errors",
-    "SettingsMismatchError": "errors",
+    "SettingsMismatchError": "errors", "DamagedFileError": "errors", "OutputBusyError": "errors",
     "FORMATS": "formats", "TraceFormat": "formats", "custom_format": "formats",
     "Generation": "generation", "generate": "generation",
     "LayerMetrics": "metrics", "compare_groups": "metrics", "layer_metrics": "metrics",
@@ -38,12 +38,14 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     from .embedded import embedded_folder as embedded_folder
     from .errors import (
         ArgumentTypeError as ArgumentTypeError,
+        DamagedFileError as DamagedFileError,
         HookPointError as HookPointError,
         ModelMismatchError as ModelMismatchError,
         ModelNotFoundError as ModelNotFoundError,
         NoGradientError as NoGradientError,
         NonFiniteGradientError as NonFiniteGradientError,
         OptionError as OptionError,
+        OutputBusyError as OutputBusyError,
         ResultsNotFoundError as ResultsNotFoundError,
         SettingsMismatchError as SettingsMismatchError,
         StepsalError as StepsalError,

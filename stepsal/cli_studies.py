@@ -33,6 +33,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     e.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
     e.add_argument("--shard", default=None, help="i/n: this process takes every n-th problem from the i-th")
     e.add_argument("--merge", action="store_true", help="only summarise the samples already in --out (all shards)")
+    e.add_argument("--skip-bad-rows", action="store_true",
+                   help="with --merge: summarise without lines that are no sample row (a warning names them)")
     e.add_argument("--overwrite", action="store_true",
                    help="discard samples in --out made with other settings (a rerun refuses them otherwise)")
     e.add_argument("--out", default="stepsal-eval", help="folder of samples*.jsonl and summary.json")
@@ -80,7 +82,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
     out = prepare_out(args.out)
     if args.merge:
-        print_eval_summary(load_samples(out), out)
+        print_eval_summary(load_samples(out, bad_rows="warn" if args.skip_bad_rows else "raise"), out)
         return 0
     problems = _problems(args)
     shard = parse_shard(args.shard) if args.shard else (0, 1)

@@ -45,6 +45,15 @@ class SettingsMismatchError(StepsalError):
     """An output folder holding results made with other settings than the run resuming into it."""
 
 
+class DamagedFileError(StepsalError):
+    """A saved file that cannot be read as what it should hold (bad JSON, wrong shapes, missing keys);
+    the message names the file."""
+
+
+class OutputBusyError(StepsalError):
+    """Another process (or another call) is writing the same output file or folder."""
+
+
 class HookPointError(StepsalError, KeyError):
     """A hook point name that the model does not have."""
 

@@ -1,6 +1,8 @@
 """Saving results as strict JSON (pandas frames with their dtypes, plain numbers): the formats behind
 the results' ``save`` / ``load``, next to safetensors for tensors. No dependency beyond pandas.
 
+:func:`writer_lock` keeps two processes from writing one output file or folder at once.
+
 Non-finite numbers are no JSON: NaN is written as null, +-inf as the strings "inf" / "-inf"; a frame's
 float columns (and :func:`floats`) turn both back into numbers.
 """
@@ -10,12 +12,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas
 
-from .errors import StepsalError
+from .errors import OutputBusyError, StepsalError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 
 def plain(value: Any) -> Any:
@@ -70,3 +79,23 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     if found != kind:
         raise StepsalError(f"{path} holds {'a ' + repr(found) if found else 'no stepsal result'}, not a saved {kind}.")
     return data
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike, fix: str) -> Iterator[None]:
+    """An exclusive lock on ``path`` (a folder, or a file, created if missing) while the block runs.
+
+    Held by another process, or by another open call in this one: :class:`OutputBusyError` naming
+    ``path`` and ``fix``. The operating system releases it when the process ends, so a killed run
+    leaves no stale lock. Where there is no ``flock`` (Windows) nothing is locked."""
+    path = Path(path)
+    descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputBusyError(f"another process is writing {path}: wait for it to finish, or {fix}.") from None
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock

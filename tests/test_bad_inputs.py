@@ -4,6 +4,9 @@ now gets (an error class and message, a warning, or a value). Add a row, not a f
 import dataclasses
 import json
 import math
+import re
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -20,7 +23,8 @@ from tiny import THINK_TRACE
 
 import stepsal
 import stepsal.studies.evaluate
-from stepsal.errors import OptionError, StepsalError
+from stepsal.cli import main as cli_main
+from stepsal.errors import DamagedFileError, OptionError, OutputBusyError, StepsalError, StepsalWarning
 from stepsal.stepflow.config import StepFlow
 from stepsal.tasks.answers import extract_answer, is_correct
 from stepsal.tasks.problems import WordProblem, load_problems
@@ -63,10 +67,17 @@ class Value:
 
 
 @dataclass(frozen=True)
+class Matches:
+    """The trigger's value, as text, matches this regular expression."""
+
+    pattern: str
+
+
+@dataclass(frozen=True)
 class Case:
     id: str
     trigger: Callable[[Context], Any]
-    expect: Raises | Warns | Value
+    expect: Raises | Warns | Value | Matches
 
 
 # ---------------------------------------------------------------- helpers the rows use
@@ -91,6 +102,76 @@ def evaluated_row(ctx: Context, generated: str) -> tuple[Any, Any, Any]:
                                           progress=False)
     row = json.loads((ctx.folder / "eval" / "samples.jsonl").read_text().splitlines()[0])
     return row["answer"], row["correct"], row["closed_think"]
+
+
+def fake_generation(ctx: Context, texts: list[str]) -> SimpleNamespace:
+    """What generate returns for ``texts`` continuing a prompt that opened the thinking."""
+    prompt = ctx.tokenizer("<|im_start|>assistant\n<think>\n")["input_ids"]
+    tokens = [torch.tensor(prompt + ctx.tokenizer(text)["input_ids"]) for text in texts]
+    return SimpleNamespace(texts=texts, tokens=tokens, prompt_lengths=[len(prompt)] * len(texts), stats=None)
+
+
+ANSWERED = "6 and 7 make 13.\n</think>\nSo \\boxed{13}."
+
+
+def evaluate_fake(ctx: Context, k: int = 3, during: Callable[[], Any] | None = None) -> stepsal.EvalResult:
+    """evaluate into ctx.folder/eval: one problem, ``k`` samples of ANSWERED (``during``: called inside
+    the first generate call)."""
+    def fake(*args: Any, **kwargs: Any) -> SimpleNamespace:
+        if during is not None:
+            during()
+        return fake_generation(ctx, [ANSWERED] * k)
+    problem = WordProblem("p1", "What is 6 plus 7?", 13)
+    with mock.patch.object(stepsal.studies.evaluate, "generate", fake):
+        return stepsal.studies.evaluate.evaluate(ctx.model, [problem], out=ctx.folder / "eval", k=k, greedy=False,
+                                                 progress=False)
+
+
+def damaged_samples(ctx: Context, damage: Callable[[list[bytes]], list[bytes]]) -> Path:
+    """ctx.folder/eval after a 3-sample evaluate, its samples.jsonl's lines changed by ``damage``."""
+    evaluate_fake(ctx)
+    path = ctx.folder / "eval" / "samples.jsonl"
+    path.write_bytes(b"".join(damage(path.read_bytes().splitlines(keepends=True))))
+    return ctx.folder / "eval"
+
+
+MIDDLE_DAMAGED = lambda lines: [lines[0], b'{"problem": "p1", "cond\n', lines[2]]  # noqa: E731
+LAST_CUT = lambda lines: [*lines[:2], lines[2][:40]]  # noqa: E731
+
+
+def cli_result(ctx: Context, *argv: str) -> tuple[int, str]:
+    """(exit code, stderr's stepsal lines) of ``stepsal *argv``."""
+    capsys = ctx.request.getfixturevalue("capsys")
+    capsys.readouterr()
+    code = cli_main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, "\n".join(line for line in err.splitlines() if line.startswith(("stepsal", "warning")))
+
+
+def rerun_after_damage(ctx: Context, damage: Callable[[list[bytes]], list[bytes]]) -> tuple[int, str]:
+    """(rows loadable without any warning, what ``samples.jsonl.damaged`` holds) after a rerun."""
+    folder = damaged_samples(ctx, damage)
+    evaluate_fake(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = len(stepsal.load_samples(folder).frame)
+    aside = folder / "samples.jsonl.damaged"
+    return rows, aside.read_text() if aside.exists() else ""
+
+
+def held_by_another_process(path: Path, then: Callable[[], Any]) -> Any:
+    """``then()`` while a second Python process holds the writer lock on ``path``."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; d = os.open(sys.argv[1], os.O_RDONLY | (0 if os.path.isdir(sys.argv[1]) "
+        "else os.O_CREAT)); fcntl.flock(d, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"), str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        return then()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def validated_flow(**settings: Any) -> StepFlow:
@@ -171,6 +252,51 @@ CASES = [
     # item 5f: a zero-width space after a full stop ends the sentence, like a space
     Case("zero-width-space-after-stop", lambda ctx: thinking_steps(ctx, "\u200b") == thinking_steps(ctx, " "),
          Value(True)),
+    # item 3: lines of a samples file that are no sample row are named, not dropped silently
+    Case("samples-damaged-middle-line-warns", lambda ctx: stepsal.load_samples(damaged_samples(ctx, MIDDLE_DAMAGED)),
+         Warns(StepsalWarning, r"samples\.jsonl: 1 line \(2\) is no sample row, so those samples are missing\. "
+                               r"Rerun the stepsal eval that wrote the file")),
+    Case("samples-damaged-middle-line-left-out",
+         lambda ctx: len(stepsal.load_samples(damaged_samples(ctx, MIDDLE_DAMAGED)).frame), Value(2)),
+    Case("samples-damaged-raise", lambda ctx: stepsal.load_samples(damaged_samples(ctx, MIDDLE_DAMAGED),
+                                                                   bad_rows="raise"),
+         Raises(DamagedFileError, r"samples\.jsonl: 1 line \(2\) is no sample row.*--skip-bad-rows")),
+    Case("samples-not-utf8", lambda ctx: stepsal.load_samples(damaged_samples(ctx, lambda lines: [
+        lines[0], b"\xff\xfe\n", lines[2]]), bad_rows="raise"), Raises(DamagedFileError, r"1 line \(2\) is no")),
+    Case("samples-row-without-keys", lambda ctx: stepsal.load_samples(damaged_samples(ctx, lambda lines: [
+        lines[0], b'{"problem": "p1"}\n', b"[1, 2]\n"]), bad_rows="raise"),
+         Raises(DamagedFileError, r"2 lines \(2, 3\) are no")),
+    Case("saved-eval-result-damaged",
+         lambda ctx: stepsal.EvalResult.load(damaged_samples(ctx, MIDDLE_DAMAGED) / "samples.jsonl"),
+         Raises(DamagedFileError, r"samples\.jsonl: 1 line \(2\) is no sample row")),
+    Case("merge-damaged-line-refused",
+         lambda ctx: cli_result(ctx, "eval", "--merge", "--out", str(damaged_samples(ctx, MIDDLE_DAMAGED))),
+         Matches(r"^\(1, .stepsal eval: error: .*samples\.jsonl: 1 line \(2\) is no sample row.*--skip-bad-rows")),
+    Case("merge-skip-bad-rows", lambda ctx: cli_result(
+        ctx, "eval", "--merge", "--skip-bad-rows", "--out", str(damaged_samples(ctx, MIDDLE_DAMAGED))),
+         Matches(r"^\(0, .*1 line \(2\) is no sample row")),
+    Case("rerun-sets-damaged-line-aside", lambda ctx: rerun_after_damage(ctx, MIDDLE_DAMAGED),
+         Value((3, '{"problem": "p1", "cond\n'))),
+    Case("rerun-warns-of-damaged-line",
+         lambda ctx: evaluate_fake(ctx) if damaged_samples(ctx, MIDDLE_DAMAGED) else None,
+         Warns(StepsalWarning, r"samples\.jsonl: moved 1 damaged line \(2\) to .*samples\.jsonl\.damaged; their "
+                               r"samples are redone")),
+    Case("rerun-drops-cut-last-line", lambda ctx: rerun_after_damage(ctx, LAST_CUT), Value((3, ""))),
+    # item 7: two writers into one output
+    Case("evaluate-two-writers-one-process", lambda ctx: evaluate_fake(ctx, during=lambda: evaluate_fake(ctx)),
+         Raises(OutputBusyError, r"another process is writing .*eval/samples\.jsonl: wait for it to finish, or write "
+                                 r"elsewhere \(another --out\), or split the problems between processes with --shard")),
+    Case("evaluate-two-processes", lambda ctx: held_by_another_process(
+        (ctx.folder / "eval").mkdir() or ctx.folder / "eval" / "samples.jsonl", lambda: evaluate_fake(ctx)),
+         Raises(OutputBusyError, r"another process is writing .*eval/samples\.jsonl")),
+    Case("evaluate-other-shards-may-write", lambda ctx: len(held_by_another_process(
+        (ctx.folder / "eval").mkdir() or ctx.folder / "eval" / "samples.1-of-2.jsonl",
+        lambda: evaluate_fake(ctx)).frame),
+         Value(3)),
+    Case("study-two-processes", lambda ctx: held_by_another_process(ctx.folder, lambda: stepsal.run_study(
+        ctx.model, [WordProblem("p1", "What is 6 plus 7?", 13)], out=ctx.folder, progress=False)),
+         Raises(OutputBusyError, r"another process is writing .*: wait for it to finish, or write elsewhere "
+                                 r"\(another --out\)\.")),
     Case("zero-width-joiner-after-stop", lambda ctx: thinking_steps(ctx, "\u200d") == thinking_steps(ctx, " "),
          Value(True)),
 ]
@@ -190,4 +316,8 @@ def test_bad_input(case: Case, request: pytest.FixtureRequest):
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # marker-count notes and the like are not what a row checks
-                assert case.trigger(ctx) == expect.expected
+                value = case.trigger(ctx)
+            if isinstance(expect, Matches):
+                assert re.search(expect.pattern, str(value)), value
+            else:
+                assert value == expect.expected

@@ -7,20 +7,22 @@ model's distribution (common random numbers: the comparison is paired per proble
 
 Samples go to JSONL files in a folder, one row per sample, written as each problem finishes;
 rerunning skips what is there (resumable). ``shard=(i, n)`` takes every n-th problem from the i-th,
-for cluster schedulers or ``accelerate launch`` ranks (each writes its own file; :func:`load_samples`
-merges a folder).
+for cluster schedulers or ``accelerate launch`` ranks (each writes its own file, locked while it runs
+so no second process writes it too; :func:`load_samples` merges a folder). A line that is no sample
+row is never dropped silently: loading warns (or refuses) naming it, a rerun moves it aside and redoes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas
@@ -28,13 +30,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import adapter_for
-from ..errors import ResultsNotFoundError, SettingsMismatchError, StepsalError
+from ..errors import (
+    DamagedFileError,
+    OptionError,
+    ResultsNotFoundError,
+    SettingsMismatchError,
+    StepsalError,
+    StepsalWarning,
+)
 from ..formats import get_format, prompt_thinking_from
 from ..generation import generate
 from ..model_types import Model
 from ..stats import bootstrap_mean_interval
 from ..stepflow.config import StepFlow
-from ..storage import plain
+from ..storage import plain, writer_lock
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 from ..vis.figures import plot_bars
 from ..vis.html import frame_section
@@ -104,25 +113,39 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = shard_file(folder, shard)
+    with writer_lock(path, fix=BUSY_FIX):
+        return _evaluate_locked(model, problems, flow, folder, path, k=k, greedy=greedy, temperature=temperature,
+                                top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, shard=shard, progress=progress,
+                                overwrite=overwrite)
+
+
+BUSY_FIX = "write elsewhere (another --out), or split the problems between processes with --shard i/n"
+
+
+def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | None, folder: Path, path: Path, *,
+                     k: int, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                     shard: tuple[int, int], progress: bool, overwrite: bool) -> EvalResult:
+    """:func:`evaluate` while this process holds the lock on its shard file ``path``."""
     if overwrite:  # an unsharded run discards the folder's samples; a shard its own file
-        for old in sorted(folder.glob("samples*.jsonl")) if shard[1] == 1 else [path]:
-            old.unlink(missing_ok=True)
+        for old in sorted(folder.glob("samples*.jsonl")) if shard[1] == 1 else []:
+            if old != path:
+                with writer_lock(old, fix=BUSY_FIX):  # not while a shard is still writing it
+                    old.unlink()
+        path.write_bytes(b"")
+    _set_aside_damaged_lines(path)
     conditions = {"baseline": None} | ({"stepflow": flow} if flow is not None else {})
     settings = {condition: _settings(model, condition_flow, max_new_tokens, temperature, top_p, seed)
                 for condition, condition_flow in conditions.items()}
-    for file in sorted(folder.glob("samples*.jsonl")):  # every shard's: load_samples merges them all
-        _check_settings(_read_jsonl(file), settings, file)
-    existing = _read_jsonl(path)
-    done = {_key(row) for row in existing}
+    files = {file: read_samples(file) for file in sorted(folder.glob("samples*.jsonl"))}
+    for file, rows in files.items():  # every shard's: load_samples merges them all
+        _check_settings(rows, settings, file)
+    done = {_key(row) for row in files.get(path, [])}
     tokenizer = adapter_for(model).tokenizer
     modes = ([("greedy", 1)] if greedy else []) + ([("sampled", k)] if k else [])
     mine = list(problems)[shard[0]::shard[1]]
     work = [(p, c, m, n) for p in mine for c in conditions for m, n in modes
             if any((p.id, c, m, i) not in done for i in range(n))]
     bar = tqdm(work, desc="evaluate", disable=not progress, unit="batch")
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with path.open("a") as sink:  # a line cut by a stopped run: end it, so new rows start clean
-            sink.write("\n")
     with path.open("a") as sink:
         for problem, condition, mode, n in bar:
             bar.set_postfix_str(f"{problem.id} {condition} {mode}")
@@ -190,28 +213,79 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+SAMPLE_KEYS = ("problem", "condition", "mode", "sample")
+BadRows = Literal["warn", "raise"]
+
+
+def _sample_row(line: bytes) -> dict | None:
+    """A line's sample row; None for a line that is none (damaged, cut, not UTF-8, keys missing)."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
+    return row if isinstance(row, dict) and all(key in row for key in SAMPLE_KEYS) else None
+
+
+def read_samples(path: Path, bad_rows: BadRows = "warn") -> list[dict]:
+    """The sample rows of one JSON-lines file. Lines that are no sample row are left out with a
+    :class:`StepsalWarning` naming the file, the line numbers and their count (``bad_rows="warn"``),
+    or refused (``"raise"``: :class:`DamagedFileError`)."""
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a stopped run: its problem is redone
-                continue
+            row = _sample_row(line)
+            if row is None:
+                bad.append(number)
+            else:
+                rows.append(row)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        message = (f"{path}: {len(bad)} line{'s' if len(bad) > 1 else ''} ({shown}) {'are' if len(bad) > 1 else 'is'} "
+                   "no sample row, so those samples are missing. Rerun the stepsal eval that wrote the file (same "
+                   "settings and --out) to redo them: it moves such lines to " + path.name + ".damaged")
+        if bad_rows == "raise":
+            raise DamagedFileError(message + "; or summarise without them: stepsal eval --merge --skip-bad-rows "
+                                   "(load_samples(..., bad_rows='warn')).")
+        warnings.warn(message + ".", StepsalWarning, stacklevel=2)
     return rows
 
 
-def load_samples(folder: str | Path) -> EvalResult:
-    """Every sample in a folder's ``samples*.jsonl`` files (all shards), one row per key."""
+def _set_aside_damaged_lines(path: Path) -> None:
+    """Before a run appends to its own file: a last line cut by a stopped run is dropped, other lines
+    that are no sample row move to ``<file>.damaged`` (with a warning); their samples are redone."""
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    if lines and _sample_row(lines[-1]) is None and not lines[-1].endswith(b"\n"):
+        lines.pop()  # cut mid-write by a stopped run
+    damaged = [i for i, line in enumerate(lines) if line.strip() and _sample_row(line) is None]
+    if damaged:
+        aside = path.with_name(path.name + ".damaged")
+        with aside.open("ab") as sink:
+            sink.write(b"".join(lines[i].rstrip(b"\r\n") + b"\n" for i in damaged))
+        warnings.warn(f"{path}: moved {len(damaged)} damaged line{'s' if len(damaged) > 1 else ''} "
+                      f"({', '.join(str(i + 1) for i in damaged[:10])}{', ...' if len(damaged) > 10 else ''}) "
+                      f"to {aside}; their samples are redone.", StepsalWarning, stacklevel=3)
+    kept = [line if line.endswith(b"\n") else line + b"\n" for i, line in enumerate(lines) if i not in damaged]
+    if b"".join(kept) != data:
+        with path.open("r+b") as handle:  # in place: the lock this run holds stays on this file
+            handle.write(b"".join(kept))
+            handle.truncate()
+
+
+def load_samples(folder: str | Path, *, bad_rows: BadRows = "warn") -> EvalResult:
+    """Every sample in a folder's ``samples*.jsonl`` files (all shards), one row per key. Lines that
+    are no sample row: see :func:`read_samples`."""
     folder = Path(folder)
     files = sorted(folder.glob("samples*.jsonl"))
     if not files:
         raise ResultsNotFoundError(f"no samples*.jsonl in {folder}: run stepsal eval --out {folder} first.")
+    if bad_rows not in ("warn", "raise"):
+        raise OptionError(f"bad_rows must be 'warn' or 'raise'; got {bad_rows!r}.")
     rows = {}
     for file in files:
-        for row in _read_jsonl(file):
+        for row in read_samples(file, bad_rows):
             rows[_key(row)] = row
     return EvalResult(frame=pandas.DataFrame(list(rows.values())))
 
@@ -270,8 +344,9 @@ class EvalResult:
         path = Path(path)
         if path.is_dir():
             return load_samples(path)
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return cls(frame=pandas.DataFrame(rows))
+        if not path.is_file():
+            raise ResultsNotFoundError(f"{path}: no such file or folder of samples.")
+        return cls(frame=pandas.DataFrame(read_samples(path, "raise")))
 
     def per_problem(self) -> pandas.DataFrame:
         """Per (condition, mode, problem): samples, correct ones, pass@1, majority-vote correctness."""

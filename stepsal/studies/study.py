@@ -29,7 +29,7 @@ from ..metrics import TRACE_MEASURES, GroupComparison, compare_groups
 from ..model_types import Model, TLModel
 from ..options import SaliencyOptions
 from ..saliency import StepSaliency, step_saliency
-from ..storage import read_json, write_json
+from ..storage import read_json, write_json, writer_lock
 from ..traces import Trace
 from ..vis.figures import plot_group_points
 from ..vis.html import frames_html
@@ -135,6 +135,17 @@ def run_study(model: TLModel, problems: Sequence[Any], *, out: str | Path, k: in
     elif (target, norm) != ("all", "causal"):
         raise StepsalError("run_study got saliency= and target=/norm= too: put them in the SaliencyOptions.")
     folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with writer_lock(folder, fix="write elsewhere (another --out)"):
+        return _run_study_locked(model, problems, folder, k=k, greedy=greedy, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, seed=seed, min_thinking_steps=min_thinking_steps,
+                                 progress=progress, saliency=saliency)
+
+
+def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, k: int, greedy: bool,
+                      temperature: float, top_p: float, max_new_tokens: int, seed: int, min_thinking_steps: int,
+                      progress: bool, saliency: SaliencyOptions) -> StudyResult:
+    """:func:`run_study` while this process holds the lock on ``folder``."""
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     wanted = {p.id for p in problems}
