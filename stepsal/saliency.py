@@ -39,10 +39,11 @@ from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError,
 from .hookpoints import forward_kwargs, hook_name, hooks_attached, model_label
 from .metrics import LayerMetrics, layer_metrics, reference_measures as _reference_measures
 from .model_types import TLModel
-from .options import MODES, TARGET_NAMES, Mode, SaliencyOptions
+from .options import MODES, NORMS, RULES, TARGET_NAMES, Mode, SaliencyOptions
 from .pooling import normalize, pool
 from .segments import SUMMARY
 from .sites import attention_sites
+from .storage import reading
 from .targets import RowTarget, Target, make_target, row_target
 from .traces import StepLayout, Trace, tokenizer_fingerprint
 from .vis.figures import plot_step_maps
@@ -135,13 +136,44 @@ class StepSaliency:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StepSaliency:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["stepsal"])
-        tensors = load_file(str(path))
-        return cls(sums=tensors["sums"], layout=StepLayout.from_dict(meta["layout"]), layers=meta["layers"],
-                   norm=meta["norm"], rule=meta["rule"], target=meta["target"], model=meta["model"],
-                   head_sums=tensors.get("head_sums"), token_sums=tensors.get("token_sums"),
-                   token_texts=meta.get("token_texts"), options=_loaded_options(meta.get("options")))
+        """What :meth:`save` wrote, checked (:meth:`check`); a damaged file is a
+        :class:`DamagedFileError` naming it."""
+        with reading(path, "StepSaliency"):
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})["stepsal"])
+            tensors = load_file(str(path))
+            result = cls(sums=tensors["sums"], layout=StepLayout.from_dict(meta["layout"]),
+                         layers=[_whole(layer) for layer in meta["layers"]], norm=meta["norm"], rule=meta["rule"],
+                         target=meta["target"], model=meta["model"], head_sums=tensors.get("head_sums"),
+                         token_sums=tensors.get("token_sums"), token_texts=meta.get("token_texts"),
+                         options=_loaded_options(meta.get("options")))
+            result.check()
+        return result
+
+    def check(self) -> None:
+        """Raise :class:`StepsalError` naming the first disagreement between the sums' shapes, the
+        layers, the layout and the token texts, or a NaN / inf / negative (for rules "ag", "g") sum."""
+        n_layers, n_steps, n_tokens = len(self.layers), self.layout.n_steps, self.layout.n_tokens
+        if self.norm not in NORMS or self.rule not in RULES:
+            raise StepsalError(f"norm {self.norm!r} / rule {self.rule!r}: not among {NORMS} / {RULES}.")
+        expected = {"sums": (n_layers, n_steps, n_steps), "head_sums": (n_layers, None, n_steps, n_steps),
+                    "token_sums": (n_layers, n_steps, n_tokens)}
+        for name, shape in expected.items():
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            if tensor.ndim != len(shape) or any(want not in (None, got)
+                                                for want, got in zip(shape, tensor.shape, strict=True)):
+                wanted = "[" + ", ".join("head" if want is None else str(want) for want in shape) + "]"
+                raise StepsalError(f"{name} has shape {list(tensor.shape)}; {n_layers} layer{'s' * (n_layers != 1)} "
+                                   f"and a layout of "
+                                   f"{n_steps} steps and {n_tokens} tokens need {wanted}.")
+            if not bool(torch.isfinite(tensor).all()):
+                raise StepsalError(f"{name} holds NaN or inf.")
+            if self.rule != "ag_signed" and bool((tensor < 0).any()):
+                raise StepsalError(f"{name} holds negative sums, which rule {self.rule!r} never gives.")
+        if self.token_texts is not None and len(self.token_texts) != n_tokens:
+            raise StepsalError(f"{len(self.token_texts)} token texts for a layout of {n_tokens} tokens.")
 
     # ------------------------------------------------------------ views (stepsal.vis)
 
@@ -612,6 +644,13 @@ def _loaded_options(data: dict[str, Any] | None) -> SaliencyOptions | None:
     if data is None or not (isinstance(data["target"], int) or data["target"] in TARGET_NAMES):
         return None
     return SaliencyOptions.from_dict(data)
+
+
+def _whole(value: Any) -> int:
+    """A saved layer index: an int (not a bool or float)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StepsalError(f"layer {value!r} is no whole number.")
+    return value
 
 
 def _merged_options(options: SaliencyOptions | None, settings: dict[str, Any]) -> SaliencyOptions:

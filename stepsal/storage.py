@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas
 
-from .errors import OutputBusyError, StepsalError
+from .errors import DamagedFileError, OutputBusyError, StepsalError
 
 try:
     import fcntl
@@ -74,11 +74,28 @@ def write_json(path: str | os.PathLike, kind: str, data: dict[str, Any]) -> Path
 
 def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """What :func:`write_json` wrote for a result of ``kind``; an error naming the kind found otherwise."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    with reading(path, kind):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     found = data.get("stepsal") if isinstance(data, dict) else None
     if found != kind:
         raise StepsalError(f"{path} holds {'a ' + repr(found) if found else 'no stepsal result'}, not a saved {kind}.")
     return data
+
+
+@contextmanager
+def reading(path: str | os.PathLike, kind: str) -> Iterator[None]:
+    """Any error while the block reads a saved ``kind`` from ``path`` (bad JSON or bytes, a missing key,
+    a wrong shape) as one :class:`DamagedFileError` naming the file; a missing file stays a
+    FileNotFoundError, an error already naming its file passes through."""
+    try:
+        yield
+    except (OSError, DamagedFileError):
+        raise
+    except Exception as error:
+        said = " ".join(str(error).split())[:200].rstrip(".")
+        reason = f"missing key {said}" if isinstance(error, KeyError) else said
+        raise DamagedFileError(f"{path} is no readable saved {kind} ({reason}): it is damaged, or was not written "
+                               f"by {kind}.save; save it again.") from error
 
 
 @contextmanager

@@ -130,12 +130,35 @@ class StepLayout:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepLayout:
-        steps = [Step(d["index"], d["segment"], tuple(d["char_span"]), tuple(d["token_span"]), d["text"])
+        """What :meth:`to_dict` wrote; checked (:meth:`check`): a damaged layout is an error, not a map."""
+        steps = [Step(int(d["index"]), int(d["segment"]), _pair(d["char_span"]), _pair(d["token_span"]), str(d["text"]))
                  for d in data["steps"]]
         token_step = torch.tensor(data["token_step"], dtype=torch.long)
-        segments = torch.tensor([s.segment for s in steps], dtype=torch.long)
-        token_segment = torch.where(token_step >= 0, segments[token_step.clamp(min=0)], -1)
-        return cls(token_step, token_segment, steps)
+        if token_step.ndim != 1 or any(s.segment not in range(len(SEGMENT_NAMES)) for s in steps):
+            raise TraceFormatError("a step layout needs a flat token_step list and segments 0 (question), 1 "
+                                   "(thinking) or 2 (summary); pass what StepLayout.to_dict wrote.")
+        segments = torch.tensor([s.segment for s in steps] or [-1], dtype=torch.long)
+        token_segment = torch.where(token_step >= 0, segments[token_step.clamp(0, len(segments) - 1)], -1)
+        layout = cls(token_step, token_segment, steps)
+        layout.check()
+        return layout
+
+    def check(self) -> None:
+        """Raise :class:`TraceFormatError` naming the first disagreement: steps numbered 0..S-1, every
+        token in step -1 (none) or 0..S-1, each step exactly the tokens of its ``token_span``."""
+        n_tokens = self.n_tokens
+        if [s.index for s in self.steps] != list(range(self.n_steps)):
+            raise TraceFormatError(f"the layout's steps are numbered {[s.index for s in self.steps][:8]}, not 0.."
+                                   f"{self.n_steps - 1}; pass what StepLayout.to_dict wrote.")
+        if n_tokens and not (int(self.token_step.min()) >= -1 and int(self.token_step.max()) < self.n_steps):
+            raise TraceFormatError(f"the layout's token_step holds steps outside -1..{self.n_steps - 1}; pass what "
+                                   "StepLayout.to_dict wrote.")
+        for step in self.steps:
+            start, end = step.token_span
+            if not (0 <= start < end <= n_tokens) or bool((self.token_step[start:end] != step.index).any()) \
+                    or int((self.token_step == step.index).sum()) != end - start:
+                raise TraceFormatError(f"step {step.index}'s token_span {step.token_span} does not match token_step "
+                                       f"({n_tokens} tokens); pass what StepLayout.to_dict wrote.")
 
 
 # ---------------------------------------------------------------- character-level segmentation
@@ -384,10 +407,26 @@ class Trace:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Trace:
-        return cls(data["text"], torch.tensor(data["tokens"], dtype=torch.long),
-                   [tuple(o) for o in data["offsets"]], StepLayout.from_dict(data["layout"]),
-                   data["fmt"], data["tokenizer_fingerprint"], data["has_summary"],
-                   markers=_markers_from_json(data.get("markers")))
+        """What :meth:`to_dict` wrote; tokens, offsets and layout must agree (:class:`TraceFormatError`)."""
+        text, tokens = data["text"], torch.tensor(data["tokens"], dtype=torch.long)
+        offsets = [_pair(o) for o in data["offsets"]]
+        layout = StepLayout.from_dict(data["layout"])
+        if not isinstance(text, str):
+            raise TraceFormatError(f"a trace's text must be a str; got {type(text).__name__}.")
+        if tokens.ndim != 1 or len(tokens) != layout.n_tokens or len(offsets) != len(tokens):
+            raise TraceFormatError(f"the trace has {tokens.numel()} tokens, {len(offsets)} offsets and a layout of "
+                                   f"{layout.n_tokens} tokens; they must agree. Pass what Trace.to_dict wrote.")
+        if any(not 0 <= start <= end <= len(text) for start, end in offsets):
+            raise TraceFormatError(f"the trace's offsets reach outside its text of {len(text)} characters; pass what "
+                                   "Trace.to_dict wrote.")
+        return cls(text, tokens, offsets, layout, str(data["fmt"]), str(data["tokenizer_fingerprint"]),
+                   bool(data["has_summary"]), markers=_markers_from_json(data.get("markers")))
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """A saved (start, end) pair as two ints."""
+    start, end = value
+    return int(start), int(end)
 
 
 def _markers_from_json(value: Any) -> tuple[tuple[int, int], tuple[int, int] | None] | None:

@@ -19,6 +19,8 @@ from unittest import mock
 import pytest
 import torch
 from conftest import BACKENDS
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny import THINK_TRACE
 
 import stepsal
@@ -174,6 +176,52 @@ def held_by_another_process(path: Path, then: Callable[[], Any]) -> Any:
         holder.wait()
 
 
+def saved_saliency(ctx: Context, meta: Callable[[dict], Any] = lambda meta: None,
+                   tensors: Callable[[dict], Any] = lambda tensors: None, name: str = "r.safetensors") -> Path:
+    """A saved StepSaliency result (token level) whose metadata and tensors ``meta`` / ``tensors`` change."""
+    path = ctx.folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stepsal.step_saliency(ctx.model, ctx.trace, token_level=True).save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        data = json.loads(handle.metadata()["stepsal"])
+    saved = load_file(str(path))
+    meta(data)
+    tensors(saved)
+    save_file(saved, str(path), metadata={"stepsal": json.dumps(data)})
+    return path
+
+
+def cut_file(path: Path, keep: float = 0.5) -> Path:
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+    return path
+
+
+def nan_sum(tensors: dict) -> None:
+    tensors["sums"][0, 0, 0] = math.nan
+
+
+def trace_data(ctx: Context, change: Callable[[dict], Any]) -> dict:
+    data = ctx.trace.to_dict()
+    change(data)
+    return data
+
+
+def report_with_damaged_file(ctx: Context) -> str:
+    saved_saliency(ctx, name="a/0.safetensors")
+    cut_file(saved_saliency(ctx, name="a/1.safetensors"))
+    return stepsal.report_from_folder(ctx.folder).read_text()
+
+
+def cached_model_with_cut_weights(ctx: Context) -> Path:
+    folder = ctx.folder / "cache" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(100)}, str(folder / "model.safetensors"))
+    cut_file(folder / "model.safetensors")
+    with mock.patch.dict("os.environ", {"STEPSAL_CACHE": str(ctx.folder / "cache")}):
+        return stepsal.embedded_folder("smollm2-135m")
+
+
 def validated_flow(**settings: Any) -> StepFlow:
     """StepFlow's own checks on ``settings``, past the test suite's runtime type checker (which would
     refuse a text alpha before them; users without it get these checks)."""
@@ -297,6 +345,52 @@ CASES = [
         ctx.model, [WordProblem("p1", "What is 6 plus 7?", 13)], out=ctx.folder, progress=False)),
          Raises(OutputBusyError, r"another process is writing .*: wait for it to finish, or write elsewhere "
                                  r"\(another --out\)\.")),
+    # item 6: loads are checked and name the file
+    Case("saliency-load-fewer-layers", lambda ctx: stepsal.StepSaliency.load(saved_saliency(
+        ctx, meta=lambda meta: meta["layers"].pop())),
+         Raises(DamagedFileError, r"r\.safetensors is no readable saved StepSaliency \(sums has shape \[2, 7, 7\]; "
+                                  r"1 layer and a layout of 7 steps and \d+ tokens need \[1, 7, 7\]\)")),
+    Case("saliency-load-nan-sums", lambda ctx: stepsal.StepSaliency.load(saved_saliency(ctx, tensors=nan_sum)),
+         Raises(DamagedFileError, r"r\.safetensors is no readable saved StepSaliency \(sums holds NaN or inf\): it "
+                                  r"is damaged, or was not written by StepSaliency\.save")),
+    Case("saliency-load-wrong-shape", lambda ctx: stepsal.StepSaliency.load(saved_saliency(
+        ctx, tensors=lambda tensors: tensors.update(sums=tensors["sums"][..., :-1].contiguous()))),
+         Raises(DamagedFileError, r"sums has shape \[2, 7, 6\]")),
+    Case("saliency-load-layout-shorter-than-tokens", lambda ctx: stepsal.StepSaliency.load(saved_saliency(
+        ctx, meta=lambda meta: meta["layout"]["token_step"].pop())),
+         Raises(DamagedFileError, r"\(step 6's token_span \(\d+, \d+\) does not match token_step \(\d+ tokens\)")),
+    Case("saliency-load-negative-sums", lambda ctx: stepsal.StepSaliency.load(saved_saliency(
+        ctx, tensors=lambda tensors: tensors["sums"].neg_())),
+         Raises(DamagedFileError, r"sums holds negative sums, which rule 'ag' never gives")),
+    Case("saliency-load-missing-key", lambda ctx: stepsal.StepSaliency.load(saved_saliency(
+        ctx, meta=lambda meta: meta.pop("norm"))), Raises(DamagedFileError, r"\(missing key 'norm'\)")),
+    Case("saliency-load-cut-file", lambda ctx: stepsal.StepSaliency.load(cut_file(saved_saliency(ctx))),
+         Raises(DamagedFileError, r"r\.safetensors is no readable saved StepSaliency \(Error while deserializing")),
+    Case("saliency-load-other-safetensors", lambda ctx: stepsal.StepSaliency.load(
+        save_file({"w": torch.zeros(2)}, str(ctx.folder / "w.safetensors")) or ctx.folder / "w.safetensors"),
+         Raises(DamagedFileError, r"w\.safetensors is no readable saved StepSaliency \(missing key 'stepsal'\)")),
+    Case("saliency-load-missing-file", lambda ctx: stepsal.StepSaliency.load(ctx.folder / "none.safetensors"),
+         Raises(FileNotFoundError, r"none\.safetensors")),
+    Case("trace-from-dict-fewer-tokens", lambda ctx: stepsal.Trace.from_dict(trace_data(
+        ctx, lambda data: data["tokens"].pop())),
+         Raises(stepsal.TraceFormatError, r"the trace has \d+ tokens, \d+ offsets and a layout of \d+ tokens; they "
+                                          r"must agree")),
+    Case("trace-from-dict-offsets-outside-text", lambda ctx: stepsal.Trace.from_dict(trace_data(
+        ctx, lambda data: data.update(text=data["text"][:10]))),
+         Raises(stepsal.TraceFormatError, r"offsets reach outside its text of 10 characters")),
+    Case("trace-from-dict-unknown-step", lambda ctx: stepsal.Trace.from_dict(trace_data(
+        ctx, lambda data: data["layout"]["token_step"].__setitem__(0, 99))),
+         Raises(stepsal.TraceFormatError, r"token_step holds steps outside -1\.\.6")),
+    Case("saved-study-result-not-json", lambda ctx: stepsal.StudyResult.load(
+        (ctx.folder / "study_result.json").write_text("{") and ctx.folder),
+         Raises(DamagedFileError, r"study_result\.json is no readable saved StudyResult \(Expecting property name")),
+    Case("report-skips-damaged-file", report_with_damaged_file,
+         Warns(StepsalWarning, r"the report leaves out 1 damaged file: .*a/1\.safetensors is no readable saved")),
+    Case("report-names-damaged-file", report_with_damaged_file,
+         Matches(r"Skipped 1 \.safetensors file\(s\) that are damaged \(see the warning\): a/1\.safetensors")),
+    Case("model-cache-cut-file", cached_model_with_cut_weights,
+         Raises(DamagedFileError, r"smollm2-135m-instruct/model\.safetensors in stepsal's model cache is damaged "
+                                  r"\(.*\); delete the folder and the next load rebuilds it: rm -rf .*smollm2-135m")),
     Case("zero-width-joiner-after-stop", lambda ctx: thinking_steps(ctx, "\u200d") == thinking_steps(ctx, " "),
          Value(True)),
 ]

@@ -6,13 +6,15 @@ comparison of two groups of them first. Loading and comparing happen here; the p
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from safetensors import safe_open
 
-from ..errors import ResultsNotFoundError
+from ..errors import DamagedFileError, ResultsNotFoundError, StepsalWarning
 from ..metrics import compare_groups
 from ..saliency import StepSaliency
+from ..storage import reading
 from ..vis.report import comparison_section, skipped_note, write_report
 
 __all__ = ["report_from_folder", "write_report"]
@@ -24,14 +26,26 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
     results are compared as groups first (per-trace measures with CIs, per-layer curves), then all
     results are listed, with full sections for the first ``max_sections`` (None: all)."""
     root = Path(folder)
-    files, others = [], []
+    files, others, damaged = [], [], []
     for path in sorted(root.rglob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            (files if "stepsal" in (handle.metadata() or {}) else others).append(path)
+        try:
+            with reading(path, "StepSaliency"), safe_open(str(path), framework="pt") as handle:
+                (files if "stepsal" in (handle.metadata() or {}) else others).append(path)
+        except DamagedFileError as error:
+            damaged.append((path, error))
+    results = []
+    for path in list(files):
+        try:
+            results.append(StepSaliency.load(path))
+        except DamagedFileError as error:
+            files.remove(path)
+            damaged.append((path, error))
+    if damaged:
+        warnings.warn(f"the report leaves out {len(damaged)} damaged file{'s' if len(damaged) > 1 else ''}: "
+                      + "; ".join(str(error) for _, error in damaged[:3]), StepsalWarning, stacklevel=2)
     if not files:
         raise ResultsNotFoundError(f"no saved Step-Saliency results under {root} ({len(others)} other .safetensors "
-                                   "files); save results with result.save(path).")
-    results = [StepSaliency.load(f) for f in files]
+                                   f"files, {len(damaged)} damaged); save results with result.save(path).")
     names = [str(f.relative_to(root)) for f in files]
     groups: dict[str, list[StepSaliency]] = {}
     for f, r in zip(files, results, strict=True):
@@ -44,5 +58,7 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
         extra.append(comparison_section(f"{label_a} vs {label_b}", repr(comparison), comparison.to_dataframe(), fig))
     if others:
         extra.append(skipped_note([str(p.relative_to(root)) for p in others]))
+    if damaged:
+        extra.append(skipped_note([str(p.relative_to(root)) for p, _ in damaged], "that are damaged (see the warning)"))
     return write_report(out_dir or root, results, names, title=f"Step-Saliency study: {root.name}",
                         extra_sections=extra, max_sections=max_sections)

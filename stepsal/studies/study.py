@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ..errors import StepsalError, StepsalWarning
+from ..errors import DamagedFileError, StepsalError, StepsalWarning
 from ..metrics import TRACE_MEASURES, GroupComparison, compare_groups
 from ..model_types import Model, TLModel
 from ..options import SaliencyOptions
@@ -162,8 +162,12 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
         group = "correct" if row["correct"] else "wrong"
         path = folder / group / f"{row['problem']}.{row['mode']}.{row['sample']}.safetensors"
         if path.exists():
-            saved = StepSaliency.load(path)
-            if saved.options == saliency:
+            try:
+                saved = StepSaliency.load(path)
+            except DamagedFileError as error:
+                warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=3)
+                saved = None
+            if saved is not None and saved.options == saliency:
                 groups[group].append(saved)
                 continue
         try:

@@ -91,10 +91,10 @@ def comparison_section(title: str, description: str, frame: pandas.DataFrame, fi
             + (figure_png(fig) if fig is not None else "") + "</section>")
 
 
-def skipped_note(names: Sequence[str], shown: int = 5) -> str:
-    """A line naming files left out of the report (the first ``shown`` of them)."""
-    return (f"<p style='font-size:12px;color:#666'>Skipped {len(names)} .safetensors file(s) that are not "
-            f"stepsal results: {html.escape(', '.join(names[:shown]))}{' ...' if len(names) > shown else ''}</p>")
+def skipped_note(names: Sequence[str], why: str = "that are not stepsal results", shown: int = 5) -> str:
+    """A line naming files left out of the report (the first ``shown`` of them) and why."""
+    return (f"<p style='font-size:12px;color:#666'>Skipped {len(names)} .safetensors file(s) {html.escape(why)}: "
+            f"{html.escape(', '.join(names[:shown]))}{' ...' if len(names) > shown else ''}</p>")
 
 
 def results_index(views: Sequence[ResultView], names: Sequence[str], shown: int) -> str:
