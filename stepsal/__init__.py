@@ -12,7 +12,8 @@ _PUBLIC = {
     "TraceFormatError": "errors", "UnsupportedModelError": "errors", "StepsalWarning": "errors",
     "ArgumentTypeError": "errors", "HookPointError": "errors", "ModelNotFoundError": "errors",
     "NoGradientError": "errors", "OptionError": "errors", "ResultsNotFoundError": "errors",
-    "SettingsMismatchError": "errors", "DamagedFileError": "errors", "OutputBusyError": "errors",
+    "SettingsMismatchError": "errors", "DamagedFileError": "errors", "DeviceError": "errors",
+    "OutputBusyError": "errors",
     "FORMATS": "formats", "TraceFormat": "formats", "custom_format": "formats",
     "Generation": "generation", "generate": "generation",
     "LayerMetrics": "metrics", "compare_groups": "metrics", "layer_metrics": "metrics",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     from .errors import (
         ArgumentTypeError as ArgumentTypeError,
         DamagedFileError as DamagedFileError,
+        DeviceError as DeviceError,
         HookPointError as HookPointError,
         ModelMismatchError as ModelMismatchError,
         ModelNotFoundError as ModelNotFoundError,

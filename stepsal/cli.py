@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import cast
 
 from ._offline import apply_offline_defaults
-from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
+from .cli_common import CliError, check_out, load_for_cli, make_out, parse_layers
 from .cli_studies import add_study_parsers
 from .errors import StepsalWarning
 from .formats import FORMATS
@@ -58,7 +58,7 @@ def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", a
 def analyze(args: argparse.Namespace) -> int:
     text = read_trace_text(args)
     check_trace_text(text, args.fmt, args.min_steps, args.target, args.answer)
-    out = prepare_out(args.out)
+    out = check_out(args.out)
     from . import Trace, step_saliency  # lazy: keeps --help torch-free
     from .saliency import check_trace_fits  # lazy: keeps --help torch-free
     from .vis.report import write_report  # lazy: keeps --help torch-free
@@ -79,7 +79,7 @@ def analyze(args: argparse.Namespace) -> int:
     print("\nper-trace summary (shallow = bottom quarter, deep = top half of the layers):")
     for name, value in metrics.per_trace().items():
         print(f"  {name:<17} {value: .4f}")
-    result.save(out / "saliency.safetensors")
+    result.save(make_out(out) / "saliency.safetensors")
     (out / "trace.json").write_text(json.dumps(trace.to_dict()))
     (out / "metrics.json").write_text(json.dumps(metrics.per_trace(), indent=2))
     result.plot(path=out / "step_maps.png")
@@ -118,13 +118,14 @@ def sweep_command(args: argparse.Namespace) -> int:
     for path in args.trace:
         texts.append(read_trace_text(argparse.Namespace(example=False, trace=path)))
         check_trace_text(texts[-1], args.fmt, 1)
-    out = prepare_out(args.out)
+    layers = parse_layers(args.layers)  # before the model loads: a typo fails at once
+    out = check_out(args.out)
     from . import Trace, layer_sweep  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     traces = [Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=1) for text in texts]
-    sweep = layer_sweep(model, traces, make_intervention(model), metric=args.metric, layers=parse_layers(args.layers))
-    with open(out / "sweep.jsonl", "w") as handle:
+    sweep = layer_sweep(model, traces, make_intervention(model), metric=args.metric, layers=layers)
+    with open(make_out(out) / "sweep.jsonl", "w") as handle:
         for row in sweep.frame.to_dict("records"):
             handle.write(json.dumps({**row, "trace_file": args.trace[row["trace"]], "intervention": args.intervention,
                                      "metric": args.metric}) + "\n")
@@ -141,7 +142,7 @@ def report_command(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise CliError(f"{folder} is not a folder; pass the folder that holds saved results (*.safetensors).")
-    out = prepare_out(args.out) if args.out else None
+    out = make_out(check_out(args.out)) if args.out else None
     path = report_from_folder(folder, out, max_sections=None if args.max_sections < 0 else args.max_sections)
     print(f"wrote {path}")
     return 0
@@ -156,7 +157,7 @@ def generate_command(args: argparse.Namespace) -> int:
     flow_options = [args.oeb_layers, args.smi_layers, args.tau_max, args.alpha]
     if not args.stepflow and any(option is not None for option in flow_options):
         raise CliError("--oeb-layers/--smi-layers/--tau-max/--alpha need --stepflow.")
-    out_dir = prepare_out(args.out)
+    out_dir = check_out(args.out)
     from . import StepFlow, generate  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
@@ -190,7 +191,7 @@ def generate_command(args: argparse.Namespace) -> int:
     record = {"prompt": prompt, "text": out.text, "tokens": out.tokens[0].tolist(),
               "stepflow": None if flow is None else flow.describe(model),
               "stats": None if out.stats is None else out.stats.to_dict(), "trace_error": out.trace_errors[0]}
-    (out_dir / "generation.json").write_text(json.dumps(record, indent=2))
+    (make_out(out_dir) / "generation.json").write_text(json.dumps(record, indent=2))
     if out.traces[0] is not None:
         (out_dir / "trace.json").write_text(json.dumps(out.traces[0].to_dict()))
     print(f"\nwrote {out_dir}/generation.json" + (", trace.json" if out.traces[0] is not None else ""))

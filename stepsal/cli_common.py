@@ -6,6 +6,7 @@ Torch-free at import: ``stepsal --help`` imports this module.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -16,14 +17,22 @@ class CliError(StepsalError):
     """A problem the user can fix, printed as one line."""
 
 
-def prepare_out(folder: str) -> Path:
-    """Create the output folder and prove it writable before any long work."""
+def check_out(folder: str) -> Path:
+    """Refuse, before any long work, an output folder that cannot be created or written; creates
+    nothing (a refused command leaves no folder behind; :func:`make_out` creates it)."""
     out = Path(folder)
+    existing = next(path for path in (out.absolute(), *out.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise CliError(f"--out {out} is not a writable folder ({existing} is a file).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out} is not a writable folder (no permission to write in {existing}).")
+    return out
+
+
+def make_out(out: Path) -> Path:
+    """Create the output folder :func:`check_out` accepted, just before the first file is written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".stepsal-write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as error:
         raise CliError(f"--out {out} is not a writable folder ({error.strerror or error}).") from None
     return out

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import CliError, load_for_cli, parse_layers, prepare_out
+from .cli_common import CliError, check_out, load_for_cli, parse_layers
 from .options import MODES, NORMS, RULES, TARGET_NAMES, SaliencyOptions
 from .tasks.problems import load_problems
 
@@ -80,9 +80,11 @@ def print_eval_summary(result, out: Path) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     from .studies.evaluate import accelerate_shard, load_samples, parse_shard  # lazy: keeps --help torch-free
 
-    out = prepare_out(args.out)
     if args.merge:
-        print_eval_summary(load_samples(out, bad_rows="warn" if args.skip_bad_rows else "raise"), out)
+        result = load_samples(args.out, bad_rows="warn" if args.skip_bad_rows else "raise")
+        if result.frame.empty:
+            raise CliError(f"--out {args.out} holds no samples yet: run stepsal eval --out {args.out} first.")
+        print_eval_summary(result, Path(args.out))
         return 0
     problems = _problems(args)
     shard = parse_shard(args.shard) if args.shard else (0, 1)
@@ -91,13 +93,15 @@ def eval_command(args: argparse.Namespace) -> int:
         if args.shard:
             raise CliError("--shard and accelerate launch both split the problems; use one of them.")
         shard, args.device = launched[0], str(launched[1])
+    oeb_layers, smi_layers = parse_layers(args.oeb_layers), parse_layers(args.smi_layers)
+    out = check_out(args.out)  # evaluate / run_study create it
     from . import StepFlow  # lazy: keeps --help torch-free
     from .studies.evaluate import evaluate  # lazy: keeps --help torch-free
 
     model = load_for_cli(args)
     flow = None
     if not args.no_stepflow:
-        flow = StepFlow(oeb_layers=parse_layers(args.oeb_layers), smi_layers=parse_layers(args.smi_layers))
+        flow = StepFlow(oeb_layers=oeb_layers, smi_layers=smi_layers)
         print(flow.describe(model))
     result = evaluate(model, problems, flow, out=out, k=args.k, greedy=not args.no_greedy,
                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -112,8 +116,8 @@ def eval_command(args: argparse.Namespace) -> int:
 def study_command(args: argparse.Namespace) -> int:
     from .studies.study import run_study  # lazy: keeps --help torch-free
 
-    out = prepare_out(args.out)
     problems = _problems(args)
+    out = check_out(args.out)  # evaluate / run_study create it
     model = load_for_cli(args)
     result = run_study(model, problems, out=out, k=args.k, greedy=not args.no_greedy, temperature=args.temperature,
                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,

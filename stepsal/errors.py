@@ -53,6 +53,10 @@ class OutputBusyError(StepsalError):
     """Another process (or another call) is writing the same output file or folder."""
 
 
+class DeviceError(StepsalError):
+    """A device this machine or this torch build does not have (CUDA on a CPU-only machine, ...)."""
+
+
 class HookPointError(StepsalError, KeyError):
     """A hook point name that the model does not have."""
 

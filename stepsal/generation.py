@@ -7,6 +7,7 @@ and supports left-padded batches. See docs/performance.md for speed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -163,8 +164,8 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
     Returns:
         :class:`Generation`: texts, token sequences, traces and StepFlow statistics.
     """
-    if max_new_tokens < 1:
-        raise StepsalError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise StepsalError(f"max_new_tokens must be a whole number >= 1; got {max_new_tokens!r}.")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise StepsalError(f"sampling needs temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}.")
     fmt = get_format(fmt)

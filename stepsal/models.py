@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ._offline import hub_offline
 from .embedded import EMBEDDED, embedded_folder
-from .errors import ArgumentTypeError, ModelNotFoundError, StepsalError, UnsupportedModelError
+from .errors import ArgumentTypeError, DeviceError, ModelNotFoundError, OptionError, StepsalError, UnsupportedModelError
 from .hookpoints import (
     HOOK_ROLES,
     backend_of,
@@ -33,7 +33,7 @@ from .hookpoints import (
     model_label,
 )
 from .model_types import HFModel, TLModel
-from .options import BACKENDS
+from .options import BACKENDS, DTYPE_NAMES
 from .sites import attention_sites, probe_ids, probe_logits
 
 # re-exported: the hook-level helpers used to live here
@@ -51,7 +51,7 @@ LOGIT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2
 
 
 def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None,
-               device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
                n_devices: int = 1, device_map: str | dict | None = None,
                allow_download: bool = False) -> TLModel:
     """A TransformerLens model from an embedded name, a local folder, a transformers model or a hub name.
@@ -63,7 +63,8 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
         tokenizer: the tokenizer of an in-memory model (a folder brings its own).
         backend: ``"bridge"`` (TransformerBridge, the default) or ``"hooked"`` (HookedTransformer, on
             TransformerLens 3.x only).
-        device, dtype: where and how to hold the weights (default: CPU, float32). Checked after loading.
+        device, dtype: where and how to hold the weights (default: CPU, float32; a dtype may be named:
+            "bfloat16"). A device this machine lacks is refused first; both are checked after loading.
         n_devices: split the layers over this many GPUs (HookedTransformer's own model parallelism;
             on the bridge, a balanced accelerate device map over the first ``n_devices`` GPUs).
         device_map: an accelerate device map for the bridge (``"auto"``, ``"balanced"`` or a dict),
@@ -76,6 +77,9 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
         beyond float tolerance, or when no layer honours ``hook_pattern`` edits.
     """
     backend = resolve_backend(backend)
+    dtype = _torch_dtype(dtype)
+    if device is not None:
+        check_device(device)
     placement = _placement(backend, device, n_devices, device_map, source)
     # HookedTransformer converts from the CPU copy and places its own modules
     hf_model, tokenizer = _resolve_source(source, tokenizer, dtype, allow_download,
@@ -105,6 +109,37 @@ def load_model(source: Any, tokenizer: Any = None, *, backend: str | None = None
             f"Try backend={other!r}, or see docs/models.md for the architectures that load."
         ) from error
     return model
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype, or its name ("float32", "torch.bfloat16")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if isinstance(dtype, str) and name in DTYPE_NAMES:
+        return getattr(torch, name)
+    raise OptionError(f"dtype {dtype!r} is not one stepsal loads models in; pass one of {DTYPE_NAMES} "
+                      "or the torch dtype, e.g. torch.bfloat16.")
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` as a torch.device, refused when this machine or torch build has no such device."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device {device!r} is no torch device; pass 'cpu', 'cuda', 'cuda:1' or 'mps'.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device={str(device)!r}, but this torch ({torch.__version__}) sees no CUDA GPU (a CPU "
+                              "build of torch, or a machine without one); leave device unset for the CPU.")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"device={str(device)!r}, but this machine has {count} CUDA GPU{'s' * (count > 1)} "
+                              f"(cuda:0..cuda:{count - 1}).")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device={str(device)!r}, but MPS (Apple GPUs) is not available here; leave device unset "
+                          "for the CPU.")
+    return parsed
 
 
 def _source_name(source: Any, hf_model: HFModel) -> str:

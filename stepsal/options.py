@@ -8,11 +8,33 @@ settings as data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from .errors import OptionError
+
+
+def layer_numbers(given: Iterable[Any], name: str = "layers") -> list[int]:
+    """Whole layer numbers (Python, numpy or torch integers), sorted and unique; a float, text or bool
+    is an :class:`OptionError` naming ``name``."""
+    given = list(given)
+    try:
+        numbers = {operator.index(layer) for layer in given if not isinstance(layer, bool)}
+    except TypeError:
+        numbers = None
+    if numbers is None or any(isinstance(layer, bool) for layer in given):
+        raise OptionError(f"{name} must be whole layer numbers; got {given!r}.")
+    return sorted(numbers)
+
+
+def check_layer_range(layers: Sequence[int], n_layers: int, name: str = "layers") -> None:
+    """Refuse layers outside 0..n_layers - 1, naming them."""
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise OptionError(f"{name} {bad} out of range: {name} must be in 0..{n_layers - 1}, the model's layers.")
+
 
 Rule = Literal["ag", "ag_signed", "g"]
 """Step-Saliency attribution rule: attention x gradient, the same signed, or the gradient alone."""
@@ -79,7 +101,7 @@ class SaliencyOptions:
     def __post_init__(self) -> None:
         self.check(self.to_dict() | {"target": self.target})
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(sorted({int(layer) for layer in self.layers})))
+            object.__setattr__(self, "layers", tuple(layer_numbers(self.layers)))
         if isinstance(self.answer, list):
             object.__setattr__(self, "answer", tuple(self.answer))
 

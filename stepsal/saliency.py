@@ -39,7 +39,7 @@ from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError,
 from .hookpoints import forward_kwargs, hook_name, hooks_attached, model_label
 from .metrics import LayerMetrics, layer_metrics, reference_measures as _reference_measures
 from .model_types import TLModel
-from .options import MODES, NORMS, RULES, TARGET_NAMES, Mode, SaliencyOptions
+from .options import MODES, NORMS, RULES, TARGET_NAMES, Mode, SaliencyOptions, check_layer_range, layer_numbers
 from .pooling import normalize, pool
 from .segments import SUMMARY
 from .sites import attention_sites
@@ -607,9 +607,10 @@ def step_saliency(model: TLModel, trace: Trace, target: Target = "all", rule: st
         if not layers:
             sites.require_attention(list(range(adapter.n_layers)), f"Step-Saliency on {adapter.label}")
     else:
-        layers = sorted(set(layers))
-        if not layers or not all(0 <= layer < adapter.n_layers for layer in layers):
-            raise StepsalError(f"layers must be a non-empty subset of 0..{adapter.n_layers - 1}; got {layers}.")
+        layers = layer_numbers(layers)
+        check_layer_range(layers, adapter.n_layers)
+        if not layers:
+            raise OptionError(f"layers must name at least one layer of 0..{adapter.n_layers - 1}; got [].")
         sites.require_attention(layers, f"Step-Saliency on {adapter.label}")
     description, target_fn = make_target(target, trace, answer, adapter.vocab_size)
     device = adapter.device

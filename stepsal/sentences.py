@@ -16,6 +16,8 @@ import re
 import unicodedata
 from collections.abc import Callable
 
+from .errors import OptionError
+
 # a sentence ends at '.' + whitespace (the reference's rule), at the full stops of scripts that
 # need no space after them (CJK: 。！？, a run of them is one end), or at other scripts' stops +
 # whitespace (। ۔ ։ ።)
@@ -30,6 +32,22 @@ MIN_THINKING_CHARS = 15
 MIN_SUMMARY_CHARS = 10
 
 Keep = Callable[[str], bool]
+
+
+def sentence_pattern(sentence_end: str | re.Pattern[str] | None) -> re.Pattern[str]:
+    """The regular expression that ends a thinking sentence: ``SENTENCE_END`` for None, else the
+    user's, refused (:class:`OptionError`) when it does not compile or matches the empty string."""
+    if sentence_end is None:
+        return SENTENCE_END
+    try:
+        pattern = re.compile(sentence_end)
+    except (re.error, TypeError) as error:
+        raise OptionError(f"sentence_end {sentence_end!r} is no regular expression ({error}); pass one like "
+                          r"r'[.!?]\s+'.") from None
+    if pattern.fullmatch(""):
+        raise OptionError(f"sentence_end {sentence_end!r} matches the empty string, so it would end a sentence "
+                          r"everywhere; pass one that matches the text between sentences, like r'[.!?]\s+'.")
+    return pattern
 
 
 def text_width(text: str) -> int:

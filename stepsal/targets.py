@@ -86,6 +86,9 @@ def row_target(target: Target, trace: Trace, answer: str | tuple[int, int] | Non
                               "tokenizer.convert_tokens_to_ids(...), or a named target.")
         return RowTarget(len(trace) - 1, len(trace), target)
     if target == "all":
+        if len(trace) < 2:
+            raise StepsalError(f"target='all' is the mean next-token loss, which needs a trace of at least 2 "
+                               f"tokens; this one has {len(trace)}. Pass the whole trace, question included.")
         return RowTarget(0, len(trace) - 1)
     if target == "summary":
         positions = (trace.layout.token_segment == SUMMARY).nonzero().flatten()  # one contiguous run

@@ -29,10 +29,10 @@ from .formats import TraceFormat, get_format, prompt_thinking_from
 from .segments import QUESTION, SEGMENT_NAMES, SUMMARY, THINKING
 from .sentences import (
     BLANK_LINE,
-    SENTENCE_END,
     Keep,
     keep_summary_piece,
     keep_thinking_piece,
+    sentence_pattern,
     step_starts,
     too_few_steps,
 )
@@ -203,7 +203,7 @@ def segment_text(text: str, fmt: str | TraceFormat, allow_missing_summary: bool 
         starts.extend([lo, *later])
         segments.extend([segment] * (1 + len(later)))
 
-    delimiter = SENTENCE_END if sentence_end is None else re.compile(sentence_end)
+    delimiter = sentence_pattern(sentence_end)
     add_segment(think_start, think_content, think_end, delimiter, keep_thinking_piece, THINKING)
     if summary_span is not None:
         add_segment(summary_span[0], summary_span[1], len(text), BLANK_LINE, keep_summary_piece, SUMMARY)
@@ -323,6 +323,9 @@ class Trace:
 
         ``sentence_end``: a regex ending thinking sentences, for traces the default rule does not
         split ('.' + whitespace, CJK 。！？, and । ۔ ։ ። + whitespace)."""
+        if not isinstance(text, str):
+            fix = " (decode it first: text.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+            raise TraceFormatError(f"Trace.from_text needs the trace as a str; got {type(text).__name__}{fix}.")
         tokenizer = resolve_tokenizer(model_or_tokenizer)
         encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
         ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
@@ -339,7 +342,7 @@ class Trace:
         ``prompt_length``: the first tokens were the prompt; markers it only quotes or closes (chat
         history) are not the model's (see :func:`stepsal.formats.prompt_thinking_from`)."""
         tokenizer = resolve_tokenizer(model_or_tokenizer)
-        ids = torch.as_tensor(tokens).flatten().tolist()
+        ids = _token_ids(tokens, len(tokenizer))
         text, offsets = offsets_for_ids(tokenizer, ids)
         thinking_from = None
         if prompt_length is not None:
@@ -421,6 +424,23 @@ class Trace:
                                    "Trace.to_dict wrote.")
         return cls(text, tokens, offsets, layout, str(data["fmt"]), str(data["tokenizer_fingerprint"]),
                    bool(data["has_summary"]), markers=_markers_from_json(data.get("markers")))
+
+
+def _token_ids(tokens: Sequence[int] | Tensor, vocab_size: int) -> list[int]:
+    """Token ids as a list, refused when they are no whole numbers in 0..vocab_size - 1."""
+    try:
+        ids = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise TraceFormatError(f"token ids must be whole numbers; got {str(tokens)[:80]}.") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TraceFormatError(f"token ids must be whole numbers; got dtype {ids.dtype}.")
+    ids = ids.flatten()
+    bad = ((ids < 0) | (ids >= vocab_size)).nonzero().flatten()
+    if bad.numel():
+        first = int(bad[0])
+        raise TraceFormatError(f"token id {int(ids[first])} at position {first} is outside this tokenizer's "
+                               f"vocabulary (0..{vocab_size - 1}); pass the ids the model generated.")
+    return ids.tolist()
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 now gets (an error class and message, a warning, or a value). Add a row, not a file."""
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -21,9 +22,10 @@ import torch
 from conftest import BACKENDS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import THINK_TRACE
+from tiny import THINK_TRACE, save_folder
 
 import stepsal
+import stepsal.generation
 import stepsal.studies.evaluate
 from stepsal.cli import main as cli_main
 from stepsal.errors import DamagedFileError, OptionError, OutputBusyError, StepsalError, StepsalWarning
@@ -222,6 +224,44 @@ def cached_model_with_cut_weights(ctx: Context) -> Path:
         return stepsal.embedded_folder("smollm2-135m")
 
 
+def unchecked(function: Callable) -> Callable:
+    """``function`` past the test suite's runtime type checker, which would refuse a wrong type before
+    stepsal's own check (users without it get that check)."""
+    return inspect.unwrap(function)
+
+
+def load_tiny(ctx: Context, **kwargs: Any) -> Any:
+    return stepsal.load_model(ctx.request.getfixturevalue("hf_models")["llama"], ctx.tokenizer, **kwargs)
+
+
+def without_cuda(then: Callable[[], Any]) -> Any:
+    with mock.patch("torch.cuda.is_available", lambda: False):
+        return then()
+
+
+def one_token_trace(ctx: Context) -> stepsal.Trace:
+    return stepsal.Trace("a", torch.tensor([5]), [(0, 1)], stepsal.StepLayout.from_token_step([0], [1]))
+
+
+def trace_file(ctx: Context) -> str:
+    path = ctx.folder / "trace.txt"
+    path.write_text(THINK_TRACE)
+    return str(path)
+
+
+def tiny_folder(ctx: Context) -> Path:
+    folder = ctx.folder / "tiny-llama"
+    save_folder(folder, ctx.request.getfixturevalue("hf_models")["llama"], ctx.tokenizer)
+    return folder
+
+
+def out_left_behind(ctx: Context, *argv: str) -> tuple[int, bool]:
+    """(exit code, whether --out exists) of ``stepsal *argv --out <fresh folder>``."""
+    out = ctx.folder / "never"
+    code, _ = cli_result(ctx, *argv, "--out", str(out))
+    return code, out.exists()
+
+
 def validated_flow(**settings: Any) -> StepFlow:
     """StepFlow's own checks on ``settings``, past the test suite's runtime type checker (which would
     refuse a text alpha before them; users without it get these checks)."""
@@ -391,6 +431,75 @@ CASES = [
     Case("model-cache-cut-file", cached_model_with_cut_weights,
          Raises(DamagedFileError, r"smollm2-135m-instruct/model\.safetensors in stepsal's model cache is damaged "
                                   r"\(.*\); delete the folder and the next load rebuilds it: rm -rf .*smollm2-135m")),
+    # item 8: errors that name the problem and the fix
+    Case("device-cuda-without-cuda", lambda ctx: without_cuda(lambda: load_tiny(ctx, device="cuda")),
+         Raises(stepsal.DeviceError, r"device='cuda', but this torch \(.*\) sees no CUDA GPU \(a CPU build of torch, "
+                                     r"or a machine without one\); leave device unset for the CPU")),
+    Case("device-unknown", lambda ctx: load_tiny(ctx, device="gpu"),
+         Raises(OptionError, r"device 'gpu' is no torch device; pass 'cpu', 'cuda', 'cuda:1' or 'mps'")),
+    Case("dtype-as-text", lambda ctx: str(next(load_tiny(ctx, dtype="float32").parameters()).dtype),
+         Value("torch.float32")),
+    Case("dtype-unknown-text", lambda ctx: load_tiny(ctx, dtype="float8"),
+         Raises(OptionError, r"dtype 'float8' is not one stepsal loads models in; pass one of \(")),
+    Case("sweep-layer-out-of-range", lambda ctx: stepsal.layer_sweep(
+        ctx.model, [ctx.trace], lambda layer: stepsal.knockout(ctx.model, ctx.trace, "summary", "thinking",
+                                                               layers=[layer]), layers=[99], progress=False),
+         Raises(OptionError, r"layers \[99\] out of range: layers must be in 0\.\.1, the model's layers")),
+    Case("knockout-layer-out-of-range",
+         lambda ctx: stepsal.knockout(ctx.model, ctx.trace, "summary", "thinking", layers=[99]).__enter__(),
+         Raises(OptionError, r"layers \[99\] out of range")),
+    Case("sweep-layer-float", lambda ctx: unchecked(stepsal.layer_sweep)(
+        ctx.model, [ctx.trace], lambda layer: stepsal.knockout(ctx.model, ctx.trace, "summary", "thinking",
+                                                               layers=[layer]), layers=[1.0], progress=False),
+         Raises(OptionError, r"layers must be whole layer numbers; got \[1\.0\]")),
+    Case("stepflow-layer-float", lambda ctx: StepFlow(oeb_layers=[29.0]),
+         Raises(OptionError, r"oeb_layers must be whole layer numbers; got \[29\.0\]")),
+    Case("one-token-trace", lambda ctx: stepsal.step_saliency(ctx.model, one_token_trace(ctx)),
+         Raises(StepsalError, r"target='all' is the mean next-token loss, which needs a trace of at least 2 tokens; "
+                              r"this one has 1")),
+    Case("sentence-end-bad-regex", lambda ctx: stepsal.Trace.from_text(THINK_TRACE, ctx.tokenizer, sentence_end="(["),
+         Raises(OptionError, r"sentence_end '\(\[' is no regular expression \(unterminated character set")),
+    Case("sentence-end-empty-match", lambda ctx: stepsal.Trace.from_text(THINK_TRACE, ctx.tokenizer, sentence_end="x*"),
+         Raises(OptionError, r"sentence_end 'x\*' matches the empty string")),
+    Case("trace-text-bytes", lambda ctx: unchecked(stepsal.Trace.from_text.__func__)(
+        stepsal.Trace, THINK_TRACE.encode(), ctx.tokenizer),
+         Raises(stepsal.TraceFormatError, r"needs the trace as a str; got bytes \(decode it first")),
+    Case("trace-text-none", lambda ctx: unchecked(stepsal.Trace.from_text.__func__)(stepsal.Trace, None, ctx.tokenizer),
+         Raises(stepsal.TraceFormatError, r"needs the trace as a str; got NoneType")),
+    Case("from-tokens-negative-id", lambda ctx: stepsal.Trace.from_tokens([1, -3, 4], ctx.tokenizer),
+         Raises(stepsal.TraceFormatError, r"token id -3 at position 1 is outside this tokenizer's vocabulary")),
+    Case("from-tokens-id-past-vocabulary", lambda ctx: stepsal.Trace.from_tokens([1, 10**6], ctx.tokenizer),
+         Raises(stepsal.TraceFormatError, r"token id 1000000 at position 1 is outside")),
+    Case("from-tokens-float-ids", lambda ctx: stepsal.Trace.from_tokens(torch.tensor([1.0, 2.0]), ctx.tokenizer),
+         Raises(stepsal.TraceFormatError, r"token ids must be whole numbers; got dtype torch\.float32")),
+    Case("generate-max-new-tokens-float",
+         lambda ctx: unchecked(stepsal.generation.generate)(ctx.model, "hi", max_new_tokens=2.5),
+         Raises(StepsalError, r"max_new_tokens must be a whole number >= 1; got 2\.5")),
+    Case("problems-file-empty", lambda ctx: load_problems((ctx.folder / "p.jsonl").write_text("\n")
+                                                          and ctx.folder / "p.jsonl"),
+         Raises(StepsalError, r"p\.jsonl holds no problems; each line needs a JSON object")),
+    Case("problems-file-not-utf8", lambda ctx: load_problems((ctx.folder / "p.jsonl").write_bytes(
+        b'{"id": "a", "question": "q", "answer": 1}\n{"id": "\xff"}\n') and ctx.folder / "p.jsonl"),
+         Raises(StepsalError, r"p\.jsonl:2: not UTF-8 text \(byte 0xff\); save the problems file as UTF-8")),
+    Case("cli-eval-empty-problems", lambda ctx: cli_result(ctx, "eval", "--problems", str(
+        (ctx.folder / "p.jsonl").write_text("") or ctx.folder / "p.jsonl"), "--out", str(ctx.folder / "e")),
+         Matches(r"^\(1, .stepsal eval: error: .*p\.jsonl holds no problems")),
+    Case("cli-sweep-layer-out-of-range", lambda ctx: cli_result(
+        ctx, "sweep", "--trace", trace_file(ctx), "--model", str(tiny_folder(ctx)), "--layers", "99",
+        "--intervention", "knockout:summary:thinking", "--out", str(ctx.folder / "s")),
+         Matches(r"^\(1, .stepsal sweep: error: layers \[99\] out of range: layers must be in 0\.\.1")),
+    Case("cli-sweep-bad-layers-before-model", lambda ctx: cli_result(
+        ctx, "sweep", "--trace", trace_file(ctx), "--model", str(ctx.folder / "no-such-model"), "--layers", "abc",
+        "--intervention", "knockout:summary:thinking"),
+         Matches(r"^\(1, .stepsal sweep: error: layers must look like '0,1,2' or 'off'; got 'abc'")),
+    Case("cli-eval-refused-leaves-no-out",
+         lambda ctx: out_left_behind(ctx, "eval", "--model", str(ctx.folder / "no-such-model"), "--limit", "1"),
+         Value((1, False))),
+    Case("cli-analyze-refused-leaves-no-out",
+         lambda ctx: out_left_behind(ctx, "analyze", "--trace", trace_file(ctx), "--model",
+                                     str(ctx.folder / "no-such-model")), Value((1, False))),
+    Case("cli-merge-missing-folder-leaves-no-out", lambda ctx: out_left_behind(ctx, "eval", "--merge"),
+         Value((1, False))),
     Case("zero-width-joiner-after-stop", lambda ctx: thinking_steps(ctx, "\u200d") == thinking_steps(ctx, " "),
          Value(True)),
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -14,7 +13,7 @@ from ..backends import Model, adapter_for
 from ..errors import StepsalError, UnsupportedModelError
 from ..hookpoints import model_label
 from ..model_types import TLModel
-from ..options import SMI_SITES, refuse_unknown_settings
+from ..options import SMI_SITES, check_layer_range, layer_numbers, refuse_unknown_settings
 from ..sites import attention_sites
 from ..traces import Trace
 from .hooks import FlowRun
@@ -47,10 +46,7 @@ class StepFlow:
         for name in ("oeb_layers", "smi_layers"):  # any iterable of integers (numpy, torch) -> tuple
             given = getattr(self, name)
             if given is not None:
-                try:
-                    object.__setattr__(self, name, tuple(sorted({operator.index(layer) for layer in given})))
-                except TypeError:
-                    raise StepsalError(f"{name} must be whole layer numbers; got {given!r}.") from None
+                object.__setattr__(self, name, tuple(layer_numbers(given, name)))
         for name, paper in (("tau_max", 0.15), ("alpha", 0.06)):  # nan passes every comparison; "0.1" is no number
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -86,9 +82,7 @@ class StepFlow:
         chosen = []
         for name, (given, default) in bands.items():
             layers = list(default if given is None else given)
-            bad = [layer for layer in layers if not 0 <= layer < n_layers]
-            if bad:
-                raise StepsalError(f"{name} {bad} out of range: the model has layers 0..{n_layers - 1}.")
+            check_layer_range(layers, n_layers, name)
             chosen.append(layers)
         return chosen[0], chosen[1]
 

@@ -300,6 +300,11 @@ def _majority(answers: Sequence[str | None]) -> str | None:
     return next(a for a, k in zip(answers, keyed, strict=True) if k is not None and counts[k] == best)
 
 
+PER_PROBLEM_COLUMNS = ("condition", "mode", "problem", "steps", "n", "correct", "pass@1", "majority")
+SUMMARY_COLUMNS = ("condition", "mode", "problems", "k", "pass@1", "pass@k", "majority", "closed_think", "boxed",
+                   "new_tokens")
+
+
 @dataclass
 class EvalResult:
     """All samples (``frame``: one row per problem, condition, mode and sample) and their statistics."""
@@ -350,6 +355,8 @@ class EvalResult:
 
     def per_problem(self) -> pandas.DataFrame:
         """Per (condition, mode, problem): samples, correct ones, pass@1, majority-vote correctness."""
+        if self.frame.empty:
+            return pandas.DataFrame(columns=list(PER_PROBLEM_COLUMNS))
         rows = []
         # pandas types a group's key as Hashable; grouping by a list of columns gives tuples
         for (condition, mode, problem), group in self.frame.groupby(  # pyright: ignore[reportGeneralTypeIssues]
@@ -364,6 +371,8 @@ class EvalResult:
     def summary(self) -> pandas.DataFrame:
         """Per (condition, mode): problems, pass@1 (mean over samples), pass@k, majority vote, format rates."""
         per = self.per_problem()
+        if per.empty:
+            return pandas.DataFrame(columns=list(SUMMARY_COLUMNS))
         rows = []
         # a group's key: a tuple (pandas types it as Hashable)
         for (condition, mode), group in per.groupby(["condition", "mode"], sort=False):  # pyright: ignore[reportGeneralTypeIssues]

@@ -19,6 +19,7 @@ from ..backends import transformerlens_adapter
 from ..errors import StepsalError
 from ..hookpoints import hook_name, hooks_attached
 from ..model_types import TLModel
+from ..options import check_layer_range, layer_numbers
 from ..sites import attention_sites
 from ..traces import SEGMENT_NAMES, Trace
 
@@ -53,7 +54,11 @@ def knockout(model: TLModel, trace: Trace, queries: Group, keys: Group, layers: 
     :func:`stepsal.generate` (positions past the trace belong to no group). Hooks go away on exit."""
     adapter = transformerlens_adapter(model, "knockout")
     sites = attention_sites(model)
-    layers = sites.attention_layers if layers is None else sorted(set(layers))
+    if layers is None:
+        layers = sites.attention_layers
+    else:
+        layers = layer_numbers(layers)
+        check_layer_range(layers, adapter.n_layers)
     sites.require_attention(layers, f"knockout on {adapter.label}")
     n_heads = adapter.n_heads
     heads = list(range(n_heads)) if heads is None else sorted(set(heads))

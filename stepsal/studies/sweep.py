@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..backends import transformerlens_adapter
 from ..errors import OptionError
 from ..model_types import TLModel
-from ..options import SWEEP_METRICS as METRICS
+from ..options import SWEEP_METRICS as METRICS, check_layer_range, layer_numbers
 from ..sites import attention_sites
 from ..stats import bootstrap_mean_interval
 from ..storage import frame_from_json, frame_to_json, read_json, write_json
@@ -123,7 +123,13 @@ def layer_sweep(model: TLModel, traces: Sequence[Trace],
         layers: default: every layer with a usable attention pattern.
     """
     adapter = transformerlens_adapter(model, "layer_sweep")
-    layers = attention_sites(model).attention_layers if layers is None else sorted(set(layers))
+    if layers is None:
+        layers = attention_sites(model).attention_layers
+    else:
+        layers = layer_numbers(layers)
+        check_layer_range(layers, adapter.n_layers)
+        if not layers:
+            raise OptionError(f"layers must name at least one layer of 0..{adapter.n_layers - 1}; got [].")
     plain = []
     with torch.no_grad():
         for trace in traces:

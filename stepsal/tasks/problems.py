@@ -61,8 +61,14 @@ def load_problems(path: str | Path | None = None, limit: int | None = None) -> l
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise StepsalError(f"limit must be a whole number >= 0 (or None for all problems); got {limit!r}.")
     path = Path(path) if path is not None else SHIPPED
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise StepsalError(f"{path}:{line}: not UTF-8 text (byte {error.object[error.start]:#04x}); save the problems "
+                           "file as UTF-8 JSON lines.") from None
     problems, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -76,6 +82,9 @@ def load_problems(path: str | Path | None = None, limit: int | None = None) -> l
             raise StepsalError(f"{path}:{number}: problem id {problem.id!r} appears twice; ids must be unique.")
         seen.add(problem.id)
         problems.append(problem)
+    if not problems:
+        raise StepsalError(f"{path} holds no problems; each line needs a JSON object with 'id', 'question' and "
+                           "'answer'.")
     return problems[:limit] if limit is not None else problems
 
 
