@@ -143,6 +143,24 @@ MIDDLE_DAMAGED = lambda lines: [lines[0], b'{"problem": "p1", "cond\n', lines[2]
 LAST_CUT = lambda lines: [*lines[:2], lines[2][:40]]  # noqa: E731
 
 
+STUDIED = ("First, 6 and 7 make 13 when added together. Let me check the sum again to be sure.\n</think>\n"
+           "So the answer is \\boxed{13}.")
+
+
+def study_fake(ctx: Context) -> stepsal.StudyResult:
+    """run_study into ctx.folder/study: one problem, its greedy answer STUDIED."""
+    problem = WordProblem("p1", "What is 6 plus 7?", 13)
+    with mock.patch.object(stepsal.studies.evaluate, "generate", lambda *a, **k: fake_generation(ctx, [STUDIED])):
+        return stepsal.run_study(ctx.model, [problem], out=ctx.folder / "study", progress=False)
+
+
+def study_rerun_after_damage(ctx: Context) -> stepsal.StudyResult:
+    study_fake(ctx)
+    (saved,) = (ctx.folder / "study").glob("*/p1.greedy.0.safetensors")
+    cut_file(saved)
+    return study_fake(ctx)
+
+
 def cli_result(ctx: Context, *argv: str) -> tuple[int, str]:
     """(exit code, stderr's stepsal lines) of ``stepsal *argv``."""
     capsys = ctx.request.getfixturevalue("capsys")
@@ -424,6 +442,11 @@ CASES = [
     Case("saved-study-result-not-json", lambda ctx: stepsal.StudyResult.load(
         (ctx.folder / "study_result.json").write_text("{") and ctx.folder),
          Raises(DamagedFileError, r"study_result\.json is no readable saved StudyResult \(Expecting property name")),
+    Case("study-recomputes-damaged-map", study_rerun_after_damage,
+         Warns(StepsalWarning, r"p1\.greedy\.0\.safetensors is no readable saved StepSaliency \(.*\): it is damaged"
+                               r".* Computing it again\.")),
+    Case("study-recomputed-map-loads", lambda ctx: sum(map(len, study_rerun_after_damage(ctx).groups.values())),
+         Value(1)),
     Case("report-skips-damaged-file", report_with_damaged_file,
          Warns(StepsalWarning, r"the report leaves out 1 damaged file: .*a/1\.safetensors is no readable saved")),
     Case("report-names-damaged-file", report_with_damaged_file,
