@@ -2,6 +2,7 @@
 now gets (an error class and message, a warning, or a value). Add a row, not a file."""
 
 import dataclasses
+import importlib.metadata
 import inspect
 import json
 import math
@@ -309,6 +310,8 @@ CASES = [
          Value("13")),
     Case("evaluate-row-unfinished", lambda ctx: evaluated_row(ctx, "First, 6 and 7 make 13, so 13 * "),
          Value((None, False, False))),
+    Case("evaluate-row-records-stepsal-version", lambda ctx: evaluate_fake(ctx).frame["stepsal_version"].tolist(),
+         Value([importlib.metadata.version("stepsal")] * 3)),
     Case("evaluate-row-finished", lambda ctx: evaluated_row(ctx, "6 and 7 make 13.\n</think>\nSo \\boxed{13}."),
          Value(("13", True, True))),
     # item 4: problem ids become file names

@@ -14,6 +14,7 @@ row is never dropped silently: loading warns (or refuses) naming it, a rerun mov
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import warnings
@@ -166,6 +167,7 @@ def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | Non
                        "steps": getattr(problem, "n_steps", None), "new_tokens": len(tokens) - start,
                        "closed_think": "</think>" in text, "boxed": "\\boxed{" in text,
                        "text": text, "flow": flow_stats, "settings": settings[condition],
+                       "stepsal_version": _version(),  # recorded, not compared: an upgrade may resume a run
                        "prompt_length": start, "tokens": tokens.tolist()}  # exact ids: traces without retokenising
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
@@ -206,6 +208,13 @@ def _check_settings(rows: list[dict], settings: dict[str, dict[str, Any]], path:
             f"{path} holds {row['condition']} samples made with {name}={recorded.get(name)!r}; this run asks for "
             f"{name}={wanted.get(name)!r}. Use another --out, or overwrite=True (stepsal eval --overwrite) to discard "
             "this folder's samples.")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("stepsal")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
 
 
 def _stable_hash(text: str) -> int:
