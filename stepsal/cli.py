@@ -37,7 +37,11 @@ def read_trace_text(args: argparse.Namespace) -> str:
         raise CliError(f"--trace {path} is a folder; pass the text file that holds the trace.")
     if not path.exists():
         raise CliError(f"--trace {path}: no such file.")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CliError(f"--trace {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at {error.start}); "
+                       "save the trace as UTF-8.") from None
 
 
 def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", answer: str | None = None) -> None:
@@ -93,7 +97,11 @@ def parse_intervention(text: str):
     'smi' (StepFlow's part at the swept layer only) -> model -> ((layer, trace) -> context manager)."""
     parts = text.split(":")
     if parts[0] == "knockout" and len(parts) == 3:
-        queries, keys = ([int(s) for s in p.split("+")] if p[:1].isdigit() else p for p in parts[1:])
+        try:
+            queries, keys = ([int(s) for s in p.split("+")] if p[:1].isdigit() else p for p in parts[1:])
+        except ValueError:
+            raise CliError(f"--intervention {text}: a group is question, thinking, summary or step indices like "
+                           "3+4.") from None
 
         def knockout_at(model):
             from .studies import knockout  # lazy: keeps --help torch-free
@@ -157,6 +165,8 @@ def generate_command(args: argparse.Namespace) -> int:
     flow_options = [args.oeb_layers, args.smi_layers, args.tau_max, args.alpha]
     if not args.stepflow and any(option is not None for option in flow_options):
         raise CliError("--oeb-layers/--smi-layers/--tau-max/--alpha need --stepflow.")
+    if not args.sample and any(option is not None for option in (args.temperature, args.top_p, args.seed)):
+        raise CliError("--temperature/--top-p/--seed need --sample (without it, decoding is greedy).")
     out_dir = check_out(args.out)
     from . import StepFlow, generate  # lazy: keeps --help torch-free
 
@@ -180,7 +190,8 @@ def generate_command(args: argparse.Namespace) -> int:
         print(flow.describe(model))
     started = time.perf_counter()
     out = generate(model, prompt, flow, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, fmt=args.fmt,
+                   temperature=1.0 if args.temperature is None else args.temperature,
+                   top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed, fmt=args.fmt,
                    marker_in_output=args.marker_in_output)
     seconds = time.perf_counter() - started
     n_new = len(out.tokens[0]) - out.prompt_lengths[0]
@@ -264,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--marker-in-output", action="store_true", help="the model writes the thinking marker")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
+    g.add_argument("--top-p", type=float, default=None, help="with --sample (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="with --sample")
     g.add_argument("--out", default="stepsal-out", help="output folder")
     g.set_defaults(func=generate_command)
 

@@ -54,6 +54,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
 def _problems(args: argparse.Namespace):
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be at least 1; got {args.limit}.")
+    if args.problems and Path(args.problems).is_dir():
+        raise CliError(f"--problems {args.problems} is a folder; pass the JSONL file of id, question, answer.")
     if args.problems and not Path(args.problems).is_file():
         raise CliError(f"--problems {args.problems}: no such file (JSONL of id, question, answer).")
     if args.k < 0 or (args.k == 0 and args.no_greedy):
@@ -94,6 +96,9 @@ def eval_command(args: argparse.Namespace) -> int:
             raise CliError("--shard and accelerate launch both split the problems; use one of them.")
         shard, args.device = launched[0], str(launched[1])
     oeb_layers, smi_layers = parse_layers(args.oeb_layers), parse_layers(args.smi_layers)
+    if args.no_stepflow and (args.oeb_layers is not None or args.smi_layers is not None):
+        raise CliError("--oeb-layers/--smi-layers set StepFlow's layers, and --no-stepflow runs the baseline only; "
+                       "drop one of them.")
     out = check_out(args.out)  # evaluate / run_study create it
     from . import StepFlow  # lazy: keeps --help torch-free
     from .studies.evaluate import evaluate  # lazy: keeps --help torch-free

@@ -99,10 +99,20 @@ def prompt_thinking_from(prompt: str, fmt: TraceFormat) -> int:
 def custom_format(thinking_start: str, summary_start: str, regex: bool = False,
                   name: str = "custom") -> TraceFormat:
     """A format from marker strings (escaped) or, with ``regex=True``, regular expressions."""
-    if not thinking_start or not summary_start:
-        raise TraceFormatError("custom_format needs non-empty thinking_start and summary_start markers.")
+    if not (isinstance(thinking_start, str) and isinstance(summary_start, str)) or not thinking_start \
+            or not summary_start:
+        raise TraceFormatError(f"custom_format needs non-empty text markers; got thinking_start={thinking_start!r}, "
+                               f"summary_start={summary_start!r}.")
     if not regex:
         thinking_start, summary_start = re.escape(thinking_start), re.escape(summary_start)
+    for which, marker in (("thinking_start", thinking_start), ("summary_start", summary_start)):
+        try:
+            compiled = re.compile(marker)
+        except re.error as error:
+            raise TraceFormatError(f"{which} {marker!r} is no regular expression ({error}); pass regex=False to "
+                                   "match it as plain text.") from None
+        if compiled.fullmatch(""):
+            raise TraceFormatError(f"{which} {marker!r} matches the empty string; a marker must match some text.")
     return TraceFormat(name, thinking_start, summary_start)
 
 

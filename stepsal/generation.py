@@ -7,7 +7,6 @@ and supports left-padded batches. See docs/performance.md for speed.
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from .backends import Model, adapter_for
 from .errors import StepsalError, StepsalWarning, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
 from .models import load_model
+from .options import flag, is_whole, real_number, whole_number
 from .segments import SUMMARY, THINKING
 from .stepflow.config import StepFlow
 from .stepflow.hooks import FlowRun, FlowStats
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
-Prompt = str | Sequence[dict] | Tensor
+Prompt = str | Sequence[dict] | Sequence[int] | Tensor  # text, chat messages, token ids
 
 
 GENERATION_COLUMNS = ("row", "prompt_tokens", "new_tokens", "thinking_steps", "thinking_tokens", "summary_tokens",
@@ -108,7 +108,12 @@ def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[l
         return [row.tolist() for row in rows]
     if isinstance(prompt, str):
         return [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if isinstance(prompt, Sequence) and prompt and all(is_whole(item) for item in prompt):  # token ids
+        return [[int(cast("int", item)) for item in prompt]]
     if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise StepsalError("this tokenizer has no chat template, so chat messages cannot become a prompt; pass "
+                               "the prompt as text with the template applied (the CLI: --prompt TEXT).")
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
     if isinstance(prompt, Sequence) and prompt:  # a batch (chat messages returned above)
@@ -164,8 +169,15 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
     Returns:
         :class:`Generation`: texts, token sequences, traces and StepFlow statistics.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
-        raise StepsalError(f"max_new_tokens must be a whole number >= 1; got {max_new_tokens!r}.")
+    whole_number(max_new_tokens, "max_new_tokens", minimum=1)
+    if flag(do_sample, "do_sample"):
+        real_number(temperature, "temperature")
+        real_number(top_p, "top_p")
+    if seed is not None:
+        whole_number(seed, "seed", 0, 2**63 - 1)
+    if stepflow is not None and not isinstance(stepflow, StepFlow):
+        raise StepsalError(f"stepflow must be a StepFlow (StepFlow(...), or StepFlow.from_dict(settings)); got "
+                           f"{type(stepflow).__name__}.")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise StepsalError(f"sampling needs temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}.")
     fmt = get_format(fmt)
@@ -181,6 +193,9 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
     rows = _encode_prompts(tokenizer, prompt_or_messages)
     if any(len(r) == 0 for r in rows):
         raise StepsalError("a prompt has no tokens.")
+    vocab = adapter.vocab_size
+    if (bad := next((i for r in rows for i in r if not 0 <= i < vocab), None)) is not None:
+        raise StepsalError(f"token id {bad} in the prompt is outside the model's vocabulary (0..{vocab - 1}).")
     if stepflow is not None:
         layers = adapter.flow_layers(stepflow)
         if not marker_in_output:

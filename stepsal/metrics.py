@@ -26,7 +26,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import OptionError, StepsalError, StepsalWarning
-from .stats import bootstrap_indices, percentile_interval
+from .options import whole_number
+from .stats import bootstrap_indices, check_confidence, percentile_interval
 from .storage import floats, plain
 from .traces import QUESTION, SUMMARY, THINKING
 from .vis.figures import plot_group_curves, plot_layer_measures
@@ -83,6 +84,7 @@ class LayerMetrics:
 
     def plot(self, measures: Sequence[str] = LAYER_MEASURES, **kwargs: Any) -> Figure:
         """The per-layer measures as curves over the layers: the matplotlib Figure."""
+        measures = known_measures(measures, LAYER_MEASURES)
         return plot_layer_measures(self.layers, {measure: getattr(self, measure) for measure in measures},
                                    title="per-layer measures (row-normalised maps)", **kwargs)
 
@@ -231,7 +233,8 @@ class GroupComparison:
 
     def plot(self, measures: Sequence[str] | None = None, **kwargs: Any) -> Figure:
         """Per-layer curves of both groups with CIs: the matplotlib Figure (one panel per measure)."""
-        return plot_group_curves(self.layers, self.layer_mean, self.layer_mean_ci, measures or GROUP_MEASURES,
+        measures = known_measures(measures or GROUP_MEASURES, LAYER_MEASURES)
+        return plot_group_curves(self.layers, self.layer_mean, self.layer_mean_ci, measures,
                                  self.confidence, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,7 +246,16 @@ class GroupComparison:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroupComparison:
-        """The comparison :meth:`to_dict` described."""
+        """The comparison :meth:`to_dict` described; anything else is a :class:`StepsalError` naming what is
+        missing."""
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+            raise StepsalError(f"not a GroupComparison's to_dict ({what}).") from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> GroupComparison:
         def arrays(by_measure: dict[str, Any]) -> dict[str, np.ndarray]:
             return {measure: np.array(floats(values), dtype=float) for measure, values in by_measure.items()}
 
@@ -273,6 +285,15 @@ class GroupComparison:
         return note + comparison_text(self.to_dataframe())
 
 
+def known_measures(measures: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``measures`` as a list, each one of ``known`` (one name is a list of one)."""
+    chosen = [measures] if isinstance(measures, str) else list(measures)
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        raise OptionError(f"unknown measures {unknown or chosen}: use some of {tuple(known)}.")
+    return chosen
+
+
 def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, str] = ("correct", "wrong"),
                    n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> GroupComparison:
     """Compare two groups of traces (StepSaliency results or LayerMetrics) measure by measure.
@@ -280,6 +301,16 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
     Each trace contributes one value per measure; differences are B - A. Confidence intervals are
     percentile bootstraps over traces, resampled within each group.
     """
+    if not (isinstance(labels, (tuple, list)) and len(labels) == 2 and all(isinstance(x, str) for x in labels)):
+        raise StepsalError(f"labels must be two names, like ('correct', 'wrong'); got {labels!r}.")
+    whole_number(n_boot, "n_boot", minimum=1)
+    check_confidence(confidence)
+    for name, group in ((labels[0], group_a), (labels[1], group_b)):
+        kinds = {type(m).__name__ for m in group
+                 if not (isinstance(m, LayerMetrics) or callable(getattr(m, "metrics", None)))}
+        if isinstance(group, (str, bytes)) or kinds:
+            raise StepsalError(f"group {name!r} must be a list of StepSaliency results (or their LayerMetrics); it "
+                               f"holds {sorted(kinds) or type(group).__name__}.")
     metrics_a = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_a]
     metrics_b = [m if isinstance(m, LayerMetrics) else m.metrics() for m in group_b]
     if len(metrics_a) < 2 or len(metrics_b) < 2:
@@ -313,7 +344,12 @@ def compare_groups(group_a: Sequence, group_b: Sequence, *, labels: tuple[str, s
             g_ci=tuple(percentile_interval(gs, confidence).tolist()) if gs.size else (float("nan"), float("nan")),
             dropped=dropped))
     result = GroupComparison(label_a=labels[0], label_b=labels[1], rows=rows, confidence=confidence, n_boot=n_boot)
-    if all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b):
+    same_layers = all(m.layers == metrics_a[0].layers for m in metrics_a + metrics_b)
+    if not same_layers:
+        warnings.warn("the traces were computed over different layers, so the per-layer comparison is left out "
+                      "(result.layers is empty); compute every trace over the same layers (layers=...) for it.",
+                      StepsalWarning, stacklevel=2)
+    if same_layers:
         result.layers = list(metrics_a[0].layers)
         result.layer_mean = {labels[0]: {}, labels[1]: {}}
         result.layer_mean_ci = {labels[0]: {}, labels[1]: {}}

@@ -278,6 +278,9 @@ def _folder_of(name: str, allow_download: bool) -> str | Path:
     if name.lower() in EMBEDDED:
         return embedded_folder(name.lower())
     if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelNotFoundError(f"{name} has no config.json, so it is no saved model; save one there with "
+                                     "model.save_pretrained(folder) and tokenizer.save_pretrained(folder).")
         return Path(name)
     if not allow_download or hub_offline():
         why = "HF_HUB_OFFLINE=1 is set" if allow_download else "downloads are off"

@@ -8,6 +8,8 @@ settings as data.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -16,17 +18,56 @@ from typing import Any, Literal, get_args
 from .errors import OptionError
 
 
-def layer_numbers(given: Iterable[Any], name: str = "layers") -> list[int]:
-    """Whole layer numbers (Python, numpy or torch integers), sorted and unique; a float, text or bool
-    is an :class:`OptionError` naming ``name``."""
-    given = list(given)
+def whole_numbers(given: Any, name: str = "layers", what: str = "layer") -> list[int]:
+    """Whole numbers (Python, numpy or torch integers), sorted and unique; one number, a float, text
+    or bool is an :class:`OptionError` naming ``name``."""
+    items = list(given) if isinstance(given, Iterable) and not isinstance(given, (str, bytes)) else None
     try:
-        numbers = {operator.index(layer) for layer in given if not isinstance(layer, bool)}
+        found = None if items is None else {operator.index(item) for item in items if not isinstance(item, bool)}
     except TypeError:
-        numbers = None
-    if numbers is None or any(isinstance(layer, bool) for layer in given):
-        raise OptionError(f"{name} must be whole layer numbers; got {given!r}.")
-    return sorted(numbers)
+        found = None
+    if found is None or any(isinstance(item, bool) for item in items or []):
+        raise OptionError(f"{name} must be whole {what} numbers; got {given!r}"
+                          + (f". Pass a list: [{given}]." if items is None and is_whole(given) else "."))
+    return sorted(found)
+
+
+def layer_numbers(given: Any, name: str = "layers") -> list[int]:
+    """Whole layer numbers, sorted and unique (see :func:`whole_numbers`)."""
+    return whole_numbers(given, name, "layer")
+
+
+def whole_number(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum]; a float, text, bool or number outside is an
+    :class:`OptionError` naming ``name`` and the range."""
+    if not is_whole(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (f" >= {minimum}" if maximum is None else f" in {minimum}..{maximum}") if minimum is not None else ""
+        raise OptionError(f"{name} must be a whole number{bounds}; got {value!r}.")
+    return operator.index(value)
+
+
+def real_number(value: Any, name: str) -> float:
+    """``value`` as a finite float; text, bool, NaN or inf is an :class:`OptionError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise OptionError(f"{name} must be a finite number; got {value!r}.")
+    return float(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value`` if it is True or False (numpy bools too); text like "no" is an :class:`OptionError`."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise OptionError(f"{name} must be True or False; got {value!r}.")
+    return bool(value)
+
+
+def is_whole(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def check_layer_range(layers: Sequence[int], n_layers: int, name: str = "layers") -> None:
@@ -115,6 +156,17 @@ class SaliencyOptions:
         target = settings.get("target", "all")
         if isinstance(target, str) and target not in TARGET_NAMES:
             raise OptionError(f"unknown target {target!r}: use one of {TARGET_NAMES}, a token id or a callable.")
+        for name in ("per_head", "token_level"):
+            if name in settings:
+                flag(settings[name], name)
+        answer = settings.get("answer")
+        if answer is not None and target != "answer":
+            raise OptionError(f"answer={answer!r} is read only with target='answer' (the target is {target!r}); pass "
+                              "target='answer' (the CLI: --target answer), or leave answer out.")
+        if isinstance(answer, (list, tuple)) and (len(answer) != 2 or not all(map(is_whole, answer))):
+            raise OptionError(f"an answer span is two whole token positions (start, end); got {answer!r}.")
+        if answer is not None and not isinstance(answer, (str, list, tuple)):
+            raise OptionError(f"answer must be the answer's text or a token span (start, end); got {answer!r}.")
 
     def replace(self, **changes: Any) -> SaliencyOptions:
         """A copy with some settings changed (validated again)."""

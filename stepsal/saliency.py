@@ -35,7 +35,14 @@ from transformers.cache_utils import Cache
 
 from .backends import TransformerLensAdapter, transformerlens_adapter
 from .blockwise_layers import blockwise_attention_layers, blockwise_problem, final_residual, logits_from_residual
-from .errors import ModelMismatchError, NoGradientError, NonFiniteGradientError, OptionError, StepsalError
+from .errors import (
+    ArgumentTypeError,
+    ModelMismatchError,
+    NoGradientError,
+    NonFiniteGradientError,
+    OptionError,
+    StepsalError,
+)
 from .hookpoints import forward_kwargs, hook_name, hooks_attached, model_label
 from .metrics import LayerMetrics, layer_metrics, reference_measures as _reference_measures
 from .model_types import TLModel
@@ -43,9 +50,9 @@ from .options import MODES, NORMS, RULES, TARGET_NAMES, Mode, SaliencyOptions, c
 from .pooling import normalize, pool
 from .segments import SUMMARY
 from .sites import attention_sites
-from .storage import reading
+from .storage import file_to_write, reading
 from .targets import RowTarget, Target, make_target, row_target
-from .traces import StepLayout, Trace, tokenizer_fingerprint
+from .traces import StepLayout, Trace, require_trace, tokenizer_fingerprint
 from .vis.figures import plot_step_maps
 from .vis.html import saliency_html
 from .vis.labels import maps_title, maps_widget_title, received_title, step_names
@@ -123,7 +130,7 @@ class StepSaliency:
 
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file: the sums as tensors, everything else as JSON metadata."""
-        path = Path(path)
+        path = file_to_write(path)
         tensors = {"sums": self.sums.contiguous()}
         for name in ("head_sums", "token_sums"):
             if getattr(self, name) is not None:
@@ -209,6 +216,9 @@ class StepSaliency:
         trace's tokens coloured by the saliency they receive from ``source`` ("summary" or a step
         index), per layer. ``norm``: the maps' normalisation (default "row": comparable across layers)."""
         names = [f"layer {i}" for i in self.layers]
+        if layer is not None and view != "heads":
+            raise OptionError(f"layer= picks the layer of view='heads'; view={view!r} shows every layer. Drop layer, "
+                              "or pass view='heads'.")
         if view == "maps":
             return step_maps_widget(self.normalized(norm), step_names(self.layout), names,
                                     title=maps_widget_title(self.rule, norm, self.target))
@@ -499,6 +509,9 @@ def _backward_blockwise(model: TLModel, tokens: Tensor, target_fn: Callable, poo
 
 def _checked_loss(loss: Tensor, graph: bool = True) -> Tensor:
     """A finite scalar target; with ``graph``, one that depends on the logits."""
+    if not isinstance(loss, Tensor):
+        raise StepsalError(f"the target must return a scalar tensor computed from the logits; it returned "
+                           f"{type(loss).__name__}.")
     if loss.dim() != 0:
         raise StepsalError(f"the target must return a scalar; it returned shape {tuple(loss.shape)}.")
     if not torch.isfinite(loss):
@@ -658,6 +671,9 @@ def _merged_options(options: SaliencyOptions | None, settings: dict[str, Any]) -
     """``options``, or the keyword settings as options; both at once is refused (which would win?)."""
     if options is None:
         return SaliencyOptions.from_dict(settings)
+    if not isinstance(options, SaliencyOptions):
+        raise ArgumentTypeError(f"options must be a SaliencyOptions (SaliencyOptions.from_dict(settings) for a dict); "
+                                f"got {type(options).__name__}.")
     defaults = SaliencyOptions()
     given = sorted(name for name, value in settings.items() if value is not None and value != getattr(defaults, name))
     if given:
@@ -669,6 +685,7 @@ def _merged_options(options: SaliencyOptions | None, settings: dict[str, Any]) -
 def check_trace_fits(model: TLModel | TransformerLensAdapter, trace: Trace) -> None:
     """Refuse a trace the model cannot score: longer than its context, another tokenizer's, or ids
     outside its vocabulary."""
+    require_trace(trace, "Step-Saliency")
     adapter = transformerlens_adapter(model, "Step-Saliency")
     n_ctx = adapter.n_ctx
     if n_ctx is not None and len(trace) > n_ctx:

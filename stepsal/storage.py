@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas
 
-from .errors import DamagedFileError, OutputBusyError, StepsalError
+from .errors import DamagedFileError, OutputBusyError, ResultsNotFoundError, StepsalError
 
 try:
     import fcntl
@@ -67,7 +67,7 @@ def frame_from_json(data: dict[str, Any]) -> pandas.DataFrame:
 
 def write_json(path: str | os.PathLike, kind: str, data: dict[str, Any]) -> Path:
     """``{"stepsal": kind, ...data}`` as strict JSON at ``path``."""
-    path = Path(path)
+    path = file_to_write(path)
     path.write_text(json.dumps({"stepsal": kind, **plain(data)}, allow_nan=False, indent=1), encoding="utf-8")
     return path
 
@@ -82,11 +82,25 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     return data
 
 
+def file_to_write(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, refused when it is a folder or its folder does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        raise StepsalError(f"{path} is a folder; pass a file path to save to, like {path / 'result'}.")
+    if not path.parent.is_dir():
+        raise StepsalError(f"{path}: its folder {path.parent} does not exist; create it first.")
+    return path
+
+
 @contextmanager
 def reading(path: str | os.PathLike, kind: str) -> Iterator[None]:
     """Any error while the block reads a saved ``kind`` from ``path`` (bad JSON or bytes, a missing key,
     a wrong shape) as one :class:`DamagedFileError` naming the file; a missing file stays a
     FileNotFoundError, an error already naming its file passes through."""
+    if Path(path).is_dir():
+        raise ResultsNotFoundError(f"{path} is a folder; pass the saved {kind} file in it.")
+    if not Path(path).exists():
+        raise ResultsNotFoundError(f"{path}: no such file (a saved {kind}).")
     try:
         yield
     except (OSError, DamagedFileError):

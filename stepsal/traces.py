@@ -24,8 +24,9 @@ import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
 
-from .errors import ModelMismatchError, StepsalError, TraceFormatError
+from .errors import ArgumentTypeError, ModelMismatchError, StepsalError, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
+from .options import whole_number
 from .segments import QUESTION, SEGMENT_NAMES, SUMMARY, THINKING
 from .sentences import (
     BLANK_LINE,
@@ -346,6 +347,7 @@ class Trace:
         text, offsets = offsets_for_ids(tokenizer, ids)
         thinking_from = None
         if prompt_length is not None:
+            whole_number(prompt_length, "prompt_length", 0, len(ids))
             prompt_end = offsets[prompt_length - 1][1] if 0 < prompt_length <= len(offsets) else 0
             thinking_from = prompt_thinking_from(text[:prompt_end], get_format(fmt))
         return cls._build(text, ids, offsets, tokenizer, fmt, min_thinking_steps, allow_missing_summary,
@@ -356,6 +358,7 @@ class Trace:
                fmt: str | TraceFormat, min_thinking_steps: int, allow_missing_summary: bool,
                sentence_end: str | None = None, thinking_from: int | None = None) -> Trace:
         fmt = get_format(fmt)
+        whole_number(min_thinking_steps, "min_thinking_steps", minimum=0)
         if not ids:
             raise TraceFormatError("the trace has no tokens.")
         seg = segment_text(text, fmt, allow_missing_summary, sentence_end, thinking_from)
@@ -424,6 +427,13 @@ class Trace:
                                    "Trace.to_dict wrote.")
         return cls(text, tokens, offsets, layout, str(data["fmt"]), str(data["tokenizer_fingerprint"]),
                    bool(data["has_summary"]), markers=_markers_from_json(data.get("markers")))
+
+
+def require_trace(trace: Any, purpose: str) -> None:
+    """Refuse anything but a :class:`Trace` (text, ids) with how to build one."""
+    if not isinstance(trace, Trace):
+        raise ArgumentTypeError(f"{purpose} needs a stepsal Trace; got {type(trace).__name__}. Build one with "
+                                "stepsal.Trace.from_text(text, model) or Trace.from_tokens(ids, model).")
 
 
 def _token_ids(tokens: Sequence[int] | Tensor, vocab_size: int) -> list[int]:

@@ -2,6 +2,7 @@
 now gets (an error class and message, a warning, or a value). Add a row, not a file."""
 
 import dataclasses
+import importlib
 import importlib.metadata
 import inspect
 import json
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from conftest import BACKENDS
@@ -27,9 +29,11 @@ from tiny import THINK_TRACE, save_folder
 
 import stepsal
 import stepsal.generation
+import stepsal.saliency
 import stepsal.studies.evaluate
 from stepsal.cli import main as cli_main
 from stepsal.errors import DamagedFileError, OptionError, OutputBusyError, StepsalError, StepsalWarning
+from stepsal.options import whole_number
 from stepsal.stepflow.config import StepFlow
 from stepsal.tasks.answers import extract_answer, is_correct
 from stepsal.tasks.problems import WordProblem, load_problems
@@ -281,14 +285,26 @@ def out_left_behind(ctx: Context, *argv: str) -> tuple[int, bool]:
     return code, out.exists()
 
 
-def validated_flow(**settings: Any) -> StepFlow:
-    """StepFlow's own checks on ``settings``, past the test suite's runtime type checker (which would
-    refuse a text alpha before them; users without it get these checks)."""
-    flow = object.__new__(StepFlow)
-    for field in dataclasses.fields(StepFlow):
-        object.__setattr__(flow, field.name, settings.get(field.name, field.default))
-    flow.__post_init__()
-    return flow
+def problem_rows(ctx: Context, *rows: dict) -> Path:
+    path = ctx.folder / "p.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def two_results(ctx: Context, layers_b: list[int]) -> Any:
+    a = stepsal.step_saliency(ctx.model, ctx.trace)
+    b = stepsal.step_saliency(ctx.model, ctx.trace, layers=layers_b)
+    return stepsal.compare_groups([a, a], [b, b])
+
+
+def validated(cls: type, **settings: Any) -> Any:
+    """A dataclass's own checks (``__post_init__``) on ``settings``, past the test suite's runtime type
+    checker (which would refuse a text alpha before them; users without it get these checks)."""
+    made = object.__new__(cls)
+    for field in dataclasses.fields(cls):
+        object.__setattr__(made, field.name, settings.get(field.name, field.default))
+    made.__post_init__()
+    return made
 
 
 def thinking_steps(ctx: Context, gap: str) -> int:
@@ -297,6 +313,7 @@ def thinking_steps(ctx: Context, gap: str) -> int:
     return len(trace.layout.steps_of(stepsal.traces.THINKING))
 
 
+KNOCKOUT = importlib.import_module("stepsal.studies.knockout")  # the package's `knockout` is the function
 CUT_OFF = "<think>\nFirst, 6 and 7 make 13, so 13 * "
 
 CASES = [
@@ -353,7 +370,7 @@ CASES = [
     Case("stepflow-alpha-inf", lambda ctx: StepFlow(alpha=math.inf), Raises(StepsalError, r"alpha must be a finite")),
     Case("stepflow-tau-max-nan", lambda ctx: StepFlow(tau_max=math.nan),
          Raises(StepsalError, r"tau_max must be a finite number; got nan\. The paper uses 0\.15")),
-    Case("stepflow-alpha-text", lambda ctx: validated_flow(alpha="0.1"),
+    Case("stepflow-alpha-text", lambda ctx: validated(StepFlow, alpha="0.1"),
          Raises(StepsalError, r"alpha must be a finite number; got '0\.1'")),
     # item 5e: a negative limit
     Case("load-problems-negative-limit", lambda ctx: load_problems(limit=-1),
@@ -526,6 +543,150 @@ CASES = [
                                      str(ctx.folder / "no-such-model")), Value((1, False))),
     Case("cli-merge-missing-folder-leaves-no-out", lambda ctx: out_left_behind(ctx, "eval", "--merge"),
          Value((1, False))),
+    # item 8, more: what a second careful user tried (silent results first, then unclear errors)
+    Case("evaluate-shard-out-of-range", lambda ctx: stepsal.evaluate(ctx.model, [WordProblem("p1", "q?", 1)],
+                                                                     out=ctx.folder, shard=(2, 2)),
+         Raises(StepsalError, r"shard must be \(i, n\) with whole numbers 0 <= i < n, like \(0, 4\); got \(2, 2\)")),
+    Case("evaluate-negative-shard", lambda ctx: stepsal.evaluate(ctx.model, [WordProblem("p1", "q?", 1)],
+                                                                 out=ctx.folder, shard=(-1, 2)),
+         Raises(StepsalError, r"shard must be \(i, n\)")),
+    Case("evaluate-duplicate-ids", lambda ctx: stepsal.evaluate(
+        ctx.model, [WordProblem("p1", "q?", 3), WordProblem("p1", "q?", 4)], out=ctx.folder),
+         Raises(StepsalError, r"problem id 'p1' appears twice; ids must be unique")),
+    Case("evaluate-problems-as-dicts", lambda ctx: unchecked(stepsal.studies.evaluate.evaluate)(
+        ctx.model, [{"id": "p1", "question": "q?", "answer": 1}], out=ctx.folder),
+         Raises(StepsalError, r"each problem needs \.id, \.messages\(\) and \.answer .*got dict")),
+    Case("evaluate-out-is-a-file", lambda ctx: stepsal.evaluate(
+        ctx.model, [WordProblem("p1", "q?", 1)], out=(ctx.folder / "f").write_text("") or ctx.folder / "f"),
+         Raises(StepsalError, r"out='.*/f' is a file; pass a folder")),
+    Case("evaluate-k-float", lambda ctx: unchecked(stepsal.studies.evaluate.evaluate)(
+        ctx.model, [WordProblem("p1", "q?", 1)], out=ctx.folder, k=1.5),
+         Raises(OptionError, r"k must be a whole number >= 0; got 1\.5")),
+    Case("problem-question-null", lambda ctx: validated(WordProblem, id="a", question=None, answer=1),
+         Raises(StepsalError, r"problem 'a': the question must be non-empty text; got None")),
+    Case("problem-steps-text", lambda ctx: validated(WordProblem, id="a", question="q?", answer=1, n_steps="x"),
+         Raises(StepsalError, r"problem 'a': steps must be a whole number or absent; got 'x'")),
+    Case("problems-file-question-number", lambda ctx: load_problems(problem_rows(
+        ctx, {"id": "a", "question": "", "answer": 1})),
+         Raises(StepsalError, r"p\.jsonl:1: problem 'a': the question must be non-empty text; got ''")),
+    Case("problems-path-is-folder", lambda ctx: load_problems(ctx.folder),
+         Raises(StepsalError, r"is a folder; pass the problems file")),
+    Case("generate-do-sample-text", lambda ctx: unchecked(stepsal.generation.generate)(
+        ctx.model, "hi", max_new_tokens=1, do_sample="no"), Raises(OptionError, r"do_sample must be True or False")),
+    Case("stepflow-at-summary-text", lambda ctx: validated(StepFlow, smi_at_summary="no"),
+         Raises(OptionError, r"smi_at_summary must be True or False; got 'no'")),
+    Case("saliency-per-head-text", lambda ctx: stepsal.SaliencyOptions.check({"per_head": "yes"}),
+         Raises(OptionError, r"per_head must be True or False; got 'yes'")),
+    Case("knockout-head-float", lambda ctx: next(unchecked(KNOCKOUT.knockout)(  # runs up to the hooks
+        ctx.model, ctx.trace, "summary", "thinking", heads=[1.5])),
+         Raises(OptionError, r"heads must be whole head numbers; got \[1\.5\]")),
+    Case("knockout-no-layers", lambda ctx: stepsal.knockout(ctx.model, ctx.trace, "summary", "thinking",
+                                                            layers=[]).__enter__(),
+         Raises(StepsalError, r"layers must name at least one layer of 0\.\.1; got \[\]")),
+    Case("answer-without-answer-target", lambda ctx: stepsal.step_saliency(ctx.model, ctx.trace, answer="12"),
+         Raises(OptionError, r"answer='12' is read only with target='answer' \(the target is 'all'\)")),
+    Case("cli-answer-without-answer-target", lambda ctx: cli_result(
+        ctx, "analyze", "--trace", trace_file(ctx), "--model", str(tiny_folder(ctx)), "--answer", "12", "--out",
+        str(ctx.folder / "a")), Matches(r"^\(1, .stepsal analyze: error: .*answer='12' is read only with target")),
+    Case("cli-temperature-without-sample", lambda ctx: cli_result(
+        ctx, "generate", "--prompt", "hi", "--temperature", "0.7", "--model", str(ctx.folder)),
+         Matches(r"^\(1, .stepsal generate: error: --temperature/--top-p/--seed need --sample")),
+    Case("cli-no-stepflow-with-layers", lambda ctx: cli_result(
+        ctx, "eval", "--no-stepflow", "--oeb-layers", "9", "--limit", "1"),
+         Matches(r"^\(1, .stepsal eval: error: --oeb-layers/--smi-layers set StepFlow's layers, and --no-stepflow")),
+    Case("show-layer-in-maps-view", lambda ctx: stepsal.step_saliency(ctx.model, ctx.trace).show(layer=99),
+         Raises(OptionError, r"layer= picks the layer of view='heads'")),
+    Case("compare-different-layers", lambda ctx: two_results(ctx, [0]),
+         Warns(StepsalWarning, r"computed over different layers, so the per-layer comparison is left out")),
+    Case("sweep-no-traces", lambda ctx: stepsal.layer_sweep(ctx.model, [], lambda layer: None),
+         Raises(StepsalError, r"traces must be a non-empty list of Trace")),
+    Case("from-tokens-prompt-length-past-end",
+         lambda ctx: stepsal.Trace.from_tokens(ctx.trace.tokens, ctx.tokenizer, prompt_length=10**6),
+         Raises(OptionError, r"prompt_length must be a whole number in 0\.\.\d+; got 1000000")),
+    Case("paired-unknown-mode", lambda ctx: evaluate_fake(ctx).paired("bogus"),
+         Raises(OptionError, r"paired\(mode='bogus'\): the samples have modes \['sampled'\]")),
+    Case("answer-span-floats", lambda ctx: stepsal.SaliencyOptions.check({"target": "answer", "answer": (1.0, 3.0)}),
+         Raises(OptionError, r"an answer span is two whole token positions \(start, end\); got \(1\.0, 3\.0\)")),
+    Case("target-returns-int", lambda ctx: unchecked(stepsal.saliency._checked_loss)(3),
+         Raises(StepsalError, r"the target must return a scalar tensor computed from the logits; it returned int")),
+    Case("layers-one-number", lambda ctx: validated(StepFlow, oeb_layers=3),
+         Raises(OptionError, r"oeb_layers must be whole layer numbers; got 3\. Pass a list: \[3\]")),
+    Case("saliency-of-text", lambda ctx: unchecked(stepsal.saliency.check_trace_fits)(ctx.model, THINK_TRACE),
+         Raises(stepsal.ArgumentTypeError, r"Step-Saliency needs a stepsal Trace; got str\. Build one with "
+                                           r"stepsal\.Trace\.from_text")),
+    Case("saliency-options-dict", lambda ctx: unchecked(stepsal.saliency._merged_options)({"norm": "row"}, {}),
+         Raises(stepsal.ArgumentTypeError, r"options must be a SaliencyOptions \(SaliencyOptions\.from_dict")),
+    Case("plot-no-layers", lambda ctx: stepsal.step_saliency(ctx.model, ctx.trace).plot(layers=[]),
+         Raises(StepsalError, r"no layer to draw")),
+    Case("save-into-missing-folder", lambda ctx: stepsal.step_saliency(ctx.model, ctx.trace).save(
+        ctx.folder / "nope" / "x.safetensors"), Raises(StepsalError, r"its folder .*nope does not exist")),
+    Case("save-onto-folder", lambda ctx: stepsal.step_saliency(ctx.model, ctx.trace).save(ctx.folder),
+         Raises(StepsalError, r"is a folder; pass a file path to save to")),
+    Case("load-a-folder", lambda ctx: stepsal.StepSaliency.load(ctx.folder),
+         Raises(stepsal.ResultsNotFoundError, r"is a folder; pass the saved StepSaliency file in it")),
+    Case("generate-id-past-vocabulary", lambda ctx: stepsal.generate(ctx.model, torch.tensor([10**5]),
+                                                                     max_new_tokens=1),
+         Raises(StepsalError, r"token id 100000 in the prompt is outside the model's vocabulary")),
+    Case("generate-token-id-list", lambda ctx: stepsal.generate(ctx.model, [5, 6, 7], max_new_tokens=1).tokens[0][:3]
+         .tolist(), Value([5, 6, 7])),
+    Case("generate-temperature-text", lambda ctx: unchecked(stepsal.generation.generate)(
+        ctx.model, "hi", max_new_tokens=1, do_sample=True, temperature="1"),
+         Raises(OptionError, r"temperature must be a finite number; got '1'")),
+    Case("generate-seed-too-big", lambda ctx: stepsal.generate(ctx.model, "hi", max_new_tokens=1, do_sample=True,
+                                                               seed=2**70),
+         Raises(OptionError, r"seed must be a whole number in 0\.\.9223372036854775807")),
+    Case("generate-flow-as-dict", lambda ctx: unchecked(stepsal.generation.generate)(ctx.model, "hi", {"alpha": 0.1}),
+         Raises(StepsalError, r"stepflow must be a StepFlow \(StepFlow\(\.\.\.\), or StepFlow\.from_dict")),
+    Case("generate-chat-without-template", lambda ctx: stepsal.generate(
+        ctx.model, [{"role": "user", "content": "hi"}], max_new_tokens=1),
+         Raises(StepsalError, r"this tokenizer has no chat template.*--prompt TEXT")),
+    Case("stepflow-from-none", lambda ctx: unchecked(StepFlow.from_dict.__func__)(StepFlow, None),
+         Raises(StepsalError, r"StepFlow\.from_dict needs a dict of settings")),
+    Case("knockout-numpy-step", lambda ctx: unchecked(KNOCKOUT.group_mask)(ctx.trace, np.int64(3)).any().item(),
+         Value(True)),
+    Case("knockout-mask-as-list", lambda ctx: int(unchecked(KNOCKOUT.group_mask)(
+        ctx.trace, [True] * 3 + [False] * (len(ctx.trace) - 3)).sum()), Value(3)),
+    Case("knockout-group-none", lambda ctx: unchecked(KNOCKOUT.group_mask)(ctx.trace, None),
+         Raises(StepsalError, r"unknown group None")),
+    Case("sweep-one-trace", lambda ctx: unchecked(stepsal.layer_sweep)(ctx.model, ctx.trace, lambda layer: None),
+         Raises(StepsalError, r"traces must be a non-empty list of Trace; got Trace \(pass \[trace\]\)")),
+    Case("sweep-intervention-returns-none", lambda ctx: stepsal.layer_sweep(ctx.model, [ctx.trace], lambda layer: None,
+                                                                            progress=False),
+         Raises(StepsalError, r"the intervention must return a context manager .*returned NoneType")),
+    Case("sweep-metric-returns-vector", lambda ctx: stepsal.layer_sweep(
+        ctx.model, [ctx.trace], lambda layer: stepsal.knockout(ctx.model, ctx.trace, "summary", "thinking",
+                                                               layers=[layer]),
+        metric=lambda logits, plain, trace: logits, progress=False),
+         Raises(StepsalError, r"the metric must return one number per trace; it returned shape")),
+    Case("compare-confidence-percent", lambda ctx: stepsal.compare_groups([], [], confidence=95.0),
+         Raises(OptionError, r"confidence must lie in \(0, 1\), e\.g\. 0\.95")),
+    Case("compare-no-bootstrap", lambda ctx: stepsal.compare_groups([], [], n_boot=0),
+         Raises(OptionError, r"n_boot must be a whole number >= 1; got 0")),
+    Case("compare-traces-not-results", lambda ctx: stepsal.compare_groups([ctx.trace] * 2, [ctx.trace] * 2),
+         Raises(StepsalError, r"group 'correct' must be a list of StepSaliency results .*\['Trace'\]")),
+    Case("compare-one-label", lambda ctx: unchecked(stepsal.compare_groups)([], [], labels=("a",)),
+         Raises(StepsalError, r"labels must be two names")),
+    Case("comparison-from-empty-dict", lambda ctx: stepsal.GroupComparison.from_dict({}),
+         Raises(StepsalError, r"not a GroupComparison's to_dict \(missing key 'rows'\)")),
+    Case("metrics-plot-unknown-measure", lambda ctx: stepsal.step_saliency(ctx.model, ctx.trace).metrics().plot(
+        measures=["bogus"]), Raises(OptionError, r"unknown measures \['bogus'\]: use some of")),
+    Case("min-thinking-steps-text", lambda ctx: whole_number("2", "min_thinking_steps", minimum=0),
+         Raises(OptionError, r"min_thinking_steps must be a whole number >= 0; got '2'")),
+    Case("custom-format-bad-regex", lambda ctx: stepsal.custom_format("<think", "[", regex=True),
+         Raises(stepsal.TraceFormatError, r"summary_start '\[' is no regular expression .*regex=False")),
+    Case("custom-format-not-text", lambda ctx: unchecked(stepsal.custom_format)(1, 2),
+         Raises(stepsal.TraceFormatError, r"custom_format needs non-empty text markers")),
+    Case("cli-trace-not-utf8", lambda ctx: cli_result(
+        ctx, "analyze", "--trace", str((ctx.folder / "t.txt").write_bytes(b"\xff") and ctx.folder / "t.txt")),
+         Matches(r"^\(1, .stepsal analyze: error: --trace .*t\.txt is not UTF-8 text \(byte 0xff at 0\)")),
+    Case("cli-model-folder-without-config", lambda ctx: cli_result(
+        ctx, "analyze", "--trace", trace_file(ctx), "--model", str(ctx.folder), "--out", str(ctx.folder / "o")),
+         Matches(r"^\(1, .stepsal analyze: error: .* has no config\.json, so it is no saved model")),
+    Case("cli-knockout-bad-steps", lambda ctx: cli_result(
+        ctx, "sweep", "--trace", trace_file(ctx), "--intervention", "knockout:summary:3+x"),
+         Matches(r"^\(1, .stepsal sweep: error: --intervention knockout:summary:3\+x: a group is question")),
+    Case("cli-problems-folder", lambda ctx: cli_result(ctx, "eval", "--problems", str(ctx.folder)),
+         Matches(r"^\(1, .stepsal eval: error: --problems .* is a folder; pass the JSONL file")),
     Case("zero-width-joiner-after-stop", lambda ctx: thinking_steps(ctx, "\u200d") == thinking_steps(ctx, " "),
          Value(True)),
 ]

@@ -13,7 +13,7 @@ from ..backends import Model, adapter_for
 from ..errors import StepsalError, UnsupportedModelError
 from ..hookpoints import model_label
 from ..model_types import TLModel
-from ..options import SMI_SITES, check_layer_range, layer_numbers, refuse_unknown_settings
+from ..options import SMI_SITES, check_layer_range, flag, layer_numbers, refuse_unknown_settings
 from ..sites import attention_sites
 from ..traces import Trace
 from .hooks import FlowRun
@@ -47,6 +47,7 @@ class StepFlow:
             given = getattr(self, name)
             if given is not None:
                 object.__setattr__(self, name, tuple(layer_numbers(given, name)))
+        flag(self.smi_at_summary, "smi_at_summary")
         for name, paper in (("tau_max", 0.15), ("alpha", 0.06)):  # nan passes every comparison; "0.1" is no number
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -71,6 +72,9 @@ class StepFlow:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepFlow:
         """Settings from :meth:`to_dict` (unknown keys are refused, naming the known ones)."""
+        if not isinstance(data, dict):
+            raise StepsalError(f"StepFlow.from_dict needs a dict of settings (what to_dict wrote); got "
+                               f"{type(data).__name__}.")
         refuse_unknown_settings(cls, data, "StepFlow settings")
         return cls(**data)
 

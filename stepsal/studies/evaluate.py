@@ -42,9 +42,10 @@ from ..errors import (
 from ..formats import get_format, prompt_thinking_from
 from ..generation import generate
 from ..model_types import Model
+from ..options import flag, is_whole, whole_number
 from ..stats import bootstrap_mean_interval
 from ..stepflow.config import StepFlow
-from ..storage import plain, writer_lock
+from ..storage import file_to_write, plain, writer_lock
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 from ..vis.figures import plot_bars
 from ..vis.html import frame_section
@@ -70,6 +71,27 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise StepsalError(f"--shard i/n needs 0 <= i < n; got {text!r}.")
     return index, count
+
+
+def check_shard(shard: Any) -> tuple[int, int]:
+    """``shard`` if it is (i, n) with whole numbers 0 <= i < n."""
+    if not (isinstance(shard, (tuple, list)) and len(shard) == 2 and all(map(is_whole, shard))
+            and 0 <= shard[0] < shard[1]):
+        raise StepsalError(f"shard must be (i, n) with whole numbers 0 <= i < n, like (0, 4); got {shard!r}.")
+    return int(shard[0]), int(shard[1])
+
+
+def check_problems(problems: Sequence[Any]) -> None:
+    """Problems need ``id``, ``messages()`` and ``answer``, and ids must be unique (rows are keyed by them)."""
+    seen = set()
+    for problem in problems:
+        if not (hasattr(problem, "id") and callable(getattr(problem, "messages", None)) and hasattr(problem, "answer")):
+            raise StepsalError(f"each problem needs .id, .messages() and .answer (stepsal.load_problems or "
+                               f"stepsal.WordProblem(id, question, answer)); got {type(problem).__name__}.")
+        if problem.id in seen:
+            raise StepsalError(f"problem id {problem.id!r} appears twice; ids must be unique (samples are keyed by "
+                               "them).")
+        seen.add(problem.id)
 
 
 def accelerate_shard() -> tuple[tuple[int, int], str] | None:
@@ -109,9 +131,13 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
     shard: its own file). Returns the samples this
     call asked for (its problems, conditions, modes and k) from every shard found in ``out``.
     """
-    if k < 0 or (k == 0 and not greedy):
+    if whole_number(k, "k", minimum=0) == 0 and not flag(greedy, "greedy"):
         raise StepsalError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
+    check_shard(shard)
+    check_problems(problems)
     folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise StepsalError(f"out={str(out)!r} is a file; pass a folder for the samples.")
     folder.mkdir(parents=True, exist_ok=True)
     path = shard_file(folder, shard)
     with writer_lock(path, fix=BUSY_FIX):
@@ -345,7 +371,7 @@ class EvalResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """The samples as JSON lines, one per sample (the format of :func:`evaluate`'s files; NaN as null)."""
-        path = Path(path)
+        path = file_to_write(path)
         with path.open("w", encoding="utf-8") as sink:
             for row in self.frame.to_dict("records"):
                 sink.write(json.dumps(plain(row), allow_nan=False) + "\n")
@@ -400,6 +426,8 @@ class EvalResult:
         """StepFlow - baseline pass@1 per problem: mean, percentile bootstrap CI over problems, and a
         two-sided sign-flip permutation test of zero mean difference (exact up to 16 nonzero pairs)."""
         per = self.per_problem()
+        if mode not in set(per["mode"]):
+            raise OptionError(f"paired(mode={mode!r}): the samples have modes {sorted(set(per['mode']))}.")
         per = per[per["mode"] == mode]
         table = per.pivot(index="problem", columns="condition", values="pass@1")
         if not {"baseline", "stepflow"} <= set(table.columns):

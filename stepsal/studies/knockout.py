@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Bool
@@ -19,9 +19,9 @@ from ..backends import transformerlens_adapter
 from ..errors import StepsalError
 from ..hookpoints import hook_name, hooks_attached
 from ..model_types import TLModel
-from ..options import check_layer_range, layer_numbers
+from ..options import check_layer_range, is_whole, layer_numbers, whole_numbers
 from ..sites import attention_sites
-from ..traces import SEGMENT_NAMES, Trace
+from ..traces import SEGMENT_NAMES, Trace, require_trace
 
 Group = str | int | Sequence[int] | Tensor
 
@@ -30,6 +30,8 @@ def group_mask(trace: Trace, group: Group) -> Bool[Tensor, " token"]:
     """Tokens of a group: "question" / "thinking" / "summary", a step index, a list of step
     indices, or a boolean mask over the trace's tokens."""
     layout = trace.layout
+    if isinstance(group, (list, tuple)) and group and all(type(item).__name__ in ("bool", "bool_") for item in group):
+        group = torch.tensor(group, dtype=torch.bool)  # a mask written as a list
     if isinstance(group, Tensor) and group.dtype == torch.bool:
         if group.shape != (len(trace),):
             raise StepsalError(f"a token mask must have shape ({len(trace)},); got {tuple(group.shape)}.")
@@ -38,10 +40,13 @@ def group_mask(trace: Trace, group: Group) -> Bool[Tensor, " token"]:
         if group not in SEGMENT_NAMES:
             raise StepsalError(f"unknown group {group!r}: use one of {SEGMENT_NAMES}, step indices or a token mask.")
         return layout.token_segment == SEGMENT_NAMES.index(group)
-    steps = [group] if isinstance(group, int) else list(group)
-    bad = [s for s in steps if not (isinstance(s, int) and 0 <= s < layout.n_steps)]
+    if not (is_whole(group) or isinstance(group, (Sequence, Tensor))):
+        raise StepsalError(f"unknown group {group!r}: use one of {SEGMENT_NAMES}, step indices or a token mask.")
+    steps: list[Any] = [group] if is_whole(group) else list(cast("Sequence[int]", group))
+    bad = [s for s in steps if not (is_whole(s) and 0 <= s < layout.n_steps)]
     if not steps or bad:
         raise StepsalError(f"steps must be indices in 0..{layout.n_steps - 1}; got {group!r}.")
+    steps = [int(s) for s in steps]
     return torch.isin(layout.token_step, torch.tensor(steps))
 
 
@@ -52,6 +57,7 @@ def knockout(model: TLModel, trace: Trace, queries: Group, keys: Group, layers: 
     affected row) in ``layers`` (default: every layer with a usable pattern) and ``heads`` (default
     all). Works for plain forwards over the trace, :func:`stepsal.step_saliency` and KV-cached
     :func:`stepsal.generate` (positions past the trace belong to no group). Hooks go away on exit."""
+    require_trace(trace, "knockout")
     adapter = transformerlens_adapter(model, "knockout")
     sites = attention_sites(model)
     if layers is None:
@@ -59,9 +65,12 @@ def knockout(model: TLModel, trace: Trace, queries: Group, keys: Group, layers: 
     else:
         layers = layer_numbers(layers)
         check_layer_range(layers, adapter.n_layers)
+        if not layers:
+            raise StepsalError(f"layers must name at least one layer of 0..{adapter.n_layers - 1}; got [] (a knockout "
+                               "nowhere changes nothing).")
     sites.require_attention(layers, f"knockout on {adapter.label}")
     n_heads = adapter.n_heads
-    heads = list(range(n_heads)) if heads is None else sorted(set(heads))
+    heads = list(range(n_heads)) if heads is None else whole_numbers(heads, "heads", "head")
     if not heads or not all(0 <= h < n_heads for h in heads):
         raise StepsalError(f"heads must be a non-empty subset of 0..{n_heads - 1}; got {heads}.")
     query_mask, key_mask = group_mask(trace, queries), group_mask(trace, keys)

@@ -29,7 +29,7 @@ from ..metrics import TRACE_MEASURES, GroupComparison, compare_groups
 from ..model_types import Model, TLModel
 from ..options import SaliencyOptions
 from ..saliency import StepSaliency, step_saliency
-from ..storage import read_json, write_json, writer_lock
+from ..storage import read_json, reading, write_json, writer_lock
 from ..traces import Trace
 from ..vis.figures import plot_group_points
 from ..vis.html import frames_html
@@ -106,13 +106,14 @@ class StudyResult:
     def load(cls, path: str | os.PathLike) -> StudyResult:
         """A study saved by :meth:`save` (its folder)."""
         folder = Path(path)
-        data = read_json(folder / STUDY_FILE, "StudyResult")
-        return cls(samples=EvalResult.load(folder / data["samples"]),
-                   groups={group: [StepSaliency.load(folder / name) for name in names]
-                           for group, names in data["groups"].items()},
-                   skipped=dict(data["skipped"]),
-                   comparison=None if data["comparison"] is None else GroupComparison.from_dict(data["comparison"]),
-                   folder=None if data["folder"] is None else Path(data["folder"]))
+        with reading(folder / STUDY_FILE, "StudyResult"):
+            data = read_json(folder / STUDY_FILE, "StudyResult")
+            return cls(samples=EvalResult.load(folder / data["samples"]),
+                       groups={group: [StepSaliency.load(folder / name) for name in names]
+                               for group, names in data["groups"].items()},
+                       skipped=dict(data["skipped"]),
+                       comparison=None if data["comparison"] is None else GroupComparison.from_dict(data["comparison"]),
+                       folder=None if data["folder"] is None else Path(data["folder"]))
 
 
 def _trace_of(row: dict, model: Model, min_thinking_steps: int):

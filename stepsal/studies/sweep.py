@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -18,13 +19,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..backends import transformerlens_adapter
-from ..errors import OptionError
+from ..errors import OptionError, StepsalError
 from ..model_types import TLModel
 from ..options import SWEEP_METRICS as METRICS, check_layer_range, layer_numbers
 from ..sites import attention_sites
 from ..stats import bootstrap_mean_interval
-from ..storage import frame_from_json, frame_to_json, read_json, write_json
-from ..traces import SUMMARY, Trace
+from ..storage import frame_from_json, frame_to_json, read_json, reading, write_json
+from ..traces import SUMMARY, Trace, require_trace
 from ..vis.figures import plot_sweep
 from ..vis.html import frame_section
 
@@ -45,7 +46,11 @@ def measure(metric: Metric, logits: Tensor, plain_logits: Tensor, trace: Trace) 
     plain model's next-token distributions at the summary's positions, or ``metric(logits, plain, trace)``."""
     tokens = trace.tokens.to(logits.device)
     if callable(metric):
-        return float(metric(logits, plain_logits, trace))
+        value = metric(logits, plain_logits, trace)
+        if (isinstance(value, Tensor) and value.numel() != 1) or not isinstance(value, (Tensor, numbers.Real)):
+            shape = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise StepsalError(f"the metric must return one number per trace; it returned {shape}.")
+        return float(value)
     if metric == "loss":
         return float(F.cross_entropy(logits[:-1].float(), tokens[1:]))
     positions = _summary_positions(trace).to(logits.device)
@@ -104,8 +109,9 @@ class SweepResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SweepResult:
-        data = read_json(path, "SweepResult")
-        return cls(frame=frame_from_json(data["frame"]), metric=data["metric"])
+        with reading(path, "SweepResult"):
+            data = read_json(path, "SweepResult")
+            return cls(frame=frame_from_json(data["frame"]), metric=data["metric"])
 
 
 def layer_sweep(model: TLModel, traces: Sequence[Trace],
@@ -123,6 +129,11 @@ def layer_sweep(model: TLModel, traces: Sequence[Trace],
         layers: default: every layer with a usable attention pattern.
     """
     adapter = transformerlens_adapter(model, "layer_sweep")
+    if isinstance(traces, Trace) or not isinstance(traces, Sequence) or not traces:
+        raise StepsalError(f"traces must be a non-empty list of Trace; got {type(traces).__name__}"
+                           + (" (pass [trace])." if isinstance(traces, Trace) else "."))
+    for trace in traces:
+        require_trace(trace, "layer_sweep")
     if layers is None:
         layers = attention_sites(model).attention_layers
     else:
@@ -154,4 +165,9 @@ def _enter(intervention: Callable, layer: int, trace: Trace) -> AbstractContextM
         takes_trace = len(inspect.signature(intervention).parameters) >= 2
     except (TypeError, ValueError):  # builtins without a signature
         takes_trace = False
-    return intervention(layer, trace) if takes_trace else intervention(layer)
+    manager = intervention(layer, trace) if takes_trace else intervention(layer)
+    if not (hasattr(manager, "__enter__") and hasattr(manager, "__exit__")):
+        raise StepsalError(f"the intervention must return a context manager (hooks attached on enter, removed on "
+                           f"exit, like stepsal.knockout(...)); intervention({layer}) returned "
+                           f"{type(manager).__name__}.")
+    return manager

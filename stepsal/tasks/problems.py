@@ -9,10 +9,12 @@ never saw its wording in training; it is part of stepsal (Apache-2.0), written f
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import StepsalError
+from ..options import is_whole
 from .arithmetic import R1_INSTRUCTION, make_problems
 
 SHIPPED = Path(__file__).parent.parent / "data" / "problems.jsonl"
@@ -30,6 +32,12 @@ class WordProblem:
 
     def __post_init__(self) -> None:
         check_problem_id(self.id, "WordProblem")
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise StepsalError(f"problem {self.id!r}: the question must be non-empty text; got {self.question!r}.")
+        if isinstance(self.answer, bool) or not isinstance(self.answer, (int, float, str)):
+            raise StepsalError(f"problem {self.id!r}: the answer must be a number or text; got {self.answer!r}.")
+        if self.n_steps is not None and not (is_whole(self.n_steps) and self.n_steps >= 0):
+            raise StepsalError(f"problem {self.id!r}: steps must be a whole number or absent; got {self.n_steps!r}.")
 
     def prompt(self) -> str:
         return f"{self.question}\n{R1_INSTRUCTION}"
@@ -60,7 +68,11 @@ def load_problems(path: str | Path | None = None, limit: int | None = None) -> l
     an empty id are refused, as is a negative ``limit``."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise StepsalError(f"limit must be a whole number >= 0 (or None for all problems); got {limit!r}.")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise StepsalError(f"path must be the problems file's path (or None for the shipped set); got {path!r}.")
     path = Path(path) if path is not None else SHIPPED
+    if path.is_dir():
+        raise StepsalError(f"{path} is a folder; pass the problems file (JSON lines of id, question, answer).")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
@@ -73,11 +85,15 @@ def load_problems(path: str | Path | None = None, limit: int | None = None) -> l
             continue
         try:
             row = json.loads(line)
-            check_problem_id(str(row["id"]), f"{path}:{number}")
-            problem = WordProblem(str(row["id"]), row["question"], row["answer"], row.get("steps"))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            problem_id, question, answer, steps = str(row["id"]), row["question"], row["answer"], row.get("steps")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
             raise StepsalError(f"{path}:{number}: each line needs a JSON object with 'id', 'question' and "
                                f"'answer' ({error.__class__.__name__}: {error}).") from None
+        check_problem_id(problem_id, f"{path}:{number}")
+        try:
+            problem = WordProblem(problem_id, question, answer, steps)
+        except StepsalError as error:
+            raise StepsalError(f"{path}:{number}: {error}") from None
         if problem.id in seen:
             raise StepsalError(f"{path}:{number}: problem id {problem.id!r} appears twice; ids must be unique.")
         seen.add(problem.id)

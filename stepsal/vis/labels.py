@@ -50,6 +50,8 @@ def pick_layers(layers: Sequence[int], count: int) -> list[int]:
 def choose_panels(layers: Sequence[int], panels: Sequence[int] | None, count: int) -> list[int]:
     """The layers to draw: ``panels`` (each must be in ``layers``), or up to ``count`` spread over ``layers``."""
     chosen = list(panels) if panels is not None else pick_layers(list(layers), count)
+    if not chosen:
+        raise StepsalError(f"no layer to draw: pass layers from {list(layers)} (or none for a spread of them).")
     missing = [layer for layer in chosen if layer not in layers]
     if missing:
         raise StepsalError(f"layers {missing} were not computed; this result has layers {list(layers)}.")
