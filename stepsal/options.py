@@ -3,7 +3,8 @@
 Each ``Literal`` type lists the strings an option accepts; the tuple next to it (same order) is what
 functions validate against and what the command line offers as ``choices``. Torch-free on purpose:
 ``stepsal --help`` imports this module. :class:`SaliencyOptions` gathers one Step-Saliency run's
-settings as data.
+settings as data. The value checks (:func:`whole_number`, :func:`real_number`, :func:`flag`,
+:func:`whole_numbers`) are the one place a number, a flag or a list of layers is refused with its name.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def flag(value: Any, name: str) -> bool:
 
 
 def is_whole(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python, numpy or torch; not a bool)."""
     if isinstance(value, bool):
         return False
     try:
