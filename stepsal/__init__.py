@@ -27,6 +27,7 @@ _PUBLIC = {
     "Trace": "traces",
     "write_report": "vis.report", "report_from_folder": "studies.report",
     "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
+    "suppression_matrix": "studies.suppression", "SuppressionMatrix": "studies.suppression",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
     "SweepResult": "studies.sweep", "EvalResult": "studies.evaluate", "StudyResult": "studies.study",
     "load_problems": "tasks.problems", "WordProblem": "tasks.problems",
@@ -76,6 +77,10 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     from .studies.knockout import knockout as knockout
     from .studies.report import report_from_folder as report_from_folder
     from .studies.study import StudyResult as StudyResult, run_study as run_study
+    from .studies.suppression import (
+        SuppressionMatrix as SuppressionMatrix,
+        suppression_matrix as suppression_matrix,
+    )
     from .studies.sweep import SweepResult as SweepResult, layer_sweep as layer_sweep
     from .tasks.answers import extract_answer as extract_answer, is_correct as is_correct, pass_at_k as pass_at_k
     from .tasks.problems import WordProblem as WordProblem, load_problems as load_problems

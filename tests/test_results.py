@@ -202,6 +202,16 @@ def test_sweep_result(sweep, tmp_path):
         read_json(tmp_path / "sweep.json", "EvalResult")
 
 
+def test_suppression_matrix(model, traces, tmp_path):
+    result = stepsal.suppression_matrix(model, traces[0])
+    frame = check_contract(result, "SuppressionMatrix")
+    n = traces[0].layout.n_steps
+    assert len(frame) == n * (n - 1) // 2  # one row per (later step, hidden step)
+    assert frame["value"].tolist() == [float(result.maps[q, k]) for q, k in zip(frame.step_q, frame.step_k, strict=True)]
+    loaded = stepsal.SuppressionMatrix.load(result.save(tmp_path / "s.json"))
+    pandas.testing.assert_frame_equal(loaded.to_dataframe(), frame)
+
+
 def test_eval_result(evaluation, tmp_path):
     frame = check_contract(evaluation, "EvalResult")
     pandas.testing.assert_frame_equal(frame, evaluation.frame)
@@ -247,7 +257,7 @@ def test_study_result(study, tmp_path):
 
 
 @pytest.mark.parametrize("cls", [Comparison, GroupComparison, FlowStats, stepsal.FlowEffect, stepsal.Generation,
-                                 SweepResult, StudyResult, ResultView])
+                                 SweepResult, StudyResult, ResultView, stepsal.SuppressionMatrix])
 def test_wide_results_are_built_by_keyword(cls):
     assert all(field.kw_only for field in dataclasses.fields(cls))
 
@@ -261,7 +271,7 @@ def test_the_type_checking_imports_match_the_lazy_table():
     table = dict(stepsal._PUBLIC)
     assert imported == table
     for name in ("GroupComparison", "FlowStats", "SweepResult", "EvalResult", "StudyResult", "Generation",
-                 "FlowEffect", "LayerMetrics", "StepSaliency"):
+                 "FlowEffect", "LayerMetrics", "StepSaliency", "SuppressionMatrix"):
         assert name in stepsal.__all__ and getattr(stepsal, name).__name__ == name
 
 

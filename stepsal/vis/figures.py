@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ..traces import StepLayout
 
 __all__ = ["pick_layers", "plot_bars", "plot_flow_effect", "plot_flow_stats", "plot_group_curves",
-           "plot_group_points", "plot_layer_measures", "plot_step_maps", "plot_sweep", "segment_boundaries",
-           "step_labels"]
+           "plot_group_points", "plot_layer_measures", "plot_step_maps", "plot_step_matrix", "plot_sweep",
+           "segment_boundaries", "step_labels"]
 
 MAPS_TITLE = "Step-Saliency: rows = query step, columns = key step"
 
@@ -83,6 +83,20 @@ def plot_step_maps(maps: Any, layers: Sequence[int], layout: StepLayout, *, pane
         image = _draw_map(ax, values[layers.index(layer)], labels, cuts, f"layer {layer}", "viridis")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title or MAPS_TITLE, fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_step_matrix(matrix: Any, layout: StepLayout, *, title: str, path: str | os.PathLike | None = None) -> Figure:
+    """One signed step x step matrix (NaN cells blank) on a diverging scale centred on 0."""
+    values = _values(matrix)
+    labels, cuts = step_labels(layout), segment_boundaries(layout)
+    bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    size = 2.6 + 0.14 * len(labels)
+    fig = _figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = _draw_map(ax, values, labels, cuts, "", "RdBu", (-(bound or 1.0), bound or 1.0))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=9)
     return _finish(fig, path)
 
 
