@@ -207,7 +207,8 @@ def test_suppression_matrix(model, traces, tmp_path):
     frame = check_contract(result, "SuppressionMatrix")
     n = traces[0].layout.n_steps
     assert len(frame) == n * (n - 1) // 2  # one row per (later step, hidden step)
-    assert frame["value"].tolist() == [float(result.maps[q, k]) for q, k in zip(frame.step_q, frame.step_k, strict=True)]
+    pairs = zip(frame.step_q, frame.step_k, strict=True)
+    assert frame["value"].tolist() == [float(result.maps[q, k]) for q, k in pairs]
     loaded = stepsal.SuppressionMatrix.load(result.save(tmp_path / "s.json"))
     pandas.testing.assert_frame_equal(loaded.to_dataframe(), frame)
 
