@@ -21,6 +21,7 @@ _PUBLIC = {
     "load_model": "models", "embedded_folder": "embedded",
     "SaliencyOptions": "options", "adapter_for": "backends", "ModelAdapter": "backends",
     "StepSaliency": "saliency", "step_saliency": "saliency",
+    "ReceiverHeads": "receivers", "receiver_heads": "receivers",
     "FlowEffect": "stepflow", "StepFlow": "stepflow", "saliency_change": "stepflow",
     "FlowStats": "stepflow",
     "QUESTION": "traces", "SUMMARY": "traces", "THINKING": "traces", "Step": "traces", "StepLayout": "traces",
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     )
     from .models import load_model as load_model
     from .options import SaliencyOptions as SaliencyOptions
+    from .receivers import ReceiverHeads as ReceiverHeads, receiver_heads as receiver_heads
     from .saliency import StepSaliency as StepSaliency, step_saliency as step_saliency
     from .stepflow import (
         FlowEffect as FlowEffect,

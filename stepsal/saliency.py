@@ -48,6 +48,7 @@ from .metrics import LayerMetrics, layer_metrics, reference_measures as _referen
 from .model_types import TLModel
 from .options import MODES, NORMS, RULES, TARGET_NAMES, Mode, SaliencyOptions, check_layer_range, layer_numbers
 from .pooling import normalize, pool
+from .receivers import ReceiverHeads, receiver_heads
 from .segments import SUMMARY
 from .sites import attention_sites
 from .storage import file_to_write, reading
@@ -123,6 +124,11 @@ class StepSaliency:
     def metrics(self) -> LayerMetrics:
         """Per-layer Shallow Lock-in and Deep Decay measures (METHOD.md section 5)."""
         return layer_metrics(self)
+
+    def receiver_heads(self, proximity: int = 4) -> ReceiverHeads:
+        """Heads whose maps point later steps at a few steps (needs ``per_head=True``; see
+        :mod:`stepsal.receivers`)."""
+        return receiver_heads(self, proximity)
 
     def reference_measures(self) -> dict[str, Float[Tensor, " layer"]]:
         """The paper's code's measures per layer (final/analysis block intensity, their ratio)."""

@@ -213,6 +213,11 @@ def test_suppression_matrix(model, traces, tmp_path):
     pandas.testing.assert_frame_equal(loaded.to_dataframe(), frame)
 
 
+def test_receiver_heads(saliencies):
+    frame = check_contract(saliencies[0].receiver_heads(proximity=1), "ReceiverHeads")
+    assert {"layer", "head", "kurtosis", "top_step"} <= set(frame.columns)
+
+
 def test_eval_result(evaluation, tmp_path):
     frame = check_contract(evaluation, "EvalResult")
     pandas.testing.assert_frame_equal(frame, evaluation.frame)
@@ -258,7 +263,8 @@ def test_study_result(study, tmp_path):
 
 
 @pytest.mark.parametrize("cls", [Comparison, GroupComparison, FlowStats, stepsal.FlowEffect, stepsal.Generation,
-                                 SweepResult, StudyResult, ResultView, stepsal.SuppressionMatrix])
+                                 SweepResult, StudyResult, ResultView, stepsal.SuppressionMatrix,
+                                 stepsal.ReceiverHeads])
 def test_wide_results_are_built_by_keyword(cls):
     assert all(field.kw_only for field in dataclasses.fields(cls))
 
@@ -272,7 +278,7 @@ def test_the_type_checking_imports_match_the_lazy_table():
     table = dict(stepsal._PUBLIC)
     assert imported == table
     for name in ("GroupComparison", "FlowStats", "SweepResult", "EvalResult", "StudyResult", "Generation",
-                 "FlowEffect", "LayerMetrics", "StepSaliency", "SuppressionMatrix"):
+                 "FlowEffect", "LayerMetrics", "StepSaliency", "SuppressionMatrix", "ReceiverHeads"):
         assert name in stepsal.__all__ and getattr(stepsal, name).__name__ == name
 
 

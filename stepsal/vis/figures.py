@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from ..traces import StepLayout
 
 __all__ = ["pick_layers", "plot_bars", "plot_flow_effect", "plot_flow_stats", "plot_group_curves",
-           "plot_group_points", "plot_layer_measures", "plot_step_maps", "plot_step_matrix", "plot_sweep",
+           "plot_group_points", "plot_layer_measures", "plot_receiver_heads", "plot_step_maps", "plot_step_matrix",
+           "plot_sweep",
            "segment_boundaries", "step_labels"]
 
 MAPS_TITLE = "Step-Saliency: rows = query step, columns = key step"
@@ -97,6 +98,30 @@ def plot_step_matrix(matrix: Any, layout: StepLayout, *, title: str, path: str |
     image = _draw_map(ax, values, labels, cuts, "", "RdBu", (-(bound or 1.0), bound or 1.0))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_receiver_heads(kurtosis: Any, layers: Sequence[int], vertical: Any, top: Sequence[tuple[int, int]],
+                        layout: StepLayout, *, path: str | os.PathLike | None = None) -> Figure:
+    """Kurtosis per layer and head (left) and the top heads' vertical scores over the steps (right)."""
+    values, scores = _values(kurtosis), _values(vertical)
+    labels = step_labels(layout)
+    fig = _figure(figsize=(11, 3.2 + 0.12 * len(layers)))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
+    image = left.imshow(values, cmap="magma", aspect="auto")
+    left.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+    left.set_xlabel("head", fontsize=8)
+    left.set_ylabel("layer", fontsize=8)
+    left.set_title("kurtosis of vertical scores (NaN blank)", fontsize=9)
+    fig.colorbar(image, ax=left, fraction=0.046, pad=0.04)
+    for layer, head in top:
+        right.plot(scores[list(layers).index(layer), head], marker="o", ms=3, label=f"L{layer}H{head}")
+    step = max(1, len(labels) // 24)
+    right.set_xticks(range(0, len(labels), step), labels[::step], fontsize=6, rotation=90)
+    right.set_ylabel("mean share later steps draw", fontsize=8)
+    right.set_title("vertical scores of the top heads", fontsize=9)
+    if top:
+        right.legend(fontsize=7)
     return _finish(fig, path)
 
 
