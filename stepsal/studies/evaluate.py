@@ -17,13 +17,12 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import warnings
 import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas
@@ -32,12 +31,10 @@ from tqdm.auto import tqdm
 
 from ..backends import adapter_for
 from ..errors import (
-    DamagedFileError,
     OptionError,
     ResultsNotFoundError,
     SettingsMismatchError,
     StepsalError,
-    StepsalWarning,
 )
 from ..formats import get_format, prompt_thinking_from
 from ..generation import generate
@@ -49,6 +46,7 @@ from ..storage import file_to_write, plain, writer_lock
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 from ..vis.figures import plot_bars
 from ..vis.html import frame_section
+from .rows import BadRows, RowKind, read_rows, set_aside_damaged_lines
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -159,7 +157,7 @@ def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | Non
                 with writer_lock(old, fix=BUSY_FIX):  # not while a shard is still writing it
                     old.unlink()
         path.write_bytes(b"")
-    _set_aside_damaged_lines(path)
+    set_aside_damaged_lines(path, SAMPLES)
     conditions = {"baseline": None} | ({"stepflow": flow} if flow is not None else {})
     settings = {condition: _settings(model, condition_flow, max_new_tokens, temperature, top_p, seed)
                 for condition, condition_flow in conditions.items()}
@@ -248,65 +246,13 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-SAMPLE_KEYS = ("problem", "condition", "mode", "sample")
-BadRows = Literal["warn", "raise"]
-
-
-def _sample_row(line: bytes) -> dict | None:
-    """A line's sample row; None for a line that is none (damaged, cut, not UTF-8, keys missing)."""
-    try:
-        row = json.loads(line)
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        return None
-    return row if isinstance(row, dict) and all(key in row for key in SAMPLE_KEYS) else None
+SAMPLES = RowKind(what="sample", keys=("problem", "condition", "mode", "sample"), writer="stepsal eval",
+                  skip_hint="stepsal eval --merge --skip-bad-rows (load_samples(..., bad_rows='warn'))")
 
 
 def read_samples(path: Path, bad_rows: BadRows = "warn") -> list[dict]:
-    """The sample rows of one JSON-lines file. Lines that are no sample row are left out with a
-    :class:`StepsalWarning` naming the file, the line numbers and their count (``bad_rows="warn"``),
-    or refused (``"raise"``: :class:`DamagedFileError`)."""
-    if not path.exists():
-        return []
-    rows, bad = [], []
-    for number, line in enumerate(path.read_bytes().splitlines(), 1):
-        if line.strip():
-            row = _sample_row(line)
-            if row is None:
-                bad.append(number)
-            else:
-                rows.append(row)
-    if bad:
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        message = (f"{path}: {len(bad)} line{'s' if len(bad) > 1 else ''} ({shown}) {'are' if len(bad) > 1 else 'is'} "
-                   "no sample row, so those samples are missing. Rerun the stepsal eval that wrote the file (same "
-                   "settings and --out) to redo them: it moves such lines to " + path.name + ".damaged")
-        if bad_rows == "raise":
-            raise DamagedFileError(message + "; or summarise without them: stepsal eval --merge --skip-bad-rows "
-                                   "(load_samples(..., bad_rows='warn')).")
-        warnings.warn(message + ".", StepsalWarning, stacklevel=2)
-    return rows
-
-
-def _set_aside_damaged_lines(path: Path) -> None:
-    """Before a run appends to its own file: a last line cut by a stopped run is dropped, other lines
-    that are no sample row move to ``<file>.damaged`` (with a warning); their samples are redone."""
-    data = path.read_bytes()
-    lines = data.splitlines(keepends=True)
-    if lines and _sample_row(lines[-1]) is None and not lines[-1].endswith(b"\n"):
-        lines.pop()  # cut mid-write by a stopped run
-    damaged = [i for i, line in enumerate(lines) if line.strip() and _sample_row(line) is None]
-    if damaged:
-        aside = path.with_name(path.name + ".damaged")
-        with aside.open("ab") as sink:
-            sink.write(b"".join(lines[i].rstrip(b"\r\n") + b"\n" for i in damaged))
-        warnings.warn(f"{path}: moved {len(damaged)} damaged line{'s' if len(damaged) > 1 else ''} "
-                      f"({', '.join(str(i + 1) for i in damaged[:10])}{', ...' if len(damaged) > 10 else ''}) "
-                      f"to {aside}; their samples are redone.", StepsalWarning, stacklevel=3)
-    kept = [line if line.endswith(b"\n") else line + b"\n" for i, line in enumerate(lines) if i not in damaged]
-    if b"".join(kept) != data:
-        with path.open("r+b") as handle:  # in place: the lock this run holds stays on this file
-            handle.write(b"".join(kept))
-            handle.truncate()
+    """The sample rows of one JSON-lines file (lines that are no sample row: :func:`rows.read_rows`)."""
+    return read_rows(path, SAMPLES, bad_rows)
 
 
 def load_samples(folder: str | Path, *, bad_rows: BadRows = "warn") -> EvalResult:
