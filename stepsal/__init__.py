@@ -29,6 +29,7 @@ _PUBLIC = {
     "write_report": "vis.report", "report_from_folder": "studies.report",
     "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
     "suppression_matrix": "studies.suppression", "SuppressionMatrix": "studies.suppression",
+    "resampling_importance": "studies.resampling", "ResamplingImportance": "studies.resampling",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
     "SweepResult": "studies.sweep", "EvalResult": "studies.evaluate", "StudyResult": "studies.study",
     "load_problems": "tasks.problems", "WordProblem": "tasks.problems",
@@ -78,6 +79,10 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     from .studies.evaluate import EvalResult as EvalResult, evaluate as evaluate, load_samples as load_samples
     from .studies.knockout import knockout as knockout
     from .studies.report import report_from_folder as report_from_folder
+    from .studies.resampling import (
+        ResamplingImportance as ResamplingImportance,
+        resampling_importance as resampling_importance,
+    )
     from .studies.study import StudyResult as StudyResult, run_study as run_study
     from .studies.suppression import (
         SuppressionMatrix as SuppressionMatrix,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import numpy as np
 
 from .errors import OptionError
@@ -12,6 +15,17 @@ def bootstrap_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarr
     """``n_boot`` resamples (with replacement) of ``n`` items, as indices [n_boot, n]."""
     whole_number(n_boot, "n_boot", minimum=1)
     return rng.integers(0, n, size=(n_boot, n))
+
+
+def wilson_interval(successes: int, trials: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion; (NaN, NaN) without trials."""
+    if trials == 0:
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf(1 - (1 - check_confidence(confidence)) / 2)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def check_confidence(confidence: float) -> float:

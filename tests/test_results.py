@@ -218,6 +218,14 @@ def test_receiver_heads(saliencies):
     assert {"layer", "head", "kurtosis", "top_step"} <= set(frame.columns)
 
 
+def test_resampling_importance(model, traces, tmp_path):
+    result = stepsal.resampling_importance(model, traces[0], "12", temperature=0, max_new_tokens=3, progress=False)
+    frame = check_contract(result, "ResamplingImportance")
+    assert len(frame) == result.n_prefixes == len(result.rollouts)
+    loaded = stepsal.ResamplingImportance.load(result.save(tmp_path / "r.json"))
+    pandas.testing.assert_frame_equal(loaded.to_dataframe(), frame)
+
+
 def test_eval_result(evaluation, tmp_path):
     frame = check_contract(evaluation, "EvalResult")
     pandas.testing.assert_frame_equal(frame, evaluation.frame)
@@ -264,7 +272,7 @@ def test_study_result(study, tmp_path):
 
 @pytest.mark.parametrize("cls", [Comparison, GroupComparison, FlowStats, stepsal.FlowEffect, stepsal.Generation,
                                  SweepResult, StudyResult, ResultView, stepsal.SuppressionMatrix,
-                                 stepsal.ReceiverHeads])
+                                 stepsal.ReceiverHeads, stepsal.ResamplingImportance])
 def test_wide_results_are_built_by_keyword(cls):
     assert all(field.kw_only for field in dataclasses.fields(cls))
 
@@ -278,7 +286,8 @@ def test_the_type_checking_imports_match_the_lazy_table():
     table = dict(stepsal._PUBLIC)
     assert imported == table
     for name in ("GroupComparison", "FlowStats", "SweepResult", "EvalResult", "StudyResult", "Generation",
-                 "FlowEffect", "LayerMetrics", "StepSaliency", "SuppressionMatrix", "ReceiverHeads"):
+                 "FlowEffect", "LayerMetrics", "StepSaliency", "SuppressionMatrix", "ReceiverHeads",
+                 "ResamplingImportance"):
         assert name in stepsal.__all__ and getattr(stepsal, name).__name__ == name
 
 

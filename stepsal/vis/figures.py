@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from ..traces import StepLayout
 
 __all__ = ["pick_layers", "plot_bars", "plot_flow_effect", "plot_flow_stats", "plot_group_curves",
-           "plot_group_points", "plot_layer_measures", "plot_receiver_heads", "plot_step_maps", "plot_step_matrix",
+           "plot_group_points", "plot_layer_measures", "plot_receiver_heads", "plot_resampling", "plot_step_maps",
+           "plot_step_matrix",
            "plot_sweep",
            "segment_boundaries", "step_labels"]
 
@@ -122,6 +123,28 @@ def plot_receiver_heads(kurtosis: Any, layers: Sequence[int], vertical: Any, top
     right.set_title("vertical scores of the top heads", fontsize=9)
     if top:
         right.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def plot_resampling(frame: pandas.DataFrame, confidence: float, *, path: str | os.PathLike | None = None) -> Figure:
+    """P(correct) per prefix with its interval (top) and each thinking step's importance (bottom), from
+    a frame with prefix, label, p_correct, ci_low, ci_high and importance columns."""
+    fig = _figure(figsize=(max(6.0, 0.35 * len(frame)), 5.5))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = frame["prefix"].to_numpy()
+    top.fill_between(x, frame["ci_low"], frame["ci_high"], alpha=0.25, label=f"{confidence:.0%} Wilson interval")
+    top.plot(x, frame["p_correct"], marker="o", ms=3, label="P(correct | prefix)")
+    top.set_ylim(-0.02, 1.02)
+    top.set_ylabel("P(correct)", fontsize=8)
+    top.legend(fontsize=7)
+    top.set_title("accuracy along the trace: continued from before thinking (0) and after each thinking step",
+                  fontsize=9)
+    importance = frame["importance"].to_numpy(dtype=float)
+    bottom.bar(x, np.nan_to_num(importance), color=["tab:blue" if v >= 0 else "tab:red" for v in
+                                                    np.nan_to_num(importance)])
+    bottom.axhline(0, color="grey", lw=0.8)
+    bottom.set_ylabel("P(k) - P(k-1)", fontsize=8)
+    bottom.set_xticks(x, frame["label"].tolist(), fontsize=6, rotation=90)
     return _finish(fig, path)
 
 
