@@ -9,54 +9,24 @@ import json
 import sys
 import time
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import cast
 
 from ._offline import apply_offline_defaults
-from .cli_common import CliError, check_out, load_for_cli, make_out, parse_layers
+from .cli_common import (
+    CliError,
+    check_out,
+    check_trace_text,
+    example_trace_text as example_trace_text,  # re-exported: notebooks import it here
+    load_for_cli,
+    make_out,
+    parse_layers,
+    read_trace_text,
+)
 from .cli_studies import add_study_parsers
 from .errors import StepsalWarning
 from .formats import FORMATS
 from .options import BACKENDS, DTYPE_NAMES, MODES, NORMS, RULES, SWEEP_METRICS, TARGET_NAMES, SaliencyOptions
-from .sentences import too_few_steps
-
-
-def example_trace_text() -> str:
-    """The example trace shipped with the package (SmolLM2 chat template, ``think`` format)."""
-    return resources.files("stepsal").joinpath("data/example_trace.txt").read_text()
-
-
-def read_trace_text(args: argparse.Namespace) -> str:
-    if args.example == bool(args.trace):
-        raise CliError("pass either --example or --trace FILE.")
-    if args.example:
-        return example_trace_text()
-    path = Path(args.trace)
-    if path.is_dir():
-        raise CliError(f"--trace {path} is a folder; pass the text file that holds the trace.")
-    if not path.exists():
-        raise CliError(f"--trace {path}: no such file.")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise CliError(f"--trace {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at {error.start}); "
-                       "save the trace as UTF-8.") from None
-
-
-def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", answer: str | None = None) -> None:
-    """Markers, thinking steps and the answer target, from the text alone (before the model loads)."""
-    from .traces import THINKING, segment_text  # lazy: keeps --help torch-free
-
-    if target == "answer" and not answer:
-        raise CliError("--target answer needs --answer TEXT (the answer as written in the summary).")
-    segmentation = segment_text(text, fmt)
-    summary = segmentation.markers[1]
-    if target == "answer" and (summary is None or answer is None or answer not in text[summary[1]:]):
-        raise CliError(f"--answer {answer!r} does not occur in the trace's summary; pass the answer as written there.")
-    n_thinking = segmentation.step_segments.count(THINKING)
-    if n_thinking < min_steps:
-        raise CliError(too_few_steps(n_thinking, f"--min-steps {min_steps}", "--min-steps"))
 
 
 def analyze(args: argparse.Namespace) -> int:

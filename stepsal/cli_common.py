@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from importlib import resources
 from pathlib import Path
 
 from .errors import StepsalError
+from .sentences import too_few_steps
 
 
 class CliError(StepsalError):
@@ -65,3 +67,40 @@ def load_for_cli(args: argparse.Namespace):
     print(f"model {args.model} ({type(model).__name__}, {model.cfg.n_layers} layers, "
           f"{model.cfg.n_heads} heads) loaded in {time.perf_counter() - started:.1f} s")
     return model
+
+
+def example_trace_text() -> str:
+    """The example trace shipped with the package (SmolLM2 chat template, ``think`` format)."""
+    return resources.files("stepsal").joinpath("data/example_trace.txt").read_text()
+
+
+def read_trace_text(args: argparse.Namespace) -> str:
+    if args.example == bool(args.trace):
+        raise CliError("pass either --example or --trace FILE.")
+    if args.example:
+        return example_trace_text()
+    path = Path(args.trace)
+    if path.is_dir():
+        raise CliError(f"--trace {path} is a folder; pass the text file that holds the trace.")
+    if not path.exists():
+        raise CliError(f"--trace {path}: no such file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CliError(f"--trace {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at {error.start}); "
+                       "save the trace as UTF-8.") from None
+
+
+def check_trace_text(text: str, fmt: str, min_steps: int, target: str = "all", answer: str | None = None) -> None:
+    """Markers, thinking steps and the answer target, from the text alone (before the model loads)."""
+    from .traces import THINKING, segment_text  # lazy: keeps --help torch-free
+
+    if target == "answer" and not answer:
+        raise CliError("--target answer needs --answer TEXT (the answer as written in the summary).")
+    segmentation = segment_text(text, fmt)
+    summary = segmentation.markers[1]
+    if target == "answer" and (summary is None or answer is None or answer not in text[summary[1]:]):
+        raise CliError(f"--answer {answer!r} does not occur in the trace's summary; pass the answer as written there.")
+    n_thinking = segmentation.step_segments.count(THINKING)
+    if n_thinking < min_steps:
+        raise CliError(too_few_steps(n_thinking, f"--min-steps {min_steps}", "--min-steps"))

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import CliError, check_out, load_for_cli, parse_layers
+from .cli_common import CliError, check_out, check_trace_text, load_for_cli, parse_layers, read_trace_text
+from .formats import FORMATS
 from .options import MODES, NORMS, RULES, TARGET_NAMES, SaliencyOptions
 from .tasks.problems import load_problems
 
@@ -39,6 +40,22 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
                    help="discard samples in --out made with other settings (a rerun refuses them otherwise)")
     e.add_argument("--out", default="stepsal-eval", help="folder of samples*.jsonl and summary.json")
     e.set_defaults(func=eval_command)
+
+    x = sub.add_parser("resample", parents=[common],
+                       help="accuracy along a trace: continue it from before thinking and after each thinking step")
+    add_model_arguments(x, default_backend="bridge", default_model=REASONER)
+    x.add_argument("--trace", required=True, help="a text file holding the trace (chat template included)")
+    x.add_argument("--answer", required=True, help="the gold answer (compared as stepsal.is_correct does)")
+    x.add_argument("--fmt", default="think", choices=sorted(FORMATS))
+    x.add_argument("--rollouts", type=int, default=8, help="continuations per prefix (default 8)")
+    x.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1: 0.6); 0: one greedy "
+                   "rollout per prefix")
+    x.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (R1: 0.95)")
+    x.add_argument("--max-new-tokens", type=int, default=256)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--out", default="stepsal-resample", help="folder: rollouts.jsonl (resumable), resampling.json, "
+                   "resampling.png")
+    x.set_defaults(func=resample_command)
 
     s = sub.add_parser("study", parents=[common], help="correct vs wrong traces: generate, Step-Saliency, compare")
     add_model_arguments(s, default_backend="bridge", default_model=REASONER)
@@ -133,4 +150,25 @@ def study_command(args: argparse.Namespace) -> int:
     if result.comparison is not None:
         print(result.comparison.table())
     print(f"wrote {out}/study.json and {out}/report.html" if any(result.groups.values()) else f"wrote {out}/study.json")
+    return 0
+
+
+def resample_command(args: argparse.Namespace) -> int:
+    text = read_trace_text(argparse.Namespace(example=False, trace=args.trace))
+    check_trace_text(text, args.fmt, 1)
+    if args.rollouts < 1:
+        raise CliError(f"--rollouts must be at least 1; got {args.rollouts}.")
+    out = check_out(args.out)
+    from . import Trace, resampling_importance  # lazy: keeps --help torch-free
+
+    model = load_for_cli(args)
+    trace = Trace.from_text(text, model, fmt=args.fmt, min_thinking_steps=1)
+    result = resampling_importance(model, trace, args.answer, n_rollouts=args.rollouts, temperature=args.temperature,
+                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, out=out)
+    table = result.to_dataframe().drop(columns=["step"])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(repr(result))
+    result.save(out / "resampling.json")
+    result.plot(path=out / "resampling.png")
+    print(f"wrote {out}/rollouts.jsonl, resampling.json, resampling.png")
     return 0

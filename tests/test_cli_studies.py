@@ -137,3 +137,29 @@ def test_study_takes_only_the_samples_asked_for(chat_llama, problems, tmp_path, 
     study = json.loads((out / "study.json").read_text())
     assert study["samples"] == 3 and study["skipped"] == {"thinking never closed": 3}
     assert "no comparison" in capsys.readouterr().err
+
+
+def test_resample_command_writes_resumable_rollouts(chat_llama, tmp_path, capsys):
+    """`stepsal resample`: one greedy rollout per prefix into rollouts.jsonl, the saved result equal to
+    the library's, and a rerun that generates nothing."""
+    import stepsal
+    from tiny import THINK_TRACE
+
+    trace_file = tmp_path / "trace.txt"
+    trace_file.write_text(THINK_TRACE)
+    command = ["resample", "--model", str(chat_llama), "--trace", str(trace_file), "--answer", "12",
+               "--temperature", "0", "--max-new-tokens", "3", "--out", str(tmp_path / "r")]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "before thinking" in printed and "wrote" in printed
+    saved = stepsal.ResamplingImportance.load(tmp_path / "r" / "resampling.json")
+    lines = (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines()
+    assert len(lines) == saved.n_prefixes == len(saved.rollouts) and (tmp_path / "r" / "resampling.png").exists()
+    model = stepsal.load_model(str(chat_llama))
+    fresh = stepsal.resampling_importance(model, stepsal.Trace.from_text(THINK_TRACE, model), "12", temperature=0,
+                                          max_new_tokens=3, progress=False)
+    assert saved.rollouts["tokens"].tolist() == fresh.rollouts["tokens"].tolist()
+    assert main(command) == 0
+    assert (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines() == lines  # nothing redone
+    assert main([*command[:-2], "--max-new-tokens", "4", "--out", str(tmp_path / "r")]) == 1
+    assert "rollouts made with max_new_tokens=3" in capsys.readouterr().err
