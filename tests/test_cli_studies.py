@@ -142,8 +142,9 @@ def test_study_takes_only_the_samples_asked_for(chat_llama, problems, tmp_path, 
 def test_resample_command_writes_resumable_rollouts(chat_llama, tmp_path, capsys):
     """`stepsal resample`: one greedy rollout per prefix into rollouts.jsonl, the saved result equal to
     the library's, and a rerun that generates nothing."""
-    import stepsal
     from tiny import THINK_TRACE
+
+    import stepsal
 
     trace_file = tmp_path / "trace.txt"
     trace_file.write_text(THINK_TRACE)
