@@ -30,6 +30,8 @@ _PUBLIC = {
     "knockout": "studies.knockout", "layer_sweep": "studies.sweep",
     "suppression_matrix": "studies.suppression", "SuppressionMatrix": "studies.suppression",
     "resampling_importance": "studies.resampling", "ResamplingImportance": "studies.resampling",
+    "step_agreement": "studies.agreement", "agreement_over": "studies.agreement",
+    "StepAgreement": "studies.agreement", "AgreementSummary": "studies.agreement",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
     "SweepResult": "studies.sweep", "EvalResult": "studies.evaluate", "StudyResult": "studies.study",
     "load_problems": "tasks.problems", "WordProblem": "tasks.problems",
@@ -75,6 +77,12 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
         FlowStats as FlowStats,
         StepFlow as StepFlow,
         saliency_change as saliency_change,
+    )
+    from .studies.agreement import (
+        AgreementSummary as AgreementSummary,
+        StepAgreement as StepAgreement,
+        agreement_over as agreement_over,
+        step_agreement as step_agreement,
     )
     from .studies.evaluate import EvalResult as EvalResult, evaluate as evaluate, load_samples as load_samples
     from .studies.knockout import knockout as knockout

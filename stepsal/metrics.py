@@ -45,6 +45,13 @@ MIN_TRACES = 10  # per group, below which a comparison is descriptive only (no s
 GROUP_MEASURES = ("local_share", "question_share", "summary_thinking_share", "recency")  # GroupComparison.plot
 
 
+def layer_bands(n_layers: int) -> tuple[slice, slice]:
+    """(shallow, deep) positions among ``n_layers`` computed layers: the bottom quarter (at least one)
+    and the top half (at least two, where there are two)."""
+    n = n_layers
+    return slice(0, max(1, n // 4)), slice(n - max(2, n // 2), n) if n >= 2 else slice(0, n)
+
+
 @dataclass
 class LayerMetrics:
     """Per-layer measures (NaN where a trace has no rows of the kind, e.g. no summary)."""
@@ -57,8 +64,7 @@ class LayerMetrics:
     recency: Float[Tensor, " layer"]
 
     def bands(self) -> tuple[slice, slice]:
-        n = len(self.layers)
-        return slice(0, max(1, n // 4)), slice(n - max(2, n // 2), n) if n >= 2 else slice(0, n)
+        return layer_bands(len(self.layers))
 
     def per_trace(self) -> dict[str, float]:
         """One number per measure for this trace (band means, and the decay slope over deep layers)."""

@@ -1,4 +1,5 @@
-"""Percentile bootstraps, shared by group comparisons, paired evaluations and layer sweeps (numpy only)."""
+"""Percentile bootstraps, shared by group comparisons, paired evaluations and layer sweeps; Wilson intervals;
+rank correlations (numpy only)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,38 @@ def bootstrap_mean_interval(values: np.ndarray, rng: np.random.Generator, n_boot
     boot = values[bootstrap_indices(rng, len(values), n_boot)].mean(-1)
     low, high = percentile_interval(boot, confidence)
     return float(low), float(high)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties sharing their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    sorted_values = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_values[end] != sorted_values[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2  # positions start+1..end, averaged
+            start = end
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson's on average ranks); NaN under 2 pairs or without spread."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2:
+        return math.nan
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum()) / denominator if denominator > 0 else math.nan
+
+
+def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b (ties in either ranking corrected for); NaN under 2 pairs or without spread."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2:
+        return math.nan
+    da, db = np.sign(a[:, None] - a[None, :]), np.sign(b[:, None] - b[None, :])
+    upper = np.triu_indices(len(a), 1)
+    concordance = float((da * db)[upper].sum())
+    pairs_a, pairs_b = float(np.abs(da[upper]).sum()), float(np.abs(db[upper]).sum())
+    return concordance / math.sqrt(pairs_a * pairs_b) if pairs_a > 0 and pairs_b > 0 else math.nan

@@ -226,6 +226,15 @@ def test_resampling_importance(model, traces, tmp_path):
     pandas.testing.assert_frame_equal(loaded.to_dataframe(), frame)
 
 
+def test_step_agreement_and_summary(model, traces, saliencies):
+    agreements = [stepsal.step_agreement(result, stepsal.suppression_matrix(model, trace))
+                  for result, trace in zip(saliencies, traces, strict=True)]
+    frame = check_contract(agreements[0], "StepAgreement")
+    assert {"a", "b", "spearman", "kendall"} <= set(frame.columns)
+    summary = check_contract(stepsal.agreement_over(agreements, n_boot=50), "AgreementSummary")
+    assert set(summary["statistic"]) == {"spearman", "kendall"}
+
+
 def test_eval_result(evaluation, tmp_path):
     frame = check_contract(evaluation, "EvalResult")
     pandas.testing.assert_frame_equal(frame, evaluation.frame)
@@ -272,7 +281,8 @@ def test_study_result(study, tmp_path):
 
 @pytest.mark.parametrize("cls", [Comparison, GroupComparison, FlowStats, stepsal.FlowEffect, stepsal.Generation,
                                  SweepResult, StudyResult, ResultView, stepsal.SuppressionMatrix,
-                                 stepsal.ReceiverHeads, stepsal.ResamplingImportance])
+                                 stepsal.ReceiverHeads, stepsal.ResamplingImportance, stepsal.StepAgreement,
+                                 stepsal.AgreementSummary])
 def test_wide_results_are_built_by_keyword(cls):
     assert all(field.kw_only for field in dataclasses.fields(cls))
 
@@ -287,7 +297,7 @@ def test_the_type_checking_imports_match_the_lazy_table():
     assert imported == table
     for name in ("GroupComparison", "FlowStats", "SweepResult", "EvalResult", "StudyResult", "Generation",
                  "FlowEffect", "LayerMetrics", "StepSaliency", "SuppressionMatrix", "ReceiverHeads",
-                 "ResamplingImportance"):
+                 "ResamplingImportance", "StepAgreement", "AgreementSummary"):
         assert name in stepsal.__all__ and getattr(stepsal, name).__name__ == name
 
 

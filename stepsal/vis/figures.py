@@ -24,11 +24,10 @@ if TYPE_CHECKING:
 
     from ..traces import StepLayout
 
-__all__ = ["pick_layers", "plot_bars", "plot_flow_effect", "plot_flow_stats", "plot_group_curves",
-           "plot_group_points", "plot_layer_measures", "plot_receiver_heads", "plot_resampling", "plot_step_maps",
-           "plot_step_matrix",
-           "plot_sweep",
-           "segment_boundaries", "step_labels"]
+__all__ = ["pick_layers", "plot_agreement", "plot_agreement_summary", "plot_bars", "plot_flow_effect",
+           "plot_flow_stats", "plot_group_curves", "plot_group_points", "plot_layer_measures", "plot_receiver_heads",
+           "plot_resampling", "plot_step_maps", "plot_step_matrix", "plot_sweep", "segment_boundaries",
+           "step_labels"]
 
 MAPS_TITLE = "Step-Saliency: rows = query step, columns = key step"
 
@@ -145,6 +144,49 @@ def plot_resampling(frame: pandas.DataFrame, confidence: float, *, path: str | o
     bottom.axhline(0, color="grey", lw=0.8)
     bottom.set_ylabel("P(k) - P(k-1)", fontsize=8)
     bottom.set_xticks(x, frame["label"].tolist(), fontsize=6, rotation=90)
+    return _finish(fig, path)
+
+
+def plot_agreement(importances: pandas.DataFrame, *, path: str | os.PathLike | None = None) -> Figure:
+    """Each importance column of ``importances`` (one row per thinking step, with a ``label`` column)
+    as ranks over the steps, 1 = most important."""
+    measures = [column for column in importances.columns if column not in ("step", "label")]
+    fig = _figure(figsize=(max(6.0, 0.35 * len(importances)), 3.6))
+    ax = fig.subplots()
+    x = np.arange(len(importances))
+    for measure in measures:
+        values = importances[measure].to_numpy(dtype=float)
+        ranks = np.full(len(values), np.nan)
+        finite = np.isfinite(values)
+        ranks[np.flatnonzero(finite)[np.argsort(-values[finite], kind="mergesort")]] = np.arange(1, finite.sum() + 1)
+        ax.plot(x, ranks, marker="o", ms=3, label=measure)
+    ax.invert_yaxis()
+    ax.set_xticks(x, importances["label"].tolist(), fontsize=6, rotation=90)
+    ax.set_ylabel("rank (1 = most important)", fontsize=8)
+    ax.set_title("importance of each thinking step, ranked by each measure", fontsize=9)
+    ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def plot_agreement_summary(frame: pandas.DataFrame, confidence: float, *,
+                           path: str | os.PathLike | None = None) -> Figure:
+    """Mean rank agreement per pair (rows a, b, statistic, mean, ci_low, ci_high) with its interval."""
+    pairs = list(dict.fromkeys(zip(frame["a"], frame["b"], strict=True)))
+    fig = _figure(figsize=(max(6.0, 1.1 * len(pairs)), 3.8))
+    ax = fig.subplots()
+    width = 0.38
+    for offset, statistic in ((-width / 2, "spearman"), (width / 2, "kendall")):
+        rows = frame[frame["statistic"] == statistic].set_index(["a", "b"]).reindex(pairs)
+        mean = rows["mean"].to_numpy(dtype=float)
+        errors = np.abs(np.vstack([mean - rows["ci_low"].to_numpy(dtype=float),
+                                   rows["ci_high"].to_numpy(dtype=float) - mean]))
+        ax.bar(np.arange(len(pairs)) + offset, np.nan_to_num(mean), width, yerr=np.nan_to_num(errors), capsize=2,
+               label=statistic)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xticks(range(len(pairs)), [f"{a}\nvs {b}" for a, b in pairs], fontsize=6)
+    ax.set_ylabel(f"mean rank correlation ({confidence:.0%} bootstrap CI)", fontsize=8)
+    ax.legend(fontsize=7)
     return _finish(fig, path)
 
 
