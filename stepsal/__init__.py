@@ -31,6 +31,7 @@ _PUBLIC = {
     "suppression_matrix": "studies.suppression", "SuppressionMatrix": "studies.suppression",
     "resampling_importance": "studies.resampling", "ResamplingImportance": "studies.resampling",
     "step_agreement": "studies.agreement", "agreement_over": "studies.agreement",
+    "calibrate": "studies.calibration", "CalibrationResult": "studies.calibration",
     "StepAgreement": "studies.agreement", "AgreementSummary": "studies.agreement",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
     "SweepResult": "studies.sweep", "EvalResult": "studies.evaluate", "StudyResult": "studies.study",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
         agreement_over as agreement_over,
         step_agreement as step_agreement,
     )
+    from .studies.calibration import CalibrationResult as CalibrationResult, calibrate as calibrate
     from .studies.evaluate import EvalResult as EvalResult, evaluate as evaluate, load_samples as load_samples
     from .studies.knockout import knockout as knockout
     from .studies.report import report_from_folder as report_from_folder
