@@ -57,6 +57,20 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
                    "resampling.png")
     x.set_defaults(func=resample_command)
 
+    c = sub.add_parser("calibrate", parents=[common],
+                       help="choose StepFlow's settings on a development split, then test them once")
+    add_model_arguments(c, default_backend="bridge", default_model=REASONER)
+    add_problem_arguments(c, k_default=4)
+    c.add_argument("--test-fraction", type=float, default=0.5, help="share of the problems held out (default 0.5)")
+    c.add_argument("--split-seed", type=int, default=0)
+    c.add_argument("--eta", type=int, default=3, help="successive halving keeps the best 1/eta per round")
+    c.add_argument("--max-candidates", type=int, default=None, help="budget: the paper's settings and N-1 others")
+    c.add_argument("--grid", default=None, help="JSON of candidate values per setting, e.g. "
+                   "'{\"alpha\": [0.03, 0.06], \"smi\": [\"quarter\", \"off\"]}' (default: the built-in grid)")
+    c.add_argument("--out", default="stepsal-calibrate", help="folder: baseline/, candidates/, test/, "
+                   "calibration.json, stepflow.json")
+    c.set_defaults(func=calibrate_command)
+
     s = sub.add_parser("study", parents=[common], help="correct vs wrong traces: generate, Step-Saliency, compare")
     add_model_arguments(s, default_backend="bridge", default_model=REASONER)
     add_problem_arguments(s, k_default=0)
@@ -171,4 +185,31 @@ def resample_command(args: argparse.Namespace) -> int:
     result.save(out / "resampling.json")
     result.plot(path=out / "resampling.png")
     print(f"wrote {out}/rollouts.jsonl, resampling.json, resampling.png")
+    return 0
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    try:
+        grid = None if args.grid is None else json.loads(args.grid)
+    except json.JSONDecodeError as error:
+        raise CliError(f"--grid is no JSON ({error}); pass an object like '{{\"alpha\": [0.03, 0.06]}}'.") from None
+    if grid is not None and not (isinstance(grid, dict) and all(isinstance(v, list) for v in grid.values())):
+        raise CliError("--grid must map setting names to lists of values, like '{\"alpha\": [0.03, 0.06]}'.")
+    problems = _problems(args)
+    out = check_out(args.out)
+    from .studies.calibration import calibrate  # lazy: keeps --help torch-free
+
+    model = load_for_cli(args)
+    result = calibrate(model, problems, out=out, grid=grid, test_fraction=args.test_fraction,
+                       split_seed=args.split_seed, eta=args.eta, k=args.k, greedy=not args.no_greedy,
+                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, max_candidates=args.max_candidates)
+    columns = ["round", "candidate", "problems", "baseline", "stepflow", "gain", "p_value"]
+    print(result.search[columns].head(20).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    test, (low, high) = result.test, result.test["ci"]
+    print(f"chosen: {json.dumps(result.chosen)}")
+    print(f"test split ({test['problems']} problems, once): StepFlow - baseline pass@1 = {test['difference']:+.3f} "
+          f"(95% CI [{low:+.3f}, {high:+.3f}], sign-flip p = {test['p_value']:.3f})")
+    (out / "stepflow.json").write_text(json.dumps(result.chosen, indent=1))
+    print(f"wrote {out}/calibration.json and {out}/stepflow.json (StepFlow.from_dict reads it)")
     return 0

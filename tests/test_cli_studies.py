@@ -164,3 +164,20 @@ def test_resample_command_writes_resumable_rollouts(chat_llama, tmp_path, capsys
     assert (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines() == lines  # nothing redone
     assert main([*command[:-2], "--max-new-tokens", "4", "--out", str(tmp_path / "r")]) == 1
     assert "rollouts made with max_new_tokens=3" in capsys.readouterr().err
+
+
+def test_calibrate_command_writes_a_stepflow_that_from_dict_reads(chat_llama, problems, tmp_path, capsys):
+    import stepsal
+
+    out = tmp_path / "cal"
+    grid = '{"oeb": ["quarter"], "smi": ["off"], "tau_max": [0.15, 0.25]}'
+    assert main(["calibrate", "--model", str(chat_llama), "--problems", str(problems), "--k", "0", "--max-new-tokens",
+                 "2", "--grid", grid, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test split" in printed and "chosen:" in printed
+    flow = stepsal.StepFlow.from_dict(json.loads((out / "stepflow.json").read_text()))
+    saved = stepsal.CalibrationResult.load(out / "calibration.json")
+    assert flow == saved.flow and flow.smi_layers == () and flow.tau_max in (0.15, 0.25)
+    assert sorted(saved.split["dev"] + saved.split["test"]) == ["p0", "p1", "p2"]
+    assert main(["calibrate", "--problems", str(problems), "--grid", "{alpha: 1}", "--out", str(tmp_path / "x")]) == 1
+    assert "--grid is no JSON" in capsys.readouterr().err and not (tmp_path / "x").exists()

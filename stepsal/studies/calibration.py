@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import zlib
 from collections.abc import Sequence
@@ -156,7 +157,7 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
               grid: dict[str, list[Any]] | None = None, test_fraction: float = 0.5, split_seed: int = 0,
               eta: int = 3, k: int = 4, greedy: bool = False, temperature: float = R1_SAMPLING["temperature"],
               top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
-              progress: bool = True) -> CalibrationResult:
+              max_candidates: int | None = None, progress: bool = True) -> CalibrationResult:
     """Choose StepFlow's settings for ``model`` on a development split and test them once (module docstring).
 
     Args:
@@ -165,6 +166,8 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
             the paper's value.
         test_fraction, split_seed: the share of problems held out for the test, and the split's seed.
         eta: successive halving keeps the best 1/eta of the candidates per round.
+        max_candidates: the budget: search only the first N candidates of the grid (the paper's first,
+            then a seeded shuffle of the rest).
         k, greedy, temperature, top_p, max_new_tokens, seed: sampling, as in :func:`stepsal.evaluate`;
             candidates are ranked by the paired gain in sampled pass@1 (greedy when ``k=0``).
     """
@@ -172,6 +175,10 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
     whole_number(eta, "eta", minimum=2)
     dev, test = split_problems(problems, test_fraction, split_seed)
     pool = candidates(grid or DEFAULT_GRID)
+    if max_candidates is not None:
+        rest = pool[1:]
+        random.Random(split_seed).shuffle(rest)
+        pool = [pool[0], *rest][:whole_number(max_candidates, "max_candidates", minimum=1)]
     n_layers = adapter_for(model).n_layers
     mode = "sampled" if k > 0 else "greedy"
     folder = Path(out)
