@@ -78,6 +78,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     s.add_argument("--norm", default="causal", choices=NORMS)
     s.add_argument("--rule", default="ag", choices=RULES)
     s.add_argument("--mode", default="auto", choices=MODES, help="Step-Saliency's backward pass (see stepsal analyze)")
+    s.add_argument("--agreement", action="store_true",
+                   help="also each trace's suppression matrix, and how Step-Saliency's step ranking agrees with it")
     s.add_argument("--out", default="stepsal-study", help="folder: samples/, correct/, wrong/, report.html")
     s.set_defaults(func=study_command)
 
@@ -158,7 +160,7 @@ def study_command(args: argparse.Namespace) -> int:
     result = run_study(model, problems, out=out, k=args.k, greedy=not args.no_greedy, temperature=args.temperature,
                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                        saliency=SaliencyOptions.from_dict({"target": args.target, "norm": args.norm, "rule": args.rule,
-                                                           "mode": args.mode}))
+                                                           "mode": args.mode}), agreement=args.agreement)
     print(result.samples.summary().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(repr(result))
     if result.comparison is not None:

@@ -1,6 +1,7 @@
 """Rank agreement of the three step importances: the statistics against scipy, the importances against
 loops, and the table over traces against numpy."""
 
+import json
 import math
 import random
 import warnings
@@ -112,3 +113,34 @@ def test_agreement_over_traces_and_refusals(three, model, tokenizer):
     with pytest.raises(stepsal.StepsalError, match="at least one StepAgreement"):
         stepsal.agreement_over([])
     assert torch.isnan(saliency_importance(saliency)[-1])
+
+
+STUDIED = ("First, 6 and 7 make 13 when added together. Let me check the sum again to be sure. It is still 13 "
+           "after all.\n</think>\nSo the answer is \\boxed{13}.")
+
+
+def test_study_with_agreement_saves_reuses_and_reports(model, tokenizer, tmp_path):
+    from unittest import mock
+
+    from tiny import fake_generation
+
+    import stepsal.studies.evaluate
+
+    problem = stepsal.WordProblem("p1", "What is 6 plus 7?", 13)
+    answer = lambda *args, **kwargs: fake_generation(tokenizer, [STUDIED])  # noqa: E731
+    with mock.patch.object(stepsal.studies.evaluate, "generate", answer), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer than 2 traces a group: no comparison
+        study = stepsal.run_study(model, [problem], out=tmp_path, progress=False, agreement=True)
+        (saved,) = tmp_path.glob("*/p1.greedy.0.suppression.json")
+        stamp = saved.stat().st_mtime_ns
+        again = stepsal.run_study(model, [problem], out=tmp_path, progress=False, agreement=True)
+    assert saved.stat().st_mtime_ns == stamp  # the saved suppression matrix was reused
+    (result,) = study.groups["correct"]
+    suppression = stepsal.SuppressionMatrix.load(saved)
+    expected = stepsal.agreement_over([stepsal.step_agreement(result, suppression)])
+    assert study.agreement.frame.equals(expected.frame) and again.agreement.frame.equals(expected.frame)
+    assert json.loads((tmp_path / "study.json").read_text())["agreement"] == json.loads(
+        expected.frame.to_json(orient="records"))
+    assert "Does Step-Saliency point at what matters?" in (tmp_path / "report.html").read_text()
+    kept = stepsal.StudyResult.load(study.save(tmp_path / "kept"))
+    assert kept.agreement.frame.equals(study.agreement.frame)

@@ -25,7 +25,7 @@ import torch
 from conftest import BACKENDS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import THINK_TRACE, save_folder
+from tiny import THINK_TRACE, fake_generation, save_folder
 
 import stepsal
 import stepsal.generation
@@ -113,13 +113,6 @@ def evaluated_row(ctx: Context, generated: str) -> tuple[Any, Any, Any]:
     return row["answer"], row["correct"], row["closed_think"]
 
 
-def fake_generation(ctx: Context, texts: list[str]) -> SimpleNamespace:
-    """What generate returns for ``texts`` continuing a prompt that opened the thinking."""
-    prompt = ctx.tokenizer("<|im_start|>assistant\n<think>\n")["input_ids"]
-    tokens = [torch.tensor(prompt + ctx.tokenizer(text)["input_ids"]) for text in texts]
-    return SimpleNamespace(texts=texts, tokens=tokens, prompt_lengths=[len(prompt)] * len(texts), stats=None)
-
-
 ANSWERED = "6 and 7 make 13.\n</think>\nSo \\boxed{13}."
 
 
@@ -129,7 +122,7 @@ def evaluate_fake(ctx: Context, k: int = 3, during: Callable[[], Any] | None = N
     def fake(*args: Any, **kwargs: Any) -> SimpleNamespace:
         if during is not None:
             during()
-        return fake_generation(ctx, [ANSWERED] * k)
+        return fake_generation(ctx.tokenizer, [ANSWERED] * k)
     problem = WordProblem("p1", "What is 6 plus 7?", 13)
     with mock.patch.object(stepsal.studies.evaluate, "generate", fake):
         return stepsal.studies.evaluate.evaluate(ctx.model, [problem], out=ctx.folder / "eval", k=k, greedy=False,
@@ -155,7 +148,8 @@ STUDIED = ("First, 6 and 7 make 13 when added together. Let me check the sum aga
 def study_fake(ctx: Context) -> stepsal.StudyResult:
     """run_study into ctx.folder/study: one problem, its greedy answer STUDIED."""
     problem = WordProblem("p1", "What is 6 plus 7?", 13)
-    with mock.patch.object(stepsal.studies.evaluate, "generate", lambda *a, **k: fake_generation(ctx, [STUDIED])):
+    answer = lambda *args, **kwargs: fake_generation(ctx.tokenizer, [STUDIED])  # noqa: E731
+    with mock.patch.object(stepsal.studies.evaluate, "generate", answer):
         return stepsal.run_study(ctx.model, [problem], out=ctx.folder / "study", progress=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -101,3 +102,11 @@ class TextProblem:
 
     def messages(self) -> str:
         return f"<|im_start|>user\nWhat is {self.answer}?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def fake_generation(tokenizer, texts: list[str]) -> SimpleNamespace:
+    """What stepsal.generate returns for ``texts`` continuing a prompt that opened the thinking (for
+    tests that stand in for generation)."""
+    prompt = tokenizer("<|im_start|>assistant\n<think>\n")["input_ids"]
+    tokens = [torch.tensor(prompt + tokenizer(text)["input_ids"]) for text in texts]
+    return SimpleNamespace(texts=texts, tokens=tokens, prompt_lengths=[len(prompt)] * len(texts), stats=None)

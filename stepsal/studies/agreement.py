@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..pooling import normalize
 from ..receivers import vertical_scores
 from ..segments import THINKING
 from ..stats import bootstrap_indices, check_confidence, kendall_tau_b, percentile_interval, spearman
+from ..storage import frame_from_json, frame_to_json, read_json, reading, write_json
 from ..vis.figures import plot_agreement, plot_agreement_summary
 from ..vis.html import frame_section, frames_html
 from ..vis.labels import step_labels
@@ -146,6 +148,17 @@ class AgreementSummary:
     def plot(self, path: str | os.PathLike | None = None) -> Figure:
         """The mean rank agreement per pair with its interval (Spearman and Kendall side by side)."""
         return plot_agreement_summary(self.frame, self.confidence, path=path)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, "AgreementSummary", {"frame": frame_to_json(self.frame), "confidence": self.confidence,
+                                                     "traces": self.traces})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AgreementSummary:
+        with reading(path, "AgreementSummary"):
+            data = read_json(path, "AgreementSummary")
+            return cls(frame=frame_from_json(data["frame"]), confidence=float(data["confidence"]),
+                       traces=int(data["traces"]))
 
 
 def agreement_over(agreements: Sequence[StepAgreement], *, n_boot: int = 2000, confidence: float = 0.95,

@@ -16,6 +16,7 @@ from ..metrics import compare_groups
 from ..saliency import StepSaliency
 from ..storage import reading
 from ..vis.report import comparison_section, skipped_note, write_report
+from .agreement import AgreementSummary
 
 __all__ = ["report_from_folder", "write_report"]
 
@@ -56,6 +57,11 @@ def report_from_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
         comparison = compare_groups(a, b, labels=(label_a, label_b))
         fig = comparison.plot() if comparison.layer_mean else None
         extra.append(comparison_section(f"{label_a} vs {label_b}", repr(comparison), comparison.to_dataframe(), fig))
+    if (root / "agreement.json").exists():
+        agreement = AgreementSummary.load(root / "agreement.json")
+        extra.append(comparison_section("Does Step-Saliency point at what matters?", repr(agreement) + ": rank "
+                                        "agreement of each step's saliency with its suppression (and resampling) "
+                                        "importance", agreement.frame, agreement.plot()))
     if others:
         extra.append(skipped_note([str(p.relative_to(root)) for p in others]))
     if damaged:

@@ -34,8 +34,10 @@ from ..traces import Trace
 from ..vis.figures import plot_group_points
 from ..vis.html import frames_html
 from ..vis.tables import records_frame
+from .agreement import AgreementSummary, agreement_over, step_agreement
 from .evaluate import R1_SAMPLING, EvalResult, evaluate
 from .report import report_from_folder
+from .suppression import SuppressionMatrix, suppression_matrix
 
 if TYPE_CHECKING:
     import pandas
@@ -54,6 +56,7 @@ class StudyResult:
     skipped: dict[str, int]  # reason -> samples not studied
     comparison: Any = None  # GroupComparison, None when a group has fewer than 2 traces
     folder: Path | None = field(default=None, repr=False)
+    agreement: Any = None  # AgreementSummary, with run_study(agreement=True)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name} {len(results)}" for name, results in self.groups.items())
@@ -96,8 +99,11 @@ class StudyResult:
             files[group] = [f"saliency/{group}/{index:04d}.safetensors" for index in range(len(results))]
             for name, result in zip(files[group], results, strict=True):
                 result.save(folder / name)
+        if self.agreement is not None:
+            self.agreement.save(folder / "agreement.json")
         write_json(folder / STUDY_FILE, "StudyResult", {
             "samples": "samples.jsonl", "groups": files, "skipped": self.skipped,
+            "agreement": None if self.agreement is None else "agreement.json",
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
             "folder": None if self.folder is None else str(self.folder)})
         return folder
@@ -113,7 +119,9 @@ class StudyResult:
                                for group, names in data["groups"].items()},
                        skipped=dict(data["skipped"]),
                        comparison=None if data["comparison"] is None else GroupComparison.from_dict(data["comparison"]),
-                       folder=None if data["folder"] is None else Path(data["folder"]))
+                       folder=None if data["folder"] is None else Path(data["folder"]),
+                       agreement=None if data.get("agreement") is None
+                       else AgreementSummary.load(folder / data["agreement"]))
 
 
 def _trace_of(row: dict, model: Model, min_thinking_steps: int):
@@ -125,12 +133,14 @@ def run_study(model: TLModel, problems: Sequence[Any], *, out: str | Path, k: in
               temperature: float = R1_SAMPLING["temperature"], top_p: float = R1_SAMPLING["top_p"],
               max_new_tokens: int = 256, seed: int = 0, target: str = "all", norm: str = "causal",
               min_thinking_steps: int = 2, progress: bool = True,
-              saliency: SaliencyOptions | None = None) -> StudyResult:
+              saliency: SaliencyOptions | None = None, agreement: bool = False) -> StudyResult:
     """Generate, label, analyse and compare (see the module docstring). Rerunning resumes.
 
     ``saliency``: every Step-Saliency setting (:class:`stepsal.SaliencyOptions`); ``target`` and
     ``norm`` are shorthands for the two most used ones (pass one or the other). Saved results are
-    reused only when they were computed with the same settings."""
+    reused only when they were computed with the same settings. ``agreement``: also each trace's
+    suppression matrix (``<trace>.suppression.json`` beside its map) and the rank agreement of Step-Saliency
+    with it (:mod:`stepsal.studies.agreement`), in ``agreement.json``, study.json and the report."""
     if saliency is None:
         saliency = SaliencyOptions.from_dict({"target": target, "norm": norm})
     elif (target, norm) != ("all", "causal"):
@@ -140,12 +150,12 @@ def run_study(model: TLModel, problems: Sequence[Any], *, out: str | Path, k: in
     with writer_lock(folder, fix="write elsewhere (another --out)"):
         return _run_study_locked(model, problems, folder, k=k, greedy=greedy, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, seed=seed, min_thinking_steps=min_thinking_steps,
-                                 progress=progress, saliency=saliency)
+                                 progress=progress, saliency=saliency, agreement=agreement)
 
 
 def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, k: int, greedy: bool,
                       temperature: float, top_p: float, max_new_tokens: int, seed: int, min_thinking_steps: int,
-                      progress: bool, saliency: SaliencyOptions) -> StudyResult:
+                      progress: bool, saliency: SaliencyOptions, agreement: bool) -> StudyResult:
     """:func:`run_study` while this process holds the lock on ``folder``."""
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
@@ -156,6 +166,7 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
             if r["problem"] in wanted and r["condition"] == "baseline" and asked(r)]
     groups: dict[str, list[Any]] = {"correct": [], "wrong": []}
     skipped: Counter = Counter()
+    studied: list[tuple[dict, Path, Any]] = []  # (row, saved map's path, result) for the agreement
     for row in tqdm(rows, desc="saliency", disable=not progress, unit="trace"):
         if not row["closed_think"]:
             skipped["thinking never closed"] += 1
@@ -170,6 +181,7 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
                 saved = None
             if saved is not None and saved.options == saliency:
                 groups[group].append(saved)
+                studied.append((row, path, saved))
                 continue
         try:
             trace = _trace_of(row, model, min_thinking_steps)
@@ -180,6 +192,7 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
         path.parent.mkdir(parents=True, exist_ok=True)
         result.save(path)
         groups[group].append(result)
+        studied.append((row, path, result))
     comparison = None
     if all(len(results) >= 2 for results in groups.values()):
         comparison = compare_groups(groups["correct"], groups["wrong"], labels=("correct", "wrong"))
@@ -187,11 +200,37 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
         warnings.warn(f"no comparison: {len(groups['correct'])} correct and {len(groups['wrong'])} wrong traces "
                       "(each group needs at least 2; 10 for claims). Study more problems or samples.",
                       StepsalWarning, stacklevel=2)
+    summary_of_agreement = None
+    if agreement and studied:
+        summary_of_agreement = _agreement(model, studied, min_thinking_steps, progress)
+        summary_of_agreement.save(folder / "agreement.json")
     summary = {"problems": len(wanted), "samples": len(rows), "traces": {g: len(r) for g, r in groups.items()},
+               "agreement": None if summary_of_agreement is None else summary_of_agreement.frame.to_dict("records"),
                "skipped": dict(skipped), "accuracy": samples.summary().to_dict("records"),
                "comparison": None if comparison is None else comparison.to_dataframe().to_dict("records"),
                "descriptive_only": None if comparison is None else comparison.descriptive_only}
     (folder / "study.json").write_text(json.dumps(summary, indent=1, default=float))
     if any(groups.values()):
         report_from_folder(folder)
-    return StudyResult(samples=samples, groups=groups, skipped=dict(skipped), comparison=comparison, folder=folder)
+    return StudyResult(samples=samples, groups=groups, skipped=dict(skipped), comparison=comparison, folder=folder,
+                       agreement=summary_of_agreement)
+
+
+def _agreement(model: TLModel, studied: list[tuple[dict, Path, Any]], min_thinking_steps: int,
+               progress: bool) -> AgreementSummary:
+    """Each studied trace's suppression matrix (saved beside its map, reused when its layers match) and
+    the rank agreement of its Step-Saliency with it, over all traces."""
+    per_trace = []
+    for row, path, result in tqdm(studied, desc="suppression", disable=not progress, unit="trace"):
+        saved_path = path.with_suffix(".suppression.json")
+        suppression = None
+        if saved_path.exists():
+            try:
+                suppression = SuppressionMatrix.load(saved_path)
+            except DamagedFileError as error:
+                warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=4)
+        if suppression is None or suppression.layers != list(result.layers):
+            suppression = suppression_matrix(model, _trace_of(row, model, min_thinking_steps), layers=result.layers)
+            suppression.save(saved_path)
+        per_trace.append(step_agreement(result, suppression))
+    return agreement_over(per_trace)
