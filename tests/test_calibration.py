@@ -83,7 +83,8 @@ def test_search_finds_the_helpful_candidate_and_tests_once(tl_models, tokenizer,
     assert best["gain"] == 1.0 and best["problems"] == len(dev)
     loaded = stepsal.CalibrationResult.load(tmp_path / "clean" / "calibration.json")
     assert loaded.chosen == clean.chosen and stepsal.StepFlow.from_dict(loaded.chosen) == flow
-    assert repr(clean).startswith("CalibrationResult(") and clean.plot().axes
+    assert repr(clean).startswith("CalibrationResult(") and "\n" not in repr(clean) and clean.plot().axes
+    assert "<table" in clean._repr_html_() and len(clean.to_dataframe()) == len(clean.search)
     calls: list = []
     with mock.patch.object(stepsal.studies.evaluate, "generate", fake_generate(tokenizer, calls, good)):
         again = stepsal.calibrate(model, PROBLEMS, out=tmp_path / "clean", grid=GRID, test_fraction=0.25, k=0,
