@@ -553,6 +553,9 @@ CASES = [
     Case("evaluate-out-is-a-file", lambda ctx: stepsal.evaluate(
         ctx.model, [WordProblem("p1", "q?", 1)], out=(ctx.folder / "f").write_text("") or ctx.folder / "f"),
          Raises(StepsalError, r"out='.*/f' is a file; pass a folder")),
+    Case("evaluate-seed-too-big", lambda ctx: stepsal.evaluate(ctx.model, [WordProblem("p1", "q?", 1)], out=ctx.folder,
+                                                               seed=2**50),
+         Raises(OptionError, r"seed must be a whole number in 0\.\.1099511627776; got 1125899906842624")),
     Case("evaluate-k-float", lambda ctx: unchecked(stepsal.studies.evaluate.evaluate)(
         ctx.model, [WordProblem("p1", "q?", 1)], out=ctx.folder, k=1.5),
          Raises(OptionError, r"k must be a whole number >= 0; got 1\.5")),

@@ -51,6 +51,7 @@ from .rows import BadRows, RowKind, read_rows, set_aside_damaged_lines
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+MAX_SEED = 2**40  # a problem's (or prefix's) seed is seed * 1_000_003 + an offset < 2**32: within torch's 2**63
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
 SAMPLE_FILE = "samples{suffix}.jsonl"
 
@@ -133,6 +134,7 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
         raise StepsalError(f"k must be >= 1 (or 0 with greedy=True); got k={k}, greedy={greedy}.")
     check_shard(shard)
     check_problems(problems)
+    whole_number(seed, "seed", 0, MAX_SEED)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise StepsalError(f"out={str(out)!r} is a file; pass a folder for the samples.")

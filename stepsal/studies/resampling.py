@@ -46,6 +46,7 @@ from ..traces import StepLayout, Trace, require_trace
 from ..vis.figures import plot_resampling
 from ..vis.html import frame_section
 from ..vis.labels import step_labels
+from .evaluate import MAX_SEED
 from .rows import RowKind, read_rows, set_aside_damaged_lines
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def resampling_importance(model: Model, trace: Trace, answer: str | int | float,
     adapter = adapter_for(model, tokenizer)
     settings = {"model": adapter.label, "trace": hashlib.sha1(json.dumps(trace.tokens.tolist()).encode()).hexdigest(),
                 "max_new_tokens": whole_number(max_new_tokens, "max_new_tokens", minimum=1),
-                "temperature": temperature, "top_p": top_p, "seed": whole_number(seed, "seed", 0, 2**62)}
+                "temperature": temperature, "top_p": top_p, "seed": whole_number(seed, "seed", 0, MAX_SEED)}
     ends = prefix_ends(trace)
     if out is None:
         rows = _rollouts(model, trace, ends, n, greedy, settings, [], None, progress, tokenizer)
