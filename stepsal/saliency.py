@@ -263,11 +263,19 @@ class StepSaliency:
         metrics = self.metrics()
         has_tokens = self.token_texts is not None and bool(self.layout.steps_of(SUMMARY))
         received, token_level = self.received("summary") if has_tokens else (None, False)
+        receivers, receiver_maps = None, None
+        if self.head_sums is not None and self.rule != "ag_signed":
+            heads = self.receiver_heads()
+            receivers = heads.to_dataframe().dropna(subset=["kurtosis"]).head(5)
+            receiver_maps = torch.stack([heads.head_maps[self.layers.index(int(layer)), int(head)]
+                                         for layer, head in zip(receivers["layer"], receivers["head"], strict=True)]
+                                        ) if len(receivers) else None
         return ResultView(headline=repr(self), model=self.model, layers=list(self.layers), layout=self.layout,
                           maps=self.maps, row_maps=self.normalized("row"), rule=self.rule, norm=self.norm,
                           target=self.target, per_trace=metrics.per_trace(),
                           layer_measures=wide(metrics.to_dataframe()), token_texts=self.token_texts,
-                          received=received, received_token_level=token_level)
+                          received=received, received_token_level=token_level, receiver_heads=receivers,
+                          receiver_maps=receiver_maps)
 
     def __repr__(self) -> str:
         extra = (" per-head" if self.head_sums is not None else "") + \

@@ -95,3 +95,10 @@ def test_on_a_model_result_views_and_refusals(tl_models, tokenizer):
         stepsal.step_saliency(model, trace).receiver_heads()
     with pytest.raises(stepsal.OptionError, match="proximity must be a whole number >= 1"):
         result.receiver_heads(proximity=0)
+
+
+def test_the_report_lists_and_shows_receiver_heads(tmp_path):
+    page = stepsal.write_report(tmp_path, [constructed()], ["constructed"]).read_text()
+    section = page[page.index("Receiver heads (kurtosis"):]
+    assert section.index("L3H0") < section.index("L3H1")  # the broadcasting head first
+    assert "Receiver heads: their row-normalised step maps" in section

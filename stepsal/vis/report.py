@@ -59,6 +59,8 @@ class ResultView:
     token_texts: list[str] | None = None  # the scored tokens' texts (None: no token views)
     received: Any = None  # [token, layer] share each token receives from the summary (None: no summary)
     received_token_level: bool = False  # token resolution (else each token carries its step's block)
+    receiver_heads: pandas.DataFrame | None = None  # the top heads by kurtosis (None: no per-head maps)
+    receiver_maps: Any = None  # [head, step_q, step_k] their row-normalised maps, in the frame's order
 
 
 def view_of(result: Any) -> ResultView:
@@ -77,6 +79,13 @@ def result_section(view: ResultView, name: str, anchor: str) -> str:
                      .html(bundle=False))
     parts.append(figure_png(plot_step_maps(view.maps, view.layers, view.layout,
                                            title=maps_title(view.rule, view.norm, view.target))))
+    if view.receiver_heads is not None and len(view.receiver_heads):
+        names = [f"L{layer}H{head}" for layer, head in zip(view.receiver_heads["layer"], view.receiver_heads["head"],
+                                                             strict=True)]
+        parts += ["<h3>Receiver heads (kurtosis of the steps' vertical scores)</h3>",
+                  frame_html(view.receiver_heads, digits=3),
+                  step_maps_widget(view.receiver_maps, step_names(view.layout), names,
+                                   title="Receiver heads: their row-normalised step maps").html(bundle=False)]
     parts += ["<h3>Per-trace measures</h3>", frame_html(record_frame(view.per_trace)),
               "<h3>Per-layer measures (row-normalised maps)</h3>", frame_html(view.layer_measures, digits=3),
               "<h3>Segmentation</h3>", steps_html(view.layout)]
