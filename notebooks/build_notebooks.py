@@ -354,6 +354,123 @@ for group, results in study.groups.items():
     print(f"{group:8s} mean final_heat_anomaly over layers: {np.mean(anomaly):.3f} ({len(results)} traces)")"""),
 ]
 
+WHAT_MATTERS = [
+    new_markdown_cell("""# What matters in a chain of thought? Three answers side by side
+
+Step-Saliency is a gradient heuristic: it says which earlier steps each step's tokens are sensitive
+to. Does that agree with what *causally* matters? Two standard causal answers for reasoning traces
+(Thought Anchors, arXiv 2506.19143):
+
+- **attention suppression** (white box): hide step *i* from every later query and measure how much
+  less likely each later step's tokens become;
+- **resampling** (black box): continue the trace from just before and just after step *i* and see
+  how often the final answer is right.
+
+This notebook computes all three for one trace of the small reasoner, ranks the steps by each, then
+does it over several traces. Everything runs offline on a CPU (a few minutes)."""),
+    new_code_cell("""import stepsal
+from stepsal.tasks.problems import load_problems
+
+model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
+problem = load_problems(limit=3)[2]
+out = stepsal.generate(model, problem.messages(), max_new_tokens=160)
+trace = out.traces[0]
+print(problem.question, "| gold:", problem.answer)
+print(trace.describe())"""),
+    new_markdown_cell("""## 1. Step-Saliency
+
+`per_head=True` keeps one map per head as well: we need them for receiver heads below."""),
+    new_code_cell("""saliency = stepsal.step_saliency(model, trace, per_head=True)
+saliency.show()"""),
+    new_markdown_cell("""## 2. Attention suppression
+
+One forward per step with that step's keys hidden from every later query (a knockout in every
+layer). `maps[j, i]` is the change in log-probability of step *j*'s tokens, in nats per token:
+negative means step *j* leaned on step *i*."""),
+    new_code_cell("""%matplotlib inline
+suppression = stepsal.suppression_matrix(model, trace)
+print(suppression)
+fig = suppression.plot()
+fig"""),
+    new_markdown_cell("""## 3. Accuracy along the trace (resampling)
+
+Continue the trace from before the first thinking step (k = 0) and after each thinking step
+(k = 1..S), and read the answer of each continuation from its summary. With `temperature=0` each
+prefix gets one greedy rollout, so P(correct) is 0 or 1; sampling (exercise 1) gives proportions with
+intervals."""),
+    new_code_cell("""resampling = stepsal.resampling_importance(model, trace, problem.answer, temperature=0, max_new_tokens=120,
+                                           progress=False)
+resampling.to_dataframe()[["prefix", "label", "p_correct", "importance", "top_answer"]]"""),
+    new_markdown_cell("""## 4. Do they agree?
+
+Each measure ranks the thinking steps. `step_agreement` compares the rankings with Spearman's rho and
+Kendall's tau-b (1: the same order, -1: reversed, NaN: a measure does not vary)."""),
+    new_code_cell("""agreement = stepsal.step_agreement(saliency, suppression, resampling)
+print(agreement.importances.round(4).to_string(index=False))
+agreement.to_dataframe().round(3)"""),
+    new_code_cell("""fig = agreement.plot()
+fig"""),
+    new_markdown_cell("""## 5. Receiver heads
+
+Some heads send the attention (here: the saliency) of many later steps to a few steps. The kurtosis of
+what each step receives from steps at least `proximity` later is high for such heads."""),
+    new_code_cell("""heads = saliency.receiver_heads(proximity=2)
+print(heads)
+heads.to_dataframe().head(5)"""),
+    new_markdown_cell("""## 6. Over several traces
+
+One trace says little. A study computes the maps of many answers and, with `agreement=True`, each
+trace's suppression matrix and the rank agreement, averaged over traces with bootstrap intervals
+(resampling is left out of studies: it costs many generations per trace)."""),
+    new_code_cell("""import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", stepsal.StepsalWarning)  # a handful of traces: descriptive only
+    study = stepsal.run_study(model, load_problems(limit=6), out="what-matters-demo", k=0, max_new_tokens=160,
+                              progress=False, agreement=True)
+print(study.agreement)
+study.agreement.to_dataframe().round(3)"""),
+    new_markdown_cell("""The same table is in `what-matters-demo/report.html`. `benchmarks/what_matters.py` runs this on many
+traces, with resampling on a subset; `docs/causal.md` explains every measure and how it is checked.
+
+## Exercises
+
+1. Sample 4 rollouts per prefix (`temperature=0.6`, `n_rollouts=4`): where along the trace does
+   P(correct) jump, and is that step ranked high by the other two measures?
+2. Compare the saliency bands: which of `saliency_shallow` and `saliency_deep` agrees better with
+   suppression on this trace?
+3. Knock out the step that suppression ranks first (`stepsal.knockout(model, trace, "summary", [i])`)
+   and recompute the summary's loss: does it rise more than for the step ranked last?"""),
+    new_markdown_cell("""### Solutions"""),
+    new_code_cell("""# 1.
+sampled = stepsal.resampling_importance(model, trace, problem.answer, n_rollouts=4, temperature=0.6,
+                                        max_new_tokens=120, progress=False)
+frame = sampled.to_dataframe()
+print(frame[["label", "p_correct", "ci_low", "ci_high", "importance"]].round(2).to_string(index=False))
+jump = frame.iloc[1:]["importance"].abs().idxmax()
+print("largest change after", frame.loc[jump, "label"])"""),
+    new_code_cell("""# 2.
+table = agreement.to_dataframe().set_index(["a", "b"])
+for band in ("saliency_shallow", "saliency_deep"):
+    print(band, "vs suppression: rho", round(float(table.loc[(band, "suppression"), "spearman"]), 3))"""),
+    new_code_cell("""# 3.
+import torch
+
+summary_rows = (trace.layout.token_segment == stepsal.SUMMARY).nonzero().flatten()
+
+def summary_loss():
+    with torch.no_grad():
+        logits = model(trace.tokens[None])[0]
+    rows = summary_rows[summary_rows > 0]
+    return torch.nn.functional.cross_entropy(logits[rows - 1], trace.tokens[rows]).item()
+
+ranked = agreement.importances.sort_values("suppression", ascending=False)["step"].tolist()
+plain = summary_loss()
+for step in (ranked[0], ranked[-1]):
+    with stepsal.knockout(model, trace, "summary", [step]):
+        print(f"knock out step {step}: summary loss {plain:.3f} -> {summary_loss():.3f}")"""),
+]
+
 
 def write(name: str, cells: list) -> None:
     notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
@@ -366,3 +483,4 @@ if __name__ == "__main__":
     write("02_layer_ablation.ipynb", LAYER_ABLATION)
     write("03_stepflow.ipynb", STEPFLOW)
     write("04_correct_vs_wrong.ipynb", CORRECT_VS_WRONG)
+    write("05_what_matters.ipynb", WHAT_MATTERS)

@@ -72,6 +72,16 @@ def test_correct_vs_wrong_notebook(tmp_path):
     assert any("image/png" in out.get("data", {}) for out in outputs)
 
 
+@pinned_stack_only
+@pytest.mark.slow
+def test_what_matters_notebook(tmp_path):
+    printed, outputs = run_notebook("05_what_matters.ipynb", tmp_path)
+    assert "SuppressionMatrix(" in printed and "ReceiverHeads(" in printed and "AgreementSummary(" in printed
+    assert "spearman" in printed and "largest change after" in printed and "knock out step" in printed
+    assert (tmp_path / "what-matters-demo" / "agreement.json").exists()
+    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2
+
+
 def test_notebooks_are_built_from_their_sources():
     """The .ipynb files are what build_notebooks.py writes (no stale copies, no stored outputs)."""
     import importlib.util
@@ -81,7 +91,8 @@ def test_notebooks_are_built_from_their_sources():
     spec.loader.exec_module(module)
     for name, cells in [("01_step_saliency.ipynb", module.STEP_SALIENCY),
                         ("02_layer_ablation.ipynb", module.LAYER_ABLATION),
-                        ("03_stepflow.ipynb", module.STEPFLOW), ("04_correct_vs_wrong.ipynb", module.CORRECT_VS_WRONG)]:
+                        ("03_stepflow.ipynb", module.STEPFLOW), ("04_correct_vs_wrong.ipynb", module.CORRECT_VS_WRONG),
+                        ("05_what_matters.ipynb", module.WHAT_MATTERS)]:
         stored = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert [c.source for c in stored.cells] == [c.source for c in cells], name
         assert all(not c.get("outputs") for c in stored.cells if c.cell_type == "code")
