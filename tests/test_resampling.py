@@ -23,9 +23,12 @@ def trace(tokenizer):
 
 
 def boundaries(trace) -> list[int]:
-    """Prefix ends by a walk over the tokens: the first thinking token, then each thinking step's end."""
+    """Prefix ends by a walk over the tokens: just after the token that completes "<think>" (found in
+    the text), then each thinking step's end."""
     segments, steps = trace.layout.token_segment.tolist(), trace.layout.token_step.tolist()
-    ends = [segments.index(THINKING)]
+    marker_end = trace.text.index("<think>") + len("<think>")
+    ends = [next(t for t, (start, end) in enumerate(trace.offsets) if start < marker_end <= end) + 1]
+    assert segments[ends[0] - 1] == THINKING and ends[0] - 1 == segments.index(THINKING)  # the marker opens T1
     for t in range(len(steps)):
         if segments[t] == THINKING and (t + 1 == len(steps) or steps[t + 1] != steps[t]):
             ends.append(t + 1)

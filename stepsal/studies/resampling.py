@@ -1,7 +1,7 @@
 """Accuracy along the trace (resampling importance, Thought Anchors' black-box measure).
 
 For a trace of a problem with a known answer, the model continues the trace from every prefix that
-ends at a step boundary (k = 0: every token before the first thinking step, the opening marker
+ends at a step boundary (k = 0: every token before the first thinking step's text, the opening marker
 included; k = 1..S: through the end of thinking step k), ``n_rollouts`` times, and each
 continuation's answer is read from its summary (:func:`stepsal.extract_answer`). Per prefix:
 P(correct) with a Wilson interval and the answers' distribution; per thinking step k: the resampling
@@ -60,13 +60,16 @@ GREEDY_IGNORES = ("top_p", "seed")  # a greedy rollout does not depend on these
 
 
 def prefix_ends(trace: Trace) -> list[int]:
-    """Where each prefix ends (exclusive): k = 0 at the first thinking step's first token, k >= 1 at
-    the end of thinking step k."""
+    """Where each prefix ends (exclusive): k = 0 right after the opening thinking marker (which the
+    layout counts as the first thinking step's start), k >= 1 at the end of thinking step k."""
     thinking = trace.layout.steps_of(THINKING)
     if not thinking:
         raise TraceFormatError("resampling importance continues a trace from its thinking steps; this trace has none.")
     steps = trace.layout.steps
-    return [steps[thinking[0]].token_span[0]] + [steps[index].token_span[1] for index in thinking]
+    start, end = steps[thinking[0]].token_span
+    marker = trace.marker_end_token(THINKING)
+    first = marker + 1 if marker is not None and start <= marker < end - 1 else start
+    return [first] + [steps[index].token_span[1] for index in thinking]
 
 
 def answer_key(answer: Any) -> str:
