@@ -50,3 +50,14 @@ def normalize(sums: Float[Tensor, "*batch step_q step_k"], members: Float[Tensor
     if norm == "row":
         return _safe_divide(sums, sums.sum(-1, keepdim=True))
     raise OptionError(f"unknown normalisation {norm!r}: use one of {NORMS}.")
+
+
+def vertical_scores(maps: Float[Tensor, "*batch step_q step_k"], proximity: int) -> Float[Tensor, "*batch step"]:
+    """Per step i: the mean of maps[j, i] over the steps j >= i + proximity (what the later steps draw
+    from step i); NaN where there are none. Receiver heads, the saliency importance of a step and the
+    suppression importance all read a map this way."""
+    n = maps.shape[-1]
+    rows = torch.arange(n)[:, None] >= torch.arange(n)[None, :] + proximity  # [j, i]
+    total = torch.where(rows, maps.double(), 0.0).sum(-2)
+    count = rows.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), float("nan"))

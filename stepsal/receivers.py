@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import StepsalError
 from .options import whole_number
-from .pooling import normalize
+from .pooling import normalize, vertical_scores
 from .traces import StepLayout
 from .vis.figures import plot_receiver_heads
 from .vis.html import frame_section
@@ -34,15 +34,6 @@ if TYPE_CHECKING:
     from .vis.render import Widget
 
 MIN_STEPS = 4  # kurtosis of fewer scores says nothing
-
-
-def vertical_scores(maps: Float[Tensor, "*batch step_q step_k"], proximity: int) -> Float[Tensor, "*batch step"]:
-    """Per step i: the mean of maps[j, i] over the steps j >= i + proximity; NaN where there are none."""
-    n = maps.shape[-1]
-    rows = torch.arange(n)[:, None] >= torch.arange(n)[None, :] + proximity  # [j, i]
-    total = torch.where(rows, maps.double(), 0.0).sum(-2)
-    count = rows.sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), float("nan"))
 
 
 def excess_kurtosis(values: Float[Tensor, "*batch item"]) -> Float[Tensor, " *batch"]:

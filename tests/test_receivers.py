@@ -10,7 +10,8 @@ from conftest import BACKENDS
 from tiny import THINK_TRACE
 
 import stepsal
-from stepsal.receivers import excess_kurtosis, vertical_scores
+from stepsal.pooling import vertical_scores
+from stepsal.receivers import excess_kurtosis
 from stepsal.traces import StepLayout
 
 

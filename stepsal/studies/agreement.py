@@ -31,8 +31,7 @@ from torch import Tensor
 from ..errors import ModelMismatchError, StepsalError
 from ..metrics import layer_bands
 from ..options import whole_number
-from ..pooling import normalize
-from ..receivers import vertical_scores
+from ..pooling import normalize, vertical_scores
 from ..segments import THINKING
 from ..stats import bootstrap_indices, check_confidence, kendall_tau_b, percentile_interval, spearman
 from ..storage import frame_from_json, frame_to_json, read_json, reading, write_json

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..backends import transformerlens_adapter
 from ..model_types import TLModel
 from ..options import layer_numbers
+from ..pooling import vertical_scores
 from ..sites import attention_sites
 from ..storage import floats, read_json, reading, write_json
 from ..traces import StepLayout, Trace, require_trace
@@ -66,10 +67,7 @@ class SuppressionMatrix:
     @property
     def importance(self) -> Float[Tensor, " step"]:
         """Per step i: the mean drop over the later steps, -mean_j>i maps[j, i] (NaN for the last step)."""
-        later = torch.isfinite(self.maps)
-        total = torch.where(later, -self.maps, 0.0).sum(0)
-        count = later.sum(0)
-        return torch.where(count > 0, total / count.clamp(min=1), float("nan"))
+        return -vertical_scores(self.maps, 1)
 
     def __repr__(self) -> str:
         strongest = int(torch.nan_to_num(self.importance, nan=-float("inf")).argmax())
