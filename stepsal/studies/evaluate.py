@@ -46,7 +46,7 @@ from ..storage import file_to_write, plain, writer_lock
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 from ..vis.figures import plot_bars
 from ..vis.html import frame_section
-from .rows import BadRows, RowKind, read_rows, set_aside_damaged_lines
+from .rows import BadRows, RowKind, differing_setting, read_rows, set_aside_damaged_lines
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -223,11 +223,7 @@ def _check_settings(rows: list[dict], settings: dict[str, dict[str, Any]], path:
         recorded, wanted = row.get("settings"), settings.get(row.get("condition", ""))
         if not isinstance(recorded, dict) or wanted is None:  # rows from before settings were kept; other conditions
             continue
-        asked = set(wanted)
-        keys = sorted(set(recorded) | asked, key=lambda key: (key not in asked, key))  # the asked ones first
-        if row.get("mode") == "greedy":
-            keys = [key for key in keys if key not in GREEDY_IGNORES]
-        name = next((key for key in keys if recorded.get(key) != wanted.get(key)), None)
+        name = differing_setting(recorded, wanted, GREEDY_IGNORES if row.get("mode") == "greedy" else ())
         if name is None:
             continue
         raise SettingsMismatchError(

@@ -47,7 +47,7 @@ from ..vis.figures import plot_resampling
 from ..vis.html import frame_section
 from ..vis.labels import step_labels
 from .evaluate import MAX_SEED
-from .rows import RowKind, read_rows, set_aside_damaged_lines
+from .rows import RowKind, differing_setting, read_rows, set_aside_damaged_lines
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -259,8 +259,7 @@ def _check_settings(rows: list[dict], settings: dict[str, Any], greedy: bool, pa
         recorded = row.get("settings")
         if not isinstance(recorded, dict):
             continue
-        keys = [key for key in settings if not (greedy and key in GREEDY_IGNORES)]
-        name = next((key for key in keys if recorded.get(key) != settings[key]), None)
+        name = differing_setting(recorded, settings, GREEDY_IGNORES if greedy else ())
         if name is not None:
             raise SettingsMismatchError(
                 f"{path} holds rollouts made with {name}={recorded.get(name)!r}; this run asks for "

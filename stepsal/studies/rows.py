@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import DamagedFileError, StepsalWarning
 
@@ -26,6 +27,13 @@ class RowKind:
     keys: tuple[str, ...]
     writer: str
     skip_hint: str
+
+
+def differing_setting(recorded: dict[str, Any], wanted: dict[str, Any], ignored: Sequence[str] = ()) -> str | None:
+    """The first setting (the wanted ones first, then those only recorded) whose value differs between
+    a row's recorded settings and a run's, leaving out ``ignored``; None when all agree."""
+    keys = sorted(set(recorded) | set(wanted), key=lambda key: (key not in wanted, key))
+    return next((key for key in keys if key not in ignored and recorded.get(key) != wanted.get(key)), None)
 
 
 def parse_row(line: bytes, kind: RowKind) -> dict | None:
