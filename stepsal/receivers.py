@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
+    from .saliency import StepSaliency
     from .vis.render import Widget
 
 MIN_STEPS = 4  # kurtosis of fewer scores says nothing
@@ -106,7 +107,7 @@ class ReceiverHeads:
                                 title=f"Receiver heads: top {len(top)} by kurtosis (row-normalised step maps)")
 
 
-def receiver_heads(result: Any, proximity: int = 4) -> ReceiverHeads:
+def receiver_heads(result: StepSaliency, proximity: int = 4) -> ReceiverHeads:
     """:class:`ReceiverHeads` of a Step-Saliency result computed with ``per_head=True``; ``proximity``:
     a step's vertical score leaves out the ``proximity - 1`` steps right after it (Thought Anchors: 4)."""
     whole_number(proximity, "proximity", minimum=1)

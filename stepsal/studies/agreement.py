@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas
@@ -42,10 +42,14 @@ from ..vis.labels import step_labels
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..saliency import StepSaliency
+    from .resampling import ResamplingImportance
+    from .suppression import SuppressionMatrix
+
 BANDS = ("all", "shallow", "deep")
 
 
-def saliency_importance(result: Any, band: str = "all") -> Float[Tensor, " step"]:
+def saliency_importance(result: StepSaliency, band: str = "all") -> Float[Tensor, " step"]:
     """Per step i: the mean over later steps j > i of the row-normalised map[j, i], averaged over the
     band's layers; NaN for the last step."""
     if band not in BANDS:
@@ -105,7 +109,8 @@ def _pairs(measures: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def step_agreement(saliency: Any, suppression: Any = None, resampling: Any = None) -> StepAgreement:
+def step_agreement(saliency: StepSaliency, suppression: SuppressionMatrix | None = None,
+                   resampling: ResamplingImportance | None = None) -> StepAgreement:
     """The thinking steps' importances from a Step-Saliency result and, when given, a
     :class:`SuppressionMatrix` and a :class:`ResamplingImportance` of the same trace."""
     layout = saliency.layout

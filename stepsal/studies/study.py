@@ -56,7 +56,7 @@ class StudyResult:
     skipped: dict[str, int]  # reason -> samples not studied
     comparison: Any = None  # GroupComparison, None when a group has fewer than 2 traces
     folder: Path | None = field(default=None, repr=False)
-    agreement: Any = None  # AgreementSummary, with run_study(agreement=True)
+    agreement: AgreementSummary | None = None  # with run_study(agreement=True)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name} {len(results)}" for name, results in self.groups.items())
