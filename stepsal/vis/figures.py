@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -88,16 +89,19 @@ def plot_step_maps(maps: Any, layers: Sequence[int], layout: StepLayout, *, pane
 
 
 def plot_step_matrix(matrix: Any, layout: StepLayout, *, title: str, path: str | os.PathLike | None = None) -> Figure:
-    """One signed step x step matrix (NaN cells blank) on a diverging scale centred on 0."""
+    """One signed step x step matrix on a diverging scale centred on 0 (NaN cells grey, 0 white)."""
+    from matplotlib import colormaps  # lazy: matplotlib loads with the first figure (module docstring)
+
     values = _values(matrix)
     labels, cuts = step_labels(layout), segment_boundaries(layout)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     size = 2.6 + 0.14 * len(labels)
     fig = _figure(figsize=(size + 1, size))
     ax = fig.subplots()
-    image = _draw_map(ax, values, labels, cuts, "", "RdBu", (-(bound or 1.0), bound or 1.0))
+    image = _draw_map(ax, values, labels, cuts, "", colormaps["RdBu"].with_extremes(bad="#dddddd"),
+                      (-(bound or 1.0), bound or 1.0))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 60), fontsize=9)
     return _finish(fig, path)
 
 
@@ -136,7 +140,7 @@ def plot_resampling(frame: pandas.DataFrame, confidence: float, *, path: str | o
     top.set_ylim(-0.02, 1.02)
     top.set_ylabel("P(correct)", fontsize=8)
     top.legend(fontsize=7)
-    top.set_title("accuracy along the trace: continued from before thinking (0) and after each thinking step",
+    top.set_title("accuracy along the trace: the trace continued from before thinking\nand after each thinking step",
                   fontsize=9)
     importance = frame["importance"].to_numpy(dtype=float)
     bottom.bar(x, np.nan_to_num(importance), color=["tab:blue" if v >= 0 else "tab:red" for v in
@@ -160,11 +164,12 @@ def plot_agreement(importances: pandas.DataFrame, *, path: str | os.PathLike | N
         finite = np.isfinite(values)
         ranks[np.flatnonzero(finite)[np.argsort(-values[finite], kind="mergesort")]] = np.arange(1, finite.sum() + 1)
         ax.plot(x, ranks, marker="o", ms=3, label=measure)
+    ax.set_yticks(range(1, len(importances) + 1))
     ax.invert_yaxis()
     ax.set_xticks(x, importances["label"].tolist(), fontsize=6, rotation=90)
     ax.set_ylabel("rank (1 = most important)", fontsize=8)
     ax.set_title("importance of each thinking step, ranked by each measure", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _finish(fig, path)
 
 
@@ -190,7 +195,7 @@ def plot_agreement_summary(frame: pandas.DataFrame, confidence: float, *,
     return _finish(fig, path)
 
 
-def _draw_map(ax: Any, values: np.ndarray, labels: list[str], cuts: list[float], title: str, cmap: str,
+def _draw_map(ax: Any, values: np.ndarray, labels: list[str], cuts: list[float], title: str, cmap: Any,
               limits: tuple[float, float] | None = None) -> Any:
     image = ax.imshow(values, cmap=cmap, vmin=None if limits is None else limits[0],
                       vmax=None if limits is None else limits[1])
