@@ -130,6 +130,11 @@ def test_resumes_and_refuses_other_settings(tl_models, trace, tmp_path):
                                           progress=False)
     lines = (tmp_path / "rollouts.jsonl").read_text().splitlines()
     assert len(lines) == 3 * len(ends)  # each rollout written once
+    moved = [line.replace(f'"prefix_length": {ends[0]},', f'"prefix_length": {ends[0] - 1},') for line in lines]
+    (tmp_path / "rollouts.jsonl").write_text("\n".join(moved) + "\n")  # as written with other prefix ends
+    with pytest.raises(stepsal.SettingsMismatchError, match=rf"rollouts of prefix 0 ending at token {ends[0] - 1}; "
+                                                            r"this run's prefixes end at \["):
+        stepsal.resampling_importance(model, trace, 12, n_rollouts=2, out=tmp_path, progress=False)
 
 
 def test_refusals(tl_models, tokenizer):

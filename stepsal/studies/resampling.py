@@ -213,7 +213,7 @@ def resampling_importance(model: Model, trace: Trace, answer: str | int | float,
         with writer_lock(path, fix="write elsewhere (another --out)"):
             set_aside_damaged_lines(path, ROLLOUTS)
             kept = read_rows(path, ROLLOUTS)
-            _check_settings(kept, settings, greedy, path)
+            _check_settings(kept, settings, greedy, path, ends)
             rows = _rollouts(model, trace, ends, n, greedy, settings, kept, path, progress, tokenizer)
     frame = pandas.DataFrame([row for row in rows if row["rollout"] < n]).sort_values(["prefix", "rollout"])
     frame["correct"] = [is_correct(None if found is None or found != found else str(found), answer)
@@ -253,9 +253,15 @@ def _rollouts(model: Model, trace: Trace, ends: Sequence[int], n: int, greedy: b
     return rows
 
 
-def _check_settings(rows: list[dict], settings: dict[str, Any], greedy: bool, path: Path) -> None:
-    """Refuse to resume from rollouts that other settings (or another trace) produced."""
+def _check_settings(rows: list[dict], settings: dict[str, Any], greedy: bool, path: Path,
+                    ends: Sequence[int]) -> None:
+    """Refuse to resume from rollouts that other settings (or another trace, or other prefix ends) produced."""
     for row in rows:
+        k = row["prefix"]
+        if not (isinstance(k, int) and 0 <= k < len(ends) and row.get("prefix_length") == ends[k]):
+            raise SettingsMismatchError(
+                f"{path} holds rollouts of prefix {k!r} ending at token {row.get('prefix_length')!r}; this run's "
+                f"prefixes end at {list(ends)}. Use another out folder, or delete {path} to start again.")
         recorded = row.get("settings")
         if not isinstance(recorded, dict):
             continue
