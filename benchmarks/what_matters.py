@@ -1,6 +1,6 @@
 """Does Step-Saliency point at what matters? The tables of docs/causal.md's results, on the small reasoner.
 
-    .venv/bin/python benchmarks/what_matters.py --limit 60 --resample 20 --rollouts 4 --out results/what-matters
+    .venv/bin/python benchmarks/what_matters.py --limit 60 --resample 40 --rollouts 4 --out results/what-matters
 
 1. a study of the first ``--limit`` problems (greedy answers; per-head maps; each trace's suppression
    matrix): ``run_study(..., agreement=True)``;
@@ -82,16 +82,17 @@ def main() -> None:
         print("\n## P(correct | prefix) along the thinking (0 = before it, 1 = after its last step)\n")
         print(markdown(frame))
 
-    kurtosis = torch.stack([r.receiver_heads().kurtosis for _, _, r, _ in traced]).double()
-    mean = torch.nanmean(kurtosis, 0)
     layers = traced[0][2].layers
-    order = torch.nan_to_num(mean, nan=-float("inf")).flatten().argsort(descending=True)[:8]
-    n_heads = mean.shape[1]
-    heads = pandas.DataFrame([{"layer": layers[int(i) // n_heads], "head": int(i) % n_heads,
-                               "mean kurtosis": float(mean.flatten()[i])} for i in order])
-    print(f"\n## Receiver heads: highest mean kurtosis over {len(traced)} traces (proximity 4)\n")
-    print(markdown(heads))
-
+    for proximity in (1, 2, 4):  # reasoner traces have 5-9 steps: Thought Anchors' 4 leaves few scores per step
+        kurtosis = torch.stack([r.receiver_heads(proximity).kurtosis for _, _, r, _ in traced]).double()
+        mean = torch.nanmean(kurtosis, 0)
+        order = torch.nan_to_num(mean, nan=-float("inf")).flatten().argsort(descending=True)[:8]
+        n_heads = mean.shape[1]
+        heads = pandas.DataFrame([{"layer": layers[int(i) // n_heads], "head": int(i) % n_heads,
+                                   "mean kurtosis": float(mean.flatten()[i]),
+                                   "traces": int(kurtosis.flatten(1)[:, i].isfinite().sum())} for i in order])
+        print(f"\n## Receiver heads: highest mean kurtosis over {len(traced)} traces (proximity {proximity})\n")
+        print(markdown(heads))
 
 if __name__ == "__main__":
     main()

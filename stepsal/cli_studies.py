@@ -65,6 +65,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     c.add_argument("--split-seed", type=int, default=0)
     c.add_argument("--eta", type=int, default=3, help="successive halving keeps the best 1/eta per round")
     c.add_argument("--max-candidates", type=int, default=None, help="budget: the paper's settings and N-1 others")
+    c.add_argument("--shard", default=None, help="i/n: this process takes every n-th problem from the i-th of each "
+                   "evaluation and waits for the other shards (same --out)")
     c.add_argument("--grid", default=None, help="JSON of candidate values per setting, e.g. "
                    "'{\"alpha\": [0.03, 0.06], \"smi\": [\"quarter\", \"off\"]}' (default: the built-in grid)")
     c.add_argument("--out", default="stepsal-calibrate", help="folder: baseline/, candidates/, test/, "
@@ -112,8 +114,21 @@ def print_eval_summary(result, out: Path) -> None:
     print(f"wrote {out}/summary.json")
 
 
+def _shard(args: argparse.Namespace) -> tuple[int, int]:
+    """This process's share: --shard i/n, or its rank under `accelerate launch` (which also sets --device)."""
+    from .studies.evaluate import accelerate_shard, parse_shard  # lazy: keeps --help torch-free
+
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
+    launched = accelerate_shard()
+    if launched is not None:
+        if args.shard:
+            raise CliError("--shard and accelerate launch both split the problems; use one of them.")
+        shard, args.device = launched[0], str(launched[1])
+    return shard
+
+
 def eval_command(args: argparse.Namespace) -> int:
-    from .studies.evaluate import accelerate_shard, load_samples, parse_shard  # lazy: keeps --help torch-free
+    from .studies.evaluate import load_samples  # lazy: keeps --help torch-free
 
     if args.merge:
         result = load_samples(args.out, bad_rows="warn" if args.skip_bad_rows else "raise")
@@ -122,12 +137,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print_eval_summary(result, Path(args.out))
         return 0
     problems = _problems(args)
-    shard = parse_shard(args.shard) if args.shard else (0, 1)
-    launched = accelerate_shard()  # under `accelerate launch`: this rank's share and device
-    if launched is not None:
-        if args.shard:
-            raise CliError("--shard and accelerate launch both split the problems; use one of them.")
-        shard, args.device = launched[0], str(launched[1])
+    shard = _shard(args)
     oeb_layers, smi_layers = parse_layers(args.oeb_layers), parse_layers(args.smi_layers)
     if args.no_stepflow and (args.oeb_layers is not None or args.smi_layers is not None):
         raise CliError("--oeb-layers/--smi-layers set StepFlow's layers, and --no-stepflow runs the baseline only; "
@@ -198,6 +208,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if grid is not None and not (isinstance(grid, dict) and all(isinstance(v, list) for v in grid.values())):
         raise CliError("--grid must map setting names to lists of values, like '{\"alpha\": [0.03, 0.06]}'.")
     problems = _problems(args)
+    shard = _shard(args)
     out = check_out(args.out)
     from .studies.calibration import calibrate  # lazy: keeps --help torch-free
 
@@ -205,7 +216,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
     result = calibrate(model, problems, out=out, grid=grid, test_fraction=args.test_fraction,
                        split_seed=args.split_seed, eta=args.eta, k=args.k, greedy=not args.no_greedy,
                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, max_candidates=args.max_candidates)
+                       seed=args.seed, max_candidates=args.max_candidates, shard=shard)
+    if shard[0] != 0:
+        print(f"shard {shard[0]}/{shard[1]} done; shard 0 prints the result and writes {out}/calibration.json")
+        return 0
     columns = ["round", "candidate", "problems", "baseline", "stepflow", "gain", "p_value"]
     print(result.search[columns].head(20).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     test, (low, high) = result.test, result.test["ci"]

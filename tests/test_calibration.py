@@ -90,3 +90,34 @@ def test_search_finds_the_helpful_candidate_and_tests_once(tl_models, tokenizer,
         again = stepsal.calibrate(model, PROBLEMS, out=tmp_path / "clean", grid=GRID, test_fraction=0.25, k=0,
                                   max_new_tokens=4, progress=False)
     assert calls == [] and again.chosen == clean.chosen  # resumed: nothing generated again
+
+
+def test_shards_split_the_work_and_agree_with_one_process(tl_models, tokenizer, tmp_path, monkeypatch):
+    """Two shards (threads sharing ``out``, as two processes would) generate each sample once between
+    them, wait for each other after every round, and reach the one-process result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import stepsal.studies.calibration as calibration
+
+    monkeypatch.setattr(calibration, "POLL_SECONDS", 0.01)
+    model = tl_models[("llama", BACKENDS[0])]
+    good = ((), (1,), 0.12)
+    options = {"grid": GRID, "test_fraction": 0.25, "k": 0, "max_new_tokens": 4, "progress": False}
+    calls: list = []
+    with mock.patch.object(stepsal.studies.evaluate, "generate", fake_generate(tokenizer, calls, good)):
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(stepsal.calibrate, model, PROBLEMS, out=tmp_path / "sharded", shard=(i, 2),
+                                   **options) for i in range(2)]
+            results = [future.result(timeout=120) for future in futures]  # re-raises a shard's error
+        single_calls: list = []
+        with mock.patch.object(stepsal.studies.evaluate, "generate", fake_generate(tokenizer, single_calls, good)):
+            single = stepsal.calibrate(model, PROBLEMS, out=tmp_path / "single", **options)
+    assert len(calls) == len(set(calls)) == len(single_calls)  # the same work, none of it twice
+    for result in results:
+        assert result.chosen == single.chosen and result.test == single.test
+        assert result.search.equals(single.search)
+    assert (tmp_path / "sharded" / "calibration.json").exists()
+    files = sorted(path.name for path in (tmp_path / "sharded" / "test").glob("samples*.jsonl"))
+    assert files == ["samples.0-of-2.jsonl", "samples.1-of-2.jsonl"]
+    with pytest.raises(stepsal.StepsalError, match="shard must be"):
+        stepsal.calibrate(model, PROBLEMS, out=tmp_path / "bad", shard=(2, 2), **options)

@@ -9,6 +9,11 @@ and keeps the best third by paired accuracy gain. The chosen candidate is then e
 the test split, which nothing before the choice reads. Everything is resumable under ``out``:
 ``baseline/`` (the development baseline, computed once and shared), ``candidates/<id>/``, ``test/``,
 ``calibration.json``.
+
+``shard=(i, n)`` (or ``accelerate launch`` through ``stepsal calibrate``) splits every evaluation's
+problems between n processes that share ``out``: each writes its own sample files and waits, after each
+round, until every shard's samples of that round are in (the files are the only rendezvous, so a
+stopped shard that is started again lets the others go on); all of them then rank alike.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +41,7 @@ from ..stepflow.config import StepFlow
 from ..storage import frame_from_json, frame_to_json, read_json, reading, write_json
 from ..vis.figures import plot_bars
 from ..vis.html import frames_html
-from .evaluate import R1_SAMPLING, check_problems, evaluate, shard_file
+from .evaluate import R1_SAMPLING, EvalResult, check_problems, check_shard, evaluate, load_samples, shard_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -157,7 +163,8 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
               grid: dict[str, list[Any]] | None = None, test_fraction: float = 0.5, split_seed: int = 0,
               eta: int = 3, k: int = 4, greedy: bool = False, temperature: float = R1_SAMPLING["temperature"],
               top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
-              max_candidates: int | None = None, progress: bool = True) -> CalibrationResult:
+              max_candidates: int | None = None, shard: tuple[int, int] = (0, 1),
+              progress: bool = True) -> CalibrationResult:
     """Choose StepFlow's settings for ``model`` on a development split and test them once (module docstring).
 
     Args:
@@ -170,8 +177,11 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
             then a seeded shuffle of the rest).
         k, greedy, temperature, top_p, max_new_tokens, seed: sampling, as in :func:`stepsal.evaluate`;
             candidates are ranked by the paired gain in sampled pass@1 (greedy when ``k=0``).
+        shard: (i, n): this process evaluates every n-th problem from the i-th of each step and waits
+            for the other shards' samples (module docstring); shard 0 writes ``calibration.json``.
     """
     check_problems(problems)
+    shard = check_shard(shard)
     whole_number(eta, "eta", minimum=2)
     dev, test = split_problems(problems, test_fraction, split_seed)
     pool = candidates(grid or DEFAULT_GRID)
@@ -183,7 +193,9 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
     mode = "sampled" if k > 0 else "greedy"
     folder = Path(out)
     settings = {"k": k, "greedy": greedy or k == 0, "temperature": temperature, "top_p": top_p,
-                "max_new_tokens": max_new_tokens, "seed": seed, "progress": progress}
+                "max_new_tokens": max_new_tokens, "seed": seed, "progress": progress, "shard": shard}
+    modes = {"greedy": 1} if k == 0 or greedy else {}
+    modes |= {"sampled": k} if k > 0 else {}
     evaluate(model, dev, None, out=folder / "baseline", **settings)  # shared by every candidate
     rounds = 1
     while eta**rounds < len(pool):  # enough rounds to narrow the pool down to one
@@ -195,11 +207,12 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
         subset = dev[:min(len(dev), max(2, math.ceil(len(dev) / share)))]
         ids = [p.id for p in subset]
         for index in alive:
+            target = folder / "candidates" / candidate_id(pool[index])
+            _seed_baseline(folder / "baseline", target, shard)
+            evaluate(model, subset, candidate_flow(pool[index], n_layers), out=target, **settings)
+        for index in alive:  # every shard's samples, once all are in
             name = candidate_id(pool[index])
-            target = folder / "candidates" / name
-            _seed_baseline(folder / "baseline", target)
-            result = evaluate(model, subset, candidate_flow(pool[index], n_layers), out=target, **settings)
-            paired = result.paired(mode)
+            paired = wait_for_shards(folder / "candidates" / name, ids, modes, shard, progress).paired(mode)
             rows.append({"round": round_index, "candidate": name, "problems": len(ids), **pool[index],
                          "baseline": paired["baseline"], "stepflow": paired["stepflow"], "gain": paired["difference"],
                          "p_value": paired["p_value"], "order": index})
@@ -208,13 +221,40 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
     chosen = pool[alive[0]]
     flow = candidate_flow(chosen, n_layers)
     # the test split, read for the first time, once the choice is made
-    test_result = evaluate(model, test, flow, out=folder / "test", **settings)
+    evaluate(model, test, flow, out=folder / "test", **settings)
+    test_result = wait_for_shards(folder / "test", [p.id for p in test], modes, shard, progress)
     search = pandas.DataFrame(rows).sort_values(["round", "gain", "order"], ascending=[False, False, True])
     result = CalibrationResult(search=search.drop(columns="order").reset_index(drop=True), chosen=flow.to_dict(),
                                test=test_result.paired(mode), split={"dev": [p.id for p in dev],
                                                                      "test": [p.id for p in test]})
-    result.save(folder / "calibration.json")
+    if shard[0] == 0:  # every shard holds the same result; one writes it
+        result.save(folder / "calibration.json")
     return result
+
+
+POLL_SECONDS = 2.0
+
+
+def wait_for_shards(folder: Path, ids: list[str], modes: dict[str, int], shard: tuple[int, int],
+                    progress: bool) -> EvalResult:
+    """The samples of both conditions for ``ids`` in ``folder`` (every shard's files), once all are
+    there; until then, every ``POLL_SECONDS``, a look at the files (a line says what is awaited)."""
+    wanted = {(problem, condition, mode, i) for problem in ids for condition in ("baseline", "stepflow")
+              for mode, n in modes.items() for i in range(n)}
+    said = False
+    while True:
+        frame = load_samples(folder).frame
+        keys = [] if frame.empty else list(zip(frame["problem"], frame["condition"], frame["mode"], frame["sample"],
+                                               strict=True))
+        missing = wanted - set(keys)
+        if not missing:
+            return EvalResult(frame=frame.loc[[key in wanted for key in keys]].reset_index(drop=True))
+        if shard[1] == 1:  # one process wrote everything it was asked: nothing else will come
+            raise StepsalError(f"{folder} lacks {len(missing)} samples after evaluating them (e.g. {min(missing)}).")
+        if progress and not said:
+            print(f"shard {shard[0]}/{shard[1]}: waiting for the other shards' {len(missing)} samples in {folder}")
+            said = True
+        time.sleep(POLL_SECONDS)
 
 
 def _gain(rows: list[dict[str, Any]], round_index: int, index: int) -> float:
@@ -222,11 +262,11 @@ def _gain(rows: list[dict[str, Any]], round_index: int, index: int) -> float:
     return gain if math.isfinite(gain) else -math.inf
 
 
-def _seed_baseline(baseline: Path, target: Path) -> None:
-    """Copy the development baseline's samples into a candidate's folder (once): evaluate then only
-    generates the StepFlow condition there, with the same seeds."""
-    source = shard_file(baseline, (0, 1))
-    destination = shard_file(target, (0, 1))
+def _seed_baseline(baseline: Path, target: Path, shard: tuple[int, int]) -> None:
+    """Copy this shard's development baseline samples into a candidate's folder (once): evaluate then
+    only generates the StepFlow condition there, with the same seeds."""
+    source = shard_file(baseline, shard)
+    destination = shard_file(target, shard)
     if destination.exists() or not source.exists():
         return
     target.mkdir(parents=True, exist_ok=True)
