@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export WANDB_MODE=disabled
 
-.PHONY: chromium venv venv-tl4 demo lint test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
+.PHONY: chromium venv venv-tl4 demo lab lint test test-pinned test-tl4 test-fast models-table bench bench-generate bench-gpu clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ chromium:
 demo: venv
 	$(VENV)/bin/stepsal analyze --example --out stepsal-out
 
+# JupyterLab in .venv (not needed by the tests, which run the notebooks headless), opened on notebooks/
+lab: venv
+	@$(VENV)/bin/jupyter-lab --version >/dev/null 2>&1 || $(PY) -m pip install -q jupyterlab==4.6.6
+	$(VENV)/bin/jupyter-lab notebooks/
+
 # ruff (stepsal, tests, benchmarks, training, notebooks/build_notebooks.py) and basedpyright (stepsal, basic
 # mode), both configured in pyproject.toml; ~20 s. The type check runs on the pinned stack only: TransformerLens
 # 4.x has no HookedTransformer nor transformer_lens.loading_from_pretrained (HookedTransformer's loader, which
@@ -57,8 +62,12 @@ lint: venv
 	$(VENV)/bin/ruff check --no-cache
 	$(VENV)/bin/basedpyright --pythonpath $(PY)
 
-# both stacks: the pinned one (TransformerLens 3.9, both backends, after lint), then TransformerLens 4.x (bridge)
-test: test-pinned test-tl4
+# both stacks: the pinned one (TransformerLens 3.9, both backends, after lint), then TransformerLens 4.x (bridge);
+# the second runs even when the first fails, and make fails if either did
+test:
+	@status=0; $(MAKE) --no-print-directory test-pinned || status=1; \
+	$(MAKE) --no-print-directory test-tl4 || status=1; \
+	[ $$status = 0 ] || echo "make test: a stack failed (see above)"; exit $$status
 
 test-pinned: lint venv chromium
 	$(PY) -m pytest -q --durations=10

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import stepsal
 from stepsal.options import SaliencyOptions
@@ -63,11 +64,14 @@ def main() -> None:
         if row["condition"] == "baseline" and path.exists():
             traced.append((group, path, stepsal.StepSaliency.load(path), row))
     agreements, curves = [], []
+    folder = stepsal.embedded_folder(args.model)  # rollouts through the transformers fast path (same weights)
+    hf, tokenizer = (AutoModelForCausalLM.from_pretrained(folder, local_files_only=True),
+                     AutoTokenizer.from_pretrained(folder, local_files_only=True))
     for group, path, result, row in traced[:args.resample]:
         trace = stepsal.Trace.from_tokens(row["tokens"], model, prompt_length=row["prompt_length"])
-        resampling = stepsal.resampling_importance(model, trace, gold[row["problem"]], n_rollouts=args.rollouts,
+        resampling = stepsal.resampling_importance(hf, trace, gold[row["problem"]], n_rollouts=args.rollouts,
                                                    max_new_tokens=args.max_new_tokens, progress=False,
-                                                   out=out / "resample" / path.stem)
+                                                   out=out / "resample" / path.stem, tokenizer=tokenizer)
         suppression = SuppressionMatrix.load(path.with_suffix(".suppression.json"))
         agreements.append(stepsal.step_agreement(result, suppression, resampling))
         p = resampling.p_correct.numpy()

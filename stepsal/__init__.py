@@ -35,7 +35,7 @@ _PUBLIC = {
     "StepAgreement": "studies.agreement", "AgreementSummary": "studies.agreement",
     "evaluate": "studies.evaluate", "load_samples": "studies.evaluate", "run_study": "studies.study",
     "SweepResult": "studies.sweep", "EvalResult": "studies.evaluate", "StudyResult": "studies.study",
-    "load_problems": "tasks.problems", "WordProblem": "tasks.problems",
+    "load_problems": "tasks.problems", "WordProblem": "tasks.problems", "example_trace_text": "tasks.problems",
     "extract_answer": "tasks.answers", "is_correct": "tasks.answers", "pass_at_k": "tasks.answers",
 }
 
@@ -100,7 +100,11 @@ if TYPE_CHECKING:  # the same names from the same modules, for type checkers and
     )
     from .studies.sweep import SweepResult as SweepResult, layer_sweep as layer_sweep
     from .tasks.answers import extract_answer as extract_answer, is_correct as is_correct, pass_at_k as pass_at_k
-    from .tasks.problems import WordProblem as WordProblem, load_problems as load_problems
+    from .tasks.problems import (
+        WordProblem as WordProblem,
+        example_trace_text as example_trace_text,
+        load_problems as load_problems,
+    )
     from .traces import (
         QUESTION as QUESTION,
         SUMMARY as SUMMARY,

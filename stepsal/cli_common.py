@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from importlib import resources
 from pathlib import Path
 
 from .errors import StepsalError
 from .sentences import too_few_steps
+from .tasks.problems import example_trace_text
 
 
 class CliError(StepsalError):
@@ -67,11 +67,6 @@ def load_for_cli(args: argparse.Namespace):
     print(f"model {args.model} ({type(model).__name__}, {model.cfg.n_layers} layers, "
           f"{model.cfg.n_heads} heads) loaded in {time.perf_counter() - started:.1f} s")
     return model
-
-
-def example_trace_text() -> str:
-    """The example trace shipped with the package (SmolLM2 chat template, ``think`` format)."""
-    return resources.files("stepsal").joinpath("data/example_trace.txt").read_text()
 
 
 def read_trace_text(args: argparse.Namespace) -> str:

@@ -1,7 +1,7 @@
 """Trace formats: where thinking and summary begin in a trace's text.
 
 A format is two regular expressions: the marker that opens the thinking segment and the marker that
-opens the summary. Markers belong to the segment they open (METHOD.md section 1).
+opens the summary. Markers belong to the segment they open (docs/paper.md section 1).
 """
 
 from __future__ import annotations

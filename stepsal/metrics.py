@@ -1,4 +1,4 @@
-"""Shallow Lock-in and Deep Decay measures, and correct-vs-wrong comparisons (METHOD.md section 5).
+"""Shallow Lock-in and Deep Decay measures, and correct-vs-wrong comparisons (docs/paper.md section 5).
 
 All measures read the row-normalised maps (each query step's row is a distribution over keys):
 

@@ -1,7 +1,7 @@
 """Pure tensor functions: pool token x token saliency into step x step maps and normalise them.
 
 With P the one-hot step membership [S, T], block sums are ``P @ I @ P.T`` (one matrix product,
-never a loop over step pairs). Normalisations (METHOD.md section 4):
+never a loop over step pairs). Normalisations (docs/paper.md section 4):
 
 - ``block``: divide by n_i * n_j (reference; causally masked zeros count).
 - ``causal``: divide by the number of causally valid pairs (t >= k) in the block [default].

@@ -122,7 +122,7 @@ class StepSaliency:
         return normalize(self.head_sums.double(), self.members, self.norm).float()
 
     def metrics(self) -> LayerMetrics:
-        """Per-layer Shallow Lock-in and Deep Decay measures (METHOD.md section 5)."""
+        """Per-layer Shallow Lock-in and Deep Decay measures (docs/paper.md section 5)."""
         return layer_metrics(self)
 
     def receiver_heads(self, proximity: int = 4) -> ReceiverHeads:

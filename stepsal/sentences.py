@@ -1,6 +1,6 @@
 """Where a step ends: the one rule that both :class:`stepsal.Trace` and generation follow.
 
-Thinking is split into sentences, the summary into paragraphs (METHOD.md section 2). A piece is the
+Thinking is split into sentences, the summary into paragraphs (docs/paper.md section 2). A piece is the
 text between two delimiters; a step ends after each *kept* piece (long enough, not a number, not a
 table), and the text after it opens the next step, provided some non-whitespace text follows.
 

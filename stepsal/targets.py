@@ -1,4 +1,4 @@
-"""Targets: the scalar L whose gradient Step-Saliency takes (METHOD.md section 3)."""
+"""Targets: the scalar L whose gradient Step-Saliency takes (docs/paper.md section 3)."""
 
 from __future__ import annotations
 

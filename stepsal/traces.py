@@ -1,6 +1,6 @@
 """Traces: the scored token sequence and its exact token -> step layout.
 
-Segmentation follows METHOD.md section 2. The question is one step, thinking is split into
+Segmentation follows docs/paper.md section 2. The question is one step, thinking is split into
 sentences (``\\.\\s+``, and the full stops of other scripts), the summary into paragraphs (blank
 lines). A step ends after each kept piece (long enough, not a number or a table) and the text
 after it opens the next step, so short pieces are not dropped with their tokens: they join the step

@@ -19,7 +19,7 @@ PROMPT = ("<|im_start|>user\nWhat is 2+2 and then times 3?<|im_end|>\n<|im_start
 
 
 def naive_bridge(pattern, query_segment, key_segment, query_position, tau_max):
-    """METHOD.md section 6 written out row by row in float64: the probability-space projection."""
+    """docs/paper.md section 6 written out row by row in float64: the probability-space projection."""
     out = pattern.clone().double()
     batch, heads, n_query, n_key = pattern.shape
     changed = torch.zeros(batch, heads, n_query, dtype=torch.bool)

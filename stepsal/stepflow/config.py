@@ -21,7 +21,7 @@ from .hooks import FlowRun
 
 @dataclass(frozen=True)
 class StepFlow:
-    """Test-time repair of step flow (METHOD.md sections 6-8).
+    """Test-time repair of step flow (docs/paper.md sections 6-8).
 
     Args:
         oeb_layers: layers for the Odds-Equal Bridge; None = the bottom quarter, [] = off.

@@ -1,4 +1,4 @@
-"""Odds-Equal Bridge (METHOD.md section 6): give the bridge segment at least tau_B of each head's attention.
+"""Odds-Equal Bridge (docs/paper.md section 6): give the bridge segment at least tau_B of each head's attention.
 
 For a query in thinking, S = thinking keys, B = question keys, O = the rest; for a query in the
 summary, S = summary, B = thinking, O = question. Question-phase queries are left alone. In
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..traces import QUESTION, SUMMARY, THINKING
 
-EPS = 1e-12  # guard for 1 - p(O) ~ 0 (METHOD.md section 6)
+EPS = 1e-12  # guard for 1 - p(O) ~ 0 (docs/paper.md section 6)
 
 
 @dataclass

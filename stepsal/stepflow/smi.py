@@ -1,4 +1,4 @@
-"""Step Momentum Injection (METHOD.md section 7) as tensor functions, beside :mod:`.oeb`.
+"""Step Momentum Injection (docs/paper.md section 7) as tensor functions, beside :mod:`.oeb`.
 
 At the first token of a new thinking step, each SMI layer adds ``alpha`` times the mean value
 vector of the previous step: per head on the attention output (site ``z``), or through ``W_O`` onto

@@ -19,6 +19,13 @@ from .arithmetic import R1_INSTRUCTION, make_problems
 
 SHIPPED = Path(__file__).parent.parent / "data" / "problems.jsonl"
 SHIPPED_SEED = 2026  # make_problems(200, seed=SHIPPED_SEED, phrasing="heldout") wrote the shipped file
+EXAMPLE_TRACE = Path(__file__).parent.parent / "data" / "example_trace.txt"
+
+
+def example_trace_text() -> str:
+    """The example trace shipped with stepsal (SmolLM2's chat template, ``think`` format): a question,
+    a few thinking sentences and a summary, for trying things without generating."""
+    return EXAMPLE_TRACE.read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
