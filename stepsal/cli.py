@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -263,17 +264,30 @@ def one_line(error: BaseException) -> str:
     return text if isinstance(error, (CliError, ValueError, OSError)) else f"{type(error).__name__}: {text}"
 
 
-def report_warnings(command: str, caught: list, ours: type) -> None:
+def as_flags(text: str, args: argparse.Namespace) -> str:
+    """A library message in the command's terms: ``name=True`` becomes ``--name`` and ``name=value``
+    ``--name value`` for each of the command's options; a message that names a flag already was
+    written for the command line and is left alone."""
+    flags = {name: "--" + name.replace("_", "-") for name in vars(args) if name not in ("func", "command")}
+    if any(re.search(rf"{flag}\b", text) for flag in flags.values()):
+        return text
+    for name, flag in flags.items():
+        text = re.sub(rf"(?<![\w.-]){name}=True\b", flag, text)
+        text = re.sub(rf"(?<![\w.-]){name}=(?=\S)", flag + " ", text)
+    return text
+
+
+def report_warnings(args: argparse.Namespace, caught: list, ours: type) -> None:
     """stepsal's warnings as one line each (once per text); other libraries' as they would show."""
     seen = set()
     for warning in caught:
         if not issubclass(warning.category, ours):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
             continue
-        text = " ".join(str(warning.message).split())
+        text = as_flags(" ".join(str(warning.message).split()), args)
         if text not in seen:
             seen.add(text)
-            print(f"stepsal {command}: warning: {text}", file=sys.stderr)
+            print(f"stepsal {args.command}: warning: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return args.func(args)
             finally:  # also when the command fails: a warning may explain the error
-                report_warnings(args.command, caught, StepsalWarning)
+                report_warnings(args, caught, StepsalWarning)
     except KeyboardInterrupt:
         print(f"stepsal {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -294,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         hint = "" if isinstance(error, EXPECTED) else " (an unexpected error: rerun with --debug for the traceback)"
-        print(f"stepsal {args.command}: error: {one_line(error)}{hint}", file=sys.stderr)
+        print(f"stepsal {args.command}: error: {as_flags(one_line(error), args)}{hint}", file=sys.stderr)
         return 1
 
 

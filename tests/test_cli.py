@@ -1,3 +1,4 @@
+import argparse
 import json
 import re
 
@@ -7,7 +8,7 @@ from tiny import THINK_TRACE, save_folder
 
 import stepsal
 from stepsal import StepSaliency
-from stepsal.cli import example_trace_text, main
+from stepsal.cli import as_flags, example_trace_text, main
 
 
 def test_analyze_writes_a_report_that_matches_the_api(tmp_path, hf_models, tokenizer, capsys):
@@ -213,3 +214,15 @@ def test_sweep_command_writes_what_layer_sweep_computes(saved_llama, tmp_path, c
     assert (out / "sweep.png").stat().st_size > 5000
     one_line_error(["sweep", "--trace", str(trace_file), "--intervention", "ablate", "--out", str(out)], capsys,
                    "--intervention must be")
+
+
+def test_errors_name_flags_not_python_arguments(saved_llama, tmp_path, capsys):
+    code, _, err = run_cli(["generate", "--model", str(saved_llama), "--prompt", "Question: what is 2+2?",
+                            "--stepflow", "--max-new-tokens", "4", "--out", str(tmp_path)], capsys)
+    assert code == 1 and "--marker-in-output if the model writes the marker itself" in err
+    assert "marker_in_output" not in err
+    args = argparse.Namespace(command="eval", func=None, max_new_tokens=16, overwrite=False, k=4)
+    assert as_flags("made with max_new_tokens=8; asks for k=4, not task=1", args) == (
+        "made with --max-new-tokens 8; asks for --k 4, not task=1")
+    written_for_the_cli = "k=4 and overwrite=True (stepsal eval --overwrite) discards"
+    assert as_flags(written_for_the_cli, args) == written_for_the_cli  # it names a flag already

@@ -163,7 +163,7 @@ def test_resample_command_writes_resumable_rollouts(chat_llama, tmp_path, capsys
     assert main(command) == 0
     assert (tmp_path / "r" / "rollouts.jsonl").read_text().splitlines() == lines  # nothing redone
     assert main([*command[:-2], "--max-new-tokens", "4", "--out", str(tmp_path / "r")]) == 1
-    assert "rollouts made with max_new_tokens=3" in capsys.readouterr().err
+    assert "rollouts made with --max-new-tokens 3" in capsys.readouterr().err
 
 
 def test_calibrate_command_writes_a_stepflow_that_from_dict_reads(chat_llama, problems, tmp_path, capsys):
