@@ -76,6 +76,29 @@ metrics.per_trace()"""),
   normalisation about half as bright?
 - Write a wrong trace (say the change is 9 dollars) and compare its metrics with this one; with many
   traces, `stepsal.compare_groups(correct, wrong)` gives bootstrap confidence intervals."""),
+    new_markdown_cell("""### Solutions"""),
+    new_code_cell("""# 1. The target decides which tokens' loss the gradient comes from: the maps' rows that are not
+# on the target's path (e.g. thinking rows with target="summary") carry only what feeds the target.
+summary = stepsal.step_saliency(model, trace, target="summary")
+answer = stepsal.step_saliency(model, trace, target="answer", answer="8")
+for name, run in (("all", result), ("summary", summary), ("answer", answer)):
+    print(f"{name:8}", {key: round(value, 3) for key, value in run.metrics().per_trace().items()})"""),
+    new_code_cell("""# 2. In a diagonal block only the pairs t >= k are causally valid: n(n+1)/2 of the n*n pairs. The block
+# normalisation divides by n*n, the causal one by n(n+1)/2, so their ratio is (n+1)/(2n), about 1/2.
+import torch
+
+n = torch.tensor([end - start for start, end in (step.token_span for step in trace.layout.steps)],
+                 dtype=torch.float64)
+ratio = result.normalized("block")[15].diagonal().double() / result.normalized("causal")[15].diagonal().double()
+print("block / causal on the diagonal:", [round(value, 3) for value in ratio.tolist()])
+print("(n + 1) / (2n):                ", [round(value, 3) for value in ((n + 1) / (2 * n)).tolist()])"""),
+    new_code_cell("""# 3. A wrong trace: the same story with the subtraction slipped (20 minus 12 "gives 9")
+wrong_text = text.replace("That gives 8 dollars", "That gives 9 dollars").replace("12 plus 8 is 20", "12 plus 9 is 20")
+wrong_text = wrong_text.replace("He gets 8 dollars", "He gets 9 dollars")
+wrong = stepsal.step_saliency(model, stepsal.Trace.from_text(wrong_text, model, fmt="think"), target="all")
+import pandas as pd
+
+pd.DataFrame({"correct": result.metrics().per_trace(), "wrong": wrong.metrics().per_trace()}).round(3)"""),
 ]
 
 
@@ -312,17 +335,23 @@ step (*Shallow Lock-in*) and the summary, in deep layers, draws on the last few 
 compute Step-Saliency for each trace, and compare the groups per measure and per layer with
 bootstrap confidence intervals. `stepsal study` does it from the command line; here it is in Python,
 on a handful of problems (a demonstration: a study needs many more traces per group)."""),
-    new_code_cell("""import stepsal
+    new_code_cell("""import tempfile
+from pathlib import Path
+
+import stepsal
 from stepsal.studies.study import run_study
 from stepsal.tasks.problems import load_problems
 
 model = stepsal.load_model("smollm2-135m-reasoner", backend="bridge")
 problems = load_problems(limit=10)
-study = run_study(model, problems, out="study-demo", k=0, greedy=True, max_new_tokens=160, progress=False)
+out = Path(tempfile.mkdtemp(prefix="stepsal-study-demo-"))  # a temporary folder: nothing is left beside the notebook
+study = run_study(model, problems, out=out, k=0, greedy=True, max_new_tokens=160, progress=False)
+print(f"written to {out}")
 study"""),
-    new_markdown_cell("""The samples sit in `study-demo/samples/samples.jsonl` (one row per answer, with its exact token
-ids), the saliency results in `study-demo/correct/` and `study-demo/wrong/`, the page in
-`study-demo/report.html`. Rerunning resumes: nothing already there is recomputed."""),
+    new_markdown_cell("""The samples sit in `samples/samples.jsonl` in that folder (one row per answer, with its exact
+token ids), the saliency results in `correct/` and `wrong/`, the page in `report.html`: open it in a
+browser. Run again with the same `out` and the study resumes: nothing already there is recomputed
+(`out="study"` keeps a study beside the notebook)."""),
     new_code_cell("""study.samples.summary()"""),
     new_code_cell("""print(study.comparison.table())"""),
     new_code_cell("""%matplotlib inline
@@ -341,7 +370,7 @@ all 200 shipped problems with samples.
    (`final_heat_anomaly`): compare it between the groups with `result.reference_measures()`."""),
     new_markdown_cell("""### Solutions"""),
     new_code_cell("""# 1. (resumes: the greedy answers are reused)
-more = run_study(model, problems, out="study-demo", k=1, greedy=True, max_new_tokens=160, progress=False)
+more = run_study(model, problems, out=out, k=1, greedy=True, max_new_tokens=160, progress=False)
 texts = more.samples.frame.pivot(index="problem", columns="mode", values="text")
 print(f"{(texts['sampled'] != texts['greedy']).sum()} of {len(texts)} samples differ from the greedy answer")
 print(more.comparison.table() if more.comparison is not None else more)"""),
@@ -422,15 +451,17 @@ heads.to_dataframe().head(5)"""),
 One trace says little. A study computes the maps of many answers and, with `agreement=True`, each
 trace's suppression matrix and the rank agreement, averaged over traces with bootstrap intervals
 (resampling is left out of studies: it costs many generations per trace)."""),
-    new_code_cell("""import warnings
+    new_code_cell("""import tempfile
+import warnings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", stepsal.StepsalWarning)  # a handful of traces: descriptive only
-    study = stepsal.run_study(model, load_problems(limit=6), out="what-matters-demo", k=0, max_new_tokens=160,
+    out = tempfile.mkdtemp(prefix="stepsal-what-matters-demo-")  # nothing is left beside the notebook
+    study = stepsal.run_study(model, load_problems(limit=6), out=out, k=0, max_new_tokens=160,
                               progress=False, agreement=True)
 print(study.agreement)
 study.agreement.to_dataframe().round(3)"""),
-    new_markdown_cell("""The same table is in `what-matters-demo/report.html`. `benchmarks/what_matters.py` runs this on many
+    new_markdown_cell("""The same table is in `report.html` in that temporary folder (`study.folder`). `benchmarks/what_matters.py` runs this on many
 traces, with resampling on a subset; `docs/causal.md` explains every measure and how it is checked.
 
 ## Exercises
@@ -473,6 +504,8 @@ for step in (ranked[0], ranked[-1]):
 
 
 def write(name: str, cells: list) -> None:
+    for index, cell in enumerate(cells):  # stable ids: a rebuild changes only what changed
+        cell["id"] = f"{name[:2]}-{index:02d}"
     notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                  "language": "python"}})
     nbformat.write(notebook, HERE / name)

@@ -180,10 +180,13 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | None,
-                        default_model: str = "smollm2-135m") -> None:
-    parser.add_argument("--model", default=default_model,
-                        help=f"embedded name or a save_pretrained folder (default {default_model})")
+DEFAULT_MODEL = "smollm2-135m-reasoner"  # every command's: the model that writes traces in the think format
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_backend: str | None) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"embedded name or a save_pretrained folder (default {DEFAULT_MODEL}; smollm2-135m: "
+                             "the base model)")
     parser.add_argument("--backend", choices=BACKENDS, default=default_backend)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", parents=[common], help="generate with the KV cache, optionally with StepFlow")
     # the faster backend for decoding; the small reasoner, which writes <think> steps </think> summary
-    add_model_arguments(g, default_backend="bridge", default_model="smollm2-135m-reasoner")
+    add_model_arguments(g, default_backend="bridge")
     g.add_argument("--prompt", help="prompt text, used as is (include the chat template)")
     g.add_argument("--message", help="a user message; the chat template is applied")
     g.add_argument("--start-thinking", action="store_true", help="with --message: append '<think>\\n'")

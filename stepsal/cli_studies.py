@@ -11,8 +11,6 @@ from .formats import FORMATS
 from .options import MODES, NORMS, RULES, TARGET_NAMES, SaliencyOptions
 from .tasks.problems import load_problems
 
-REASONER = "smollm2-135m-reasoner"
-
 
 def add_problem_arguments(parser: argparse.ArgumentParser, k_default: int) -> None:
     parser.add_argument("--problems", help="a JSONL file of {id, question, answer} (default: the shipped 200)")
@@ -27,7 +25,7 @@ def add_problem_arguments(parser: argparse.ArgumentParser, k_default: int) -> No
 
 def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments) -> None:
     e = sub.add_parser("eval", parents=[common], help="accuracy with and without StepFlow on word problems (paired)")
-    add_model_arguments(e, default_backend="bridge", default_model=REASONER)
+    add_model_arguments(e, default_backend="bridge")
     add_problem_arguments(e, k_default=4)
     e.add_argument("--no-stepflow", action="store_true", help="the baseline only")
     e.add_argument("--oeb-layers", help="e.g. '0,1,2', or 'off' (default: bottom quarter)")
@@ -43,7 +41,7 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
 
     x = sub.add_parser("resample", parents=[common],
                        help="accuracy along a trace: continue it from before thinking and after each thinking step")
-    add_model_arguments(x, default_backend="bridge", default_model=REASONER)
+    add_model_arguments(x, default_backend="bridge")
     x.add_argument("--trace", required=True, help="a text file holding the trace (chat template included)")
     x.add_argument("--answer", required=True, help="the gold answer (compared as stepsal.is_correct does)")
     x.add_argument("--fmt", default="think", choices=sorted(FORMATS))
@@ -59,7 +57,7 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
 
     c = sub.add_parser("calibrate", parents=[common],
                        help="choose StepFlow's settings on a development split, then test them once")
-    add_model_arguments(c, default_backend="bridge", default_model=REASONER)
+    add_model_arguments(c, default_backend="bridge")
     add_problem_arguments(c, k_default=4)
     c.add_argument("--test-fraction", type=float, default=0.5, help="share of the problems held out (default 0.5)")
     c.add_argument("--split-seed", type=int, default=0)
@@ -74,7 +72,7 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     c.set_defaults(func=calibrate_command)
 
     s = sub.add_parser("study", parents=[common], help="correct vs wrong traces: generate, Step-Saliency, compare")
-    add_model_arguments(s, default_backend="bridge", default_model=REASONER)
+    add_model_arguments(s, default_backend="bridge")
     add_problem_arguments(s, k_default=0)
     s.add_argument("--target", default="all", choices=[t for t in TARGET_NAMES if t != "answer"])  # no --answer
     s.add_argument("--norm", default="causal", choices=NORMS)

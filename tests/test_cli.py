@@ -139,7 +139,7 @@ def test_example_trace_is_shipped():
 
 @pytest.mark.slow
 def test_demo_on_the_embedded_model(tmp_path, capsys):
-    """`make demo`: SmolLM2-135M on the shipped example trace."""
+    """`make demo`: the small reasoner (the default model) on the shipped example trace."""
     assert main(["analyze", "--example", "--out", str(tmp_path)]) == 0
     result = StepSaliency.load(tmp_path / "saliency.safetensors")
     assert result.sums.shape == (30, 10, 10) and torch.isfinite(result.sums).all()

@@ -1,6 +1,7 @@
 """The teaching notebooks run top to bottom offline and show what they promise."""
 
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -26,6 +27,18 @@ def test_step_saliency_notebook_runs_and_shows_the_maps():
     assert len(widgets) == 3, "trace.show(), result.show() and result.show('tokens') display widgets"
     assert all("var CircuitsVis=" in page and "unpkg" not in page for page in widgets)  # the local bundle
     assert any("StepSaliency(smollm2-135m: 30 layers x 10 steps" in page for page in pages)
+    assert_no_progress_warning(outputs)
+    # the solutions: the block / causal ratio on the diagonal is (n + 1) / (2n), step by step
+    ratio = re.search(r"block / causal on the diagonal: \[([\d., ]+)\]", printed).group(1).split(", ")
+    expected = re.search(r"\(n \+ 1\) / \(2n\): +\[([\d., ]+)\]", printed).group(1).split(", ")
+    assert ratio == expected and len(ratio) == 10
+    assert "summary " in printed and "answer " in printed  # exercise 1's three targets
+
+
+def assert_no_progress_warning(outputs: list) -> None:
+    """tqdm's notebook bar needs ipywidgets (pinned); without it every notebook opened with a warning."""
+    streams = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    assert "TqdmWarning" not in streams and "IProgress not found" not in streams
 
 
 def run_notebook(name: str, folder) -> tuple[str, list]:
@@ -36,6 +49,7 @@ def run_notebook(name: str, folder) -> tuple[str, list]:
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     assert not [out for out in outputs if out.output_type == "error"]
     printed = "".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
+    assert_no_progress_warning(outputs)
     return printed, outputs
 
 
@@ -68,7 +82,10 @@ def test_stepflow_notebook_shows_what_each_hook_changes(tmp_path):
 def test_correct_vs_wrong_notebook(tmp_path):
     printed, outputs = run_notebook("04_correct_vs_wrong.ipynb", tmp_path)
     assert "StudyResult(correct" in printed and "descriptive only" in printed
-    assert (tmp_path / "study-demo" / "report.html").exists()
+    folder = Path(re.search(r"written to (\S+)", printed).group(1))
+    assert (folder / "report.html").exists()
+    assert not list(tmp_path.iterdir()), "the notebook leaves nothing beside itself"
+    shutil.rmtree(folder)
     assert any("image/png" in out.get("data", {}) for out in outputs)
 
 
@@ -78,6 +95,7 @@ def test_what_matters_notebook(tmp_path):
     printed, outputs = run_notebook("05_what_matters.ipynb", tmp_path)
     assert "SuppressionMatrix(" in printed and "ReceiverHeads(" in printed and "AgreementSummary(" in printed
     assert "spearman" in printed and "largest change after" in printed and "knock out step" in printed
+    assert not list(tmp_path.iterdir()), "the notebook leaves nothing beside itself"
     assert (tmp_path / "what-matters-demo" / "agreement.json").exists()
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2
 
