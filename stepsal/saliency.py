@@ -247,8 +247,10 @@ class StepSaliency:
         raise OptionError(f"unknown view {view!r}: use 'maps', 'heads' or 'tokens'.")
 
     def plot(self, layers: list[int] | None = None, norm: str | None = None, **kwargs: Any) -> Figure:
-        """Heatmaps of the step maps with Q/T/S boundaries: the matplotlib Figure (``fig.axes``: its panels)."""
-        norm = norm or self.norm
+        """Heatmaps of the step maps with Q/T/S boundaries: the matplotlib Figure (``fig.axes``: its panels).
+        ``norm`` defaults to "row", as in the widgets (each query step's row sums to 1: the causal and block
+        maps' rows differ by orders of magnitude, so most of them draw black); signed maps keep their own."""
+        norm = norm or (self.norm if self.rule == "ag_signed" else "row")
         return plot_step_maps(self.normalized(norm), self.layers, self.layout, panels=layers,
                               title=maps_title(self.rule, norm, self.target), **kwargs)
 
@@ -271,7 +273,7 @@ class StepSaliency:
                                          for layer, head in zip(receivers["layer"], receivers["head"], strict=True)]
                                         ) if len(receivers) else None
         return ResultView(headline=repr(self), model=self.model, layers=list(self.layers), layout=self.layout,
-                          maps=self.maps, row_maps=self.normalized("row"), rule=self.rule, norm=self.norm,
+                          row_maps=self.normalized("row"), rule=self.rule, norm=self.norm,
                           target=self.target, per_trace=metrics.per_trace(),
                           layer_measures=wide(metrics.to_dataframe()), token_texts=self.token_texts,
                           received=received, received_token_level=token_level, receiver_heads=receivers,

@@ -171,3 +171,25 @@ def test_other_safetensors_files_are_skipped_and_named(result, tmp_path):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     page = report_from_folder(tmp_path).read_text()
     assert "Skipped 1 .safetensors file(s) that are not stepsal results: model.safetensors" in page
+
+
+def test_views_name_layers_and_steps_and_stay_legible(result, tmp_path):
+    """Issue 19: circuitsvis's labels say what the tiles are; the page shows one normalisation; the maps'
+    colour scale spans their values; the question and the first summary step differ in colour."""
+    from stepsal.vis.render import RELABEL, bundle_js
+    from stepsal.vis.widgets import segmentation_from_tokens, step_maps_widget
+
+    source = bundle_js()
+    for old, new in RELABEL.items():
+        assert old not in source and source.count(new) == 1  # a circuitsvis upgrade that moves a label fails here
+    dom, _ = render(write_report(tmp_path, [result], ["tiny llama"]))
+    assert "Maps: a layer each, or a head each" in dom and "Head Selector" not in dom
+    assert "Maps shown row-normalised" in dom and "causal maps, result.maps, differ" in dom
+    assert "row norm" in result.plot()._suptitle.get_text() and "causal" not in result.plot()._suptitle.get_text()
+    widget = step_maps_widget(torch.tensor([[[0.2, 0.0], [0.05, 0.1]]]), ["Q", "T1"], ["layer 0"])
+    assert widget.props["maxValue"] == pytest.approx(0.2) and widget.props["minValue"] == 0.0
+    layout = result.layout
+    shades = segmentation_from_tokens([""] * layout.n_tokens, layout).props["values"][:, 0]
+    first = {kind: shades[layout.token_step == layout.steps_of(kind)[0]][0].item()
+             for kind in (stepsal.QUESTION, stepsal.SUMMARY)}
+    assert first[stepsal.QUESTION] != first[stepsal.SUMMARY] and first[stepsal.QUESTION] < 0

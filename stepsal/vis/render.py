@@ -25,11 +25,21 @@ from ..errors import OptionError
 COMPONENTS = ("AttentionHeads", "ColoredTokens", "ColoredTokensMulti")
 
 
+# stepsal's AttentionHeads views always show step maps: the "heads" are layers (or one layer's heads)
+# and the "tokens" are steps, so the bundle's labels say so
+RELABEL = {"Head Selector (hover to view, click to lock)": "Maps: a layer each, or a head each (hover to view, "
+                                                         "click to lock)",
+           '"Destination Token"': '"Query step (row)"', '"Source Token"': '"Key step (column)"'}
+
+
 @lru_cache(maxsize=1)
 def bundle_js() -> str:
-    """The installed circuitsvis bundle, safe to inline (no closing script tag, no source map link)."""
+    """The installed circuitsvis bundle, safe to inline (no closing script tag, no source map link),
+    with the labels of :data:`RELABEL`."""
     source = resources.files("circuitsvis").joinpath("dist/cdn/iife.js").read_text(encoding="utf-8")
     source = source.replace("</script>", "<\\/script>")
+    for old, new in RELABEL.items():
+        source = source.replace(old, new)
     return "\n".join(line for line in source.splitlines() if not line.startswith("//# sourceMappingURL"))
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas
 
 from .figures import plot_step_maps
-from .html import figure_png, frame_html, headline, steps_html
+from .html import figure_png, frame_html, headline, note, steps_html
 from .labels import maps_title, maps_widget_title, received_title, step_names
 from .render import bundle_js
 from .tables import record_frame
@@ -49,8 +49,7 @@ class ResultView:
     model: str
     layers: list[int]
     layout: StepLayout
-    maps: Any  # [layer, step_q, step_k] in the result's own normalisation (the static figure)
-    row_maps: Any  # [layer, step_q, step_k] row-normalised (the widget)
+    row_maps: Any  # [layer, step_q, step_k] row-normalised (the widget and the figure)
     rule: str
     norm: str
     target: str
@@ -70,15 +69,18 @@ def view_of(result: Any) -> ResultView:
 
 def result_section(view: ResultView, name: str, anchor: str) -> str:
     """Widgets, figure, measures and segmentation of one result."""
-    parts = [f"<section id='{anchor}'><h2>{html.escape(name)}</h2>", headline(view.headline),
+    shown = ("Maps shown row-normalised: each query step's row sums to 1, so rows and layers compare"
+             + ("." if view.norm == "row" else f" (the result's own {view.norm} maps, result.maps, differ by orders "
+                "of magnitude between rows)."))
+    parts = [f"<section id='{anchor}'><h2>{html.escape(name)}</h2>", headline(view.headline), note(shown),
              step_maps_widget(view.row_maps, step_names(view.layout), [f"layer {layer}" for layer in view.layers],
                               title=maps_widget_title(view.rule, "row", view.target)).html(bundle=False)]
     if view.token_texts is not None and view.received is not None:
         parts.append(colored_tokens_widget(view.token_texts, view.received, [f"layer {layer}" for layer in view.layers],
                                            title=received_title("summary", view.received_token_level))
                      .html(bundle=False))
-    parts.append(figure_png(plot_step_maps(view.maps, view.layers, view.layout,
-                                           title=maps_title(view.rule, view.norm, view.target))))
+    parts.append(figure_png(plot_step_maps(view.row_maps, view.layers, view.layout,
+                                           title=maps_title(view.rule, "row", view.target))))
     if view.receiver_heads is not None and len(view.receiver_heads):
         names = [f"L{layer}H{head}" for layer, head in zip(view.receiver_heads["layer"], view.receiver_heads["head"],
                                                              strict=True)]

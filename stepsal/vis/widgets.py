@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..segments import THINKING
+from ..segments import QUESTION, THINKING
 from .labels import step_names
 from .render import Widget
 
@@ -26,10 +26,13 @@ def token_strings(text: str, offsets: list[tuple[int, int]]) -> list[str]:
 
 def step_maps_widget(maps: Any, labels: Sequence[str], names: Sequence[str], title: str = "") -> Widget:
     """Step -> step maps [map, step_q, step_k] in one AttentionHeads view: the steps (``labels``) play
-    the tokens, the maps (``names``: layers, or one layer's heads) play the heads. NaN shows as 0."""
+    the tokens, the maps (``names``: layers, or one layer's heads) play the heads. NaN shows as 0; the
+    colour scale runs from 0 to the largest value shown (a row spread over ten steps is not near-black)."""
+    values = torch.nan_to_num(torch.as_tensor(maps, dtype=torch.float32))
+    top = float(values.max()) if values.numel() else 0.0
     return Widget("AttentionHeads", {
-        "attention": torch.nan_to_num(torch.as_tensor(maps, dtype=torch.float32)), "tokens": list(labels),
-        "attentionHeadNames": list(names), "maskUpperTri": True,
+        "attention": values, "tokens": list(labels), "attentionHeadNames": list(names), "maskUpperTri": True,
+        "minValue": 0.0, "maxValue": top if top > 0 else 1.0,
     }, title=title)
 
 
@@ -45,15 +48,20 @@ def segmentation_widget(text: str, offsets: list[tuple[int, int]], layout: StepL
 
 
 def segmentation_from_tokens(tokens: list[str], layout: StepLayout) -> Widget:
-    """Tokens coloured by step (thinking steps in alternating shades; question and summary in the
-    negative colour); the second colouring is the step index."""
+    """Tokens coloured by step: thinking steps in alternating shades of the positive colour, the question
+    in the full negative colour, summary steps in alternating lighter shades of it (so the question and
+    the first summary step never share a colour); the second colouring is the step index."""
     values = []
     for step in layout.token_step.tolist():
         if step < 0:
             values.append([0.0, -1.0])
             continue
-        shade = 0.35 + 0.5 * (step % 2)
-        values.append([shade if layout.steps[step].segment == THINKING else -shade, float(step)])
+        segment = layout.steps[step].segment
+        if segment == QUESTION:
+            shade = 1.0
+        else:
+            shade = 0.35 + 0.5 * (step % 2) if segment == THINKING else 0.2 + 0.25 * (step % 2)
+        values.append([shade if segment == THINKING else -shade, float(step)])
     return colored_tokens_widget(tokens, torch.tensor(values), ["segment / step", "step index"],
-                                 title=f"Segmentation: {len(layout.steps)} steps (thinking steps in alternating "
-                                       "shades; hover a token for its step)")
+                                 title=f"Segmentation: {len(layout.steps)} steps (question dark, thinking steps and "
+                                       "summary steps in alternating shades; hover a token for its step)")
