@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import stepsal
 from stepsal.options import SaliencyOptions
+from stepsal.stats import spearman
 from stepsal.studies.suppression import SuppressionMatrix
 
 
@@ -34,6 +35,25 @@ def markdown(frame: pandas.DataFrame, floats: str = "{:.3f}") -> str:
     rows = ("| " + " | ".join(floats.format(v) if isinstance(v, float) else str(v) for v in row) + " |"
             for row in frame.itertuples(index=False))
     return head + "\n".join(rows)
+
+
+def position_table(agreements: list) -> pandas.DataFrame:
+    """Per importance: the mean over traces (and its range) of its rank correlation with the step's
+    position, a confound the three measures can share or not."""
+    rows = []
+    for column in ("saliency_all", "saliency_shallow", "saliency_deep", "suppression", "resampling"):
+        values = []
+        for agreement in agreements:
+            if column not in agreement.importances:
+                continue
+            importance = agreement.importances[column].to_numpy(dtype=float)
+            known = np.isfinite(importance)
+            if known.sum() > 2:
+                values.append(spearman(np.flatnonzero(known), importance[known]))
+        values = [v for v in values if np.isfinite(v)]
+        rows.append({"importance": column, "traces": len(values), "mean rho with position": float(np.mean(values)),
+                     "share of traces with rho > 0": float(np.mean(np.array(values) > 0))})
+    return pandas.DataFrame(rows)
 
 
 def main() -> None:
@@ -85,6 +105,8 @@ def main() -> None:
         frame = pandas.DataFrame({"position in thinking": grid, **table})
         print("\n## P(correct | prefix) along the thinking (0 = before it, 1 = after its last step)\n")
         print(markdown(frame))
+        print("\n## Each importance against the step's position (Spearman with the thinking step's index)\n")
+        print(markdown(position_table(agreements)))
 
     layers = traced[0][2].layers
     for proximity in (1, 2, 4):  # reasoner traces have 5-9 steps: Thought Anchors' 4 leaves few scores per step
