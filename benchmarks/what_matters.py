@@ -105,6 +105,10 @@ def main() -> None:
         frame = pandas.DataFrame({"position in thinking": grid, **table})
         print("\n## P(correct | prefix) along the thinking (0 = before it, 1 = after its last step)\n")
         print(markdown(frame))
+        moved = [float(np.nanmax(p) - np.nanmin(p)) for _, _, p in curves]
+        print(f"\nP(correct) constant along the whole trace in {sum(m == 0 for m in moved)} of {len(moved)} traces; "
+              f"it moves by 0.5 or more in {sum(m >= 0.5 for m in moved)} (rank agreement with resampling is defined "
+              "only where its importance varies)")
         print("\n## Each importance against the step's position (Spearman with the thinking step's index)\n")
         print(markdown(position_table(agreements)))
 
