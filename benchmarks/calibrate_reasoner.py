@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pandas
@@ -56,9 +55,11 @@ def main() -> None:
     _, test = split_problems(problems, 0.5, 0)
     assert [p.id for p in test] == result.split["test"]
     paper_folder = out / "test-paper"  # after the choice: the paper's settings on the same test split
-    if not shard_file(paper_folder, (0, 1)).exists():
+    if not shard_file(paper_folder, (0, 1)).exists():  # the test baseline, once: only StepFlow is generated there
         paper_folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shard_file(out / "test", (0, 1)), shard_file(paper_folder, (0, 1)))  # the baseline, once
+        lines = shard_file(out / "test", (0, 1)).read_text().splitlines(keepends=True)
+        shard_file(paper_folder, (0, 1)).write_text("".join(line for line in lines
+                                                            if json.loads(line)["condition"] == "baseline"))
     n_layers = adapter_for(model).n_layers
     paper = evaluate(model, test, candidate_flow(PAPER, n_layers), out=paper_folder, k=0,
                      max_new_tokens=args.max_new_tokens, progress=False)

@@ -100,7 +100,8 @@ def main() -> None:
         print(f"\n## Three importances on {len(agreements)} traces (resampling: {args.rollouts} rollouts a prefix)\n")
         print(markdown(stepsal.agreement_over(agreements).frame))
         grid = np.linspace(0, 1, 6)
-        table = {group: np.nanmean([np.interp(grid, x, p) for g, x, p in curves if g == group], axis=0)
+        table = {f"{group} (n = {sum(g == group for g, _, _ in curves)})":
+                 np.nanmean([np.interp(grid, x, p) for g, x, p in curves if g == group], axis=0)
                  for group in ("correct", "wrong") if any(g == group for g, _, _ in curves)}
         frame = pandas.DataFrame({"position in thinking": grid, **table})
         print("\n## P(correct | prefix) along the thinking (0 = before it, 1 = after its last step)\n")
@@ -114,7 +115,11 @@ def main() -> None:
 
     layers = traced[0][2].layers
     for proximity in (1, 2, 4):  # reasoner traces have 5-9 steps: Thought Anchors' 4 leaves few scores per step
-        kurtosis = torch.stack([r.receiver_heads(proximity).kurtosis for _, _, r, _ in traced]).double()
+        receivers = [r.receiver_heads(proximity) for _, _, r, _ in traced]
+        kurtosis = torch.stack([heads.kurtosis for heads in receivers]).double()
+        top = [torch.nan_to_num(heads.vertical, nan=-1.0).argmax(-1) for heads in receivers
+               if torch.isfinite(heads.vertical[0, 0]).sum() >= 2]  # [layer, head]: the step each head points at
+        question = float(torch.stack([(t == 0).double().mean() for t in top]).mean())
         mean = torch.nanmean(kurtosis, 0)
         order = torch.nan_to_num(mean, nan=-float("inf")).flatten().argsort(descending=True)[:8]
         n_heads = mean.shape[1]
@@ -123,6 +128,8 @@ def main() -> None:
                                    "traces": int(kurtosis.flatten(1)[:, i].isfinite().sum())} for i in order])
         print(f"\n## Receiver heads: highest mean kurtosis over {len(traced)} traces (proximity {proximity})\n")
         print(markdown(heads))
+        print(f"\nThe question is the step a head's vertical scores rank first in {question:.1%} of (trace, head) "
+              f"pairs ({len(top)} traces with 2 or more scores).")
 
 if __name__ == "__main__":
     main()

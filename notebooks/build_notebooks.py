@@ -459,6 +459,7 @@ with warnings.catch_warnings():
     out = tempfile.mkdtemp(prefix="stepsal-what-matters-demo-")  # nothing is left beside the notebook
     study = stepsal.run_study(model, load_problems(limit=6), out=out, k=0, max_new_tokens=160,
                               progress=False, agreement=True)
+print(f"written to {out}")
 print(study.agreement)
 study.agreement.to_dataframe().round(3)"""),
     new_markdown_cell("""The same table is in `report.html` in that temporary folder (`study.folder`). `benchmarks/what_matters.py` runs this on many
