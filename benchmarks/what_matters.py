@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-reasoner")
     parser.add_argument("--limit", type=int, default=60)
-    parser.add_argument("--resample", type=int, default=20, help="traces whose accuracy along the trace is measured")
+    parser.add_argument("--resample", type=int, default=40, help="traces whose accuracy along the trace is measured")
     parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--out", default="results/what-matters")
