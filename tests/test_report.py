@@ -188,6 +188,8 @@ def test_views_name_layers_and_steps_and_stay_legible(result, tmp_path):
     assert "row norm" in result.plot()._suptitle.get_text() and "causal" not in result.plot()._suptitle.get_text()
     widget = step_maps_widget(torch.tensor([[[0.2, 0.0], [0.05, 0.1]]]), ["Q", "T1"], ["layer 0"])
     assert widget.props["maxValue"] == pytest.approx(0.2) and widget.props["minValue"] == 0.0
+    signed = step_maps_widget(torch.tensor([[[0.2, 0.0], [-0.3, 0.1]]]), ["Q", "T1"], ["layer 0"])
+    assert (signed.props["minValue"], signed.props["maxValue"]) == pytest.approx((-0.3, 0.3))
     layout = result.layout
     shades = segmentation_from_tokens([""] * layout.n_tokens, layout).props["values"][:, 0]
     first = {kind: shades[layout.token_step == layout.steps_of(kind)[0]][0].item()

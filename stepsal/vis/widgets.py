@@ -27,12 +27,15 @@ def token_strings(text: str, offsets: list[tuple[int, int]]) -> list[str]:
 def step_maps_widget(maps: Any, labels: Sequence[str], names: Sequence[str], title: str = "") -> Widget:
     """Step -> step maps [map, step_q, step_k] in one AttentionHeads view: the steps (``labels``) play
     the tokens, the maps (``names``: layers, or one layer's heads) play the heads. NaN shows as 0; the
-    colour scale runs from 0 to the largest value shown (a row spread over ten steps is not near-black)."""
+    colour scale runs from 0 to the largest value shown (a row spread over ten steps is not near-black),
+    and symmetric around 0 when some values are negative (signed maps)."""
     values = torch.nan_to_num(torch.as_tensor(maps, dtype=torch.float32))
-    top = float(values.max()) if values.numel() else 0.0
+    top = float(values.abs().max()) if values.numel() else 0.0
+    top = top if top > 0 else 1.0
+    signed = values.numel() > 0 and float(values.min()) < 0
     return Widget("AttentionHeads", {
         "attention": values, "tokens": list(labels), "attentionHeadNames": list(names), "maskUpperTri": True,
-        "minValue": 0.0, "maxValue": top if top > 0 else 1.0,
+        "minValue": -top if signed else 0.0, "maxValue": top,
     }, title=title)
 
 
