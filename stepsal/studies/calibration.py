@@ -206,13 +206,15 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
         share = eta ** (rounds - 1 - round_index)  # the last round: every development problem
         subset = dev[:min(len(dev), max(2, math.ceil(len(dev) / share)))]
         ids = [p.id for p in subset]
+        evaluated = {}
         for index in alive:
             target = folder / "candidates" / candidate_id(pool[index])
             _seed_baseline(folder / "baseline", target, shard)
-            evaluate(model, subset, candidate_flow(pool[index], n_layers), out=target, **settings)
-        for index in alive:  # every shard's samples, once all are in
+            evaluated[index] = evaluate(model, subset, candidate_flow(pool[index], n_layers), out=target, **settings)
+        for index in alive:  # sharded: every shard's samples, once all are in
             name = candidate_id(pool[index])
-            paired = wait_for_shards(folder / "candidates" / name, ids, modes, shard, progress).paired(mode)
+            paired = (evaluated[index] if shard[1] == 1 else
+                      wait_for_shards(folder / "candidates" / name, ids, modes, shard, progress)).paired(mode)
             rows.append({"round": round_index, "candidate": name, "problems": len(ids), **pool[index],
                          "baseline": paired["baseline"], "stepflow": paired["stepflow"], "gain": paired["difference"],
                          "p_value": paired["p_value"], "order": index})
@@ -221,8 +223,9 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
     chosen = pool[alive[0]]
     flow = candidate_flow(chosen, n_layers)
     # the test split, read for the first time, once the choice is made
-    evaluate(model, test, flow, out=folder / "test", **settings)
-    test_result = wait_for_shards(folder / "test", [p.id for p in test], modes, shard, progress)
+    test_result = evaluate(model, test, flow, out=folder / "test", **settings)
+    if shard[1] > 1:
+        test_result = wait_for_shards(folder / "test", [p.id for p in test], modes, shard, progress)
     search = pandas.DataFrame(rows).sort_values(["round", "gain", "order"], ascending=[False, False, True])
     result = CalibrationResult(search=search.drop(columns="order").reset_index(drop=True), chosen=flow.to_dict(),
                                test=test_result.paired(mode), split={"dev": [p.id for p in dev],
@@ -238,7 +241,8 @@ POLL_SECONDS = 2.0
 def wait_for_shards(folder: Path, ids: list[str], modes: dict[str, int], shard: tuple[int, int],
                     progress: bool) -> EvalResult:
     """The samples of both conditions for ``ids`` in ``folder`` (every shard's files), once all are
-    there; until then, every ``POLL_SECONDS``, a look at the files (a line says what is awaited)."""
+    there; until then, every ``POLL_SECONDS``, a look at the files (a line says what is awaited). For
+    sharded runs: one process has everything it asked for in :func:`evaluate`'s result."""
     wanted = {(problem, condition, mode, i) for problem in ids for condition in ("baseline", "stepflow")
               for mode, n in modes.items() for i in range(n)}
     said = False
@@ -249,8 +253,6 @@ def wait_for_shards(folder: Path, ids: list[str], modes: dict[str, int], shard: 
         missing = wanted - set(keys)
         if not missing:
             return EvalResult(frame=frame.loc[[key in wanted for key in keys]].reset_index(drop=True))
-        if shard[1] == 1:  # one process wrote everything it was asked: nothing else will come
-            raise StepsalError(f"{folder} lacks {len(missing)} samples after evaluating them (e.g. {min(missing)}).")
         if progress and not said:
             print(f"shard {shard[0]}/{shard[1]}: waiting for the other shards' {len(missing)} samples in {folder}")
             said = True
