@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .backends import Model, adapter_for
+from .backends.base import Decoding
 from .errors import StepsalError, StepsalWarning, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
 from .models import load_model
@@ -51,8 +52,9 @@ class Generation:
     prompt_lengths: list[int]
     traces: list[Trace | None]  # segmented full sequences, ready for step_saliency
     trace_errors: list[str | None]  # why a row has no trace (e.g. it never reached thinking)
-    stats: FlowStats | None = None
+    stats: FlowStats | None = None  # of the whole batch
     flow: StepFlow | None = field(default=None, repr=False)
+    request_stats: list[FlowStats | None] | None = None  # per row, from engines that run rows apart (vLLM)
 
     @property
     def text(self) -> str:
@@ -205,6 +207,17 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
     if n_ctx is not None and prompt_length + max_new_tokens > n_ctx:
         raise StepsalError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                            f"context of {n_ctx}; lower max_new_tokens.")
+    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed, stop_at_eos)
+    engine_rows = adapter.generate_rows(rows, stepflow, fmt, decoding)
+    if engine_rows is not None:  # a serving engine decoded by itself; each row has its own statistics
+        parts = [row.stats for row in engine_rows if row.stats is not None]
+        full = [torch.tensor(ids + row.new_tokens) for ids, row in zip(rows, engine_rows, strict=True)]
+        result = _collect(tokenizer, full, rows, fmt, FlowStats.total(parts) if parts else None, stepflow,
+                          [row.stats for row in engine_rows])
+        if result.stats is not None and not result.stats.acted():
+            reached = any(trace is not None for trace in result.traces)
+            warnings.warn(_never_acted_reason(reached, fmt), StepsalWarning, stacklevel=3)
+        return result
     device = adapter.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tokens = torch.full((batch, prompt_length), pad_id, dtype=torch.long)
@@ -250,13 +263,15 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
             if all(finished):
                 break
     if run is not None and not run.stats.acted():
-        warnings.warn(_never_acted_reason(run, fmt), StepsalWarning, stacklevel=3)  # past torch.no_grad
-    return _collect(tokenizer, tokens, mask, rows, prompt_length, fmt, run, stepflow)
+        reached = any(THINKING in segments for segments in run.host_segments())
+        warnings.warn(_never_acted_reason(reached, fmt), StepsalWarning, stacklevel=3)  # past torch.no_grad
+    full = [tokens[b][mask[b].bool()].cpu() for b in range(batch)]
+    return _collect(tokenizer, full, rows, fmt, run.stats if run is not None else None, stepflow)
 
 
-def _never_acted_reason(run: FlowRun, fmt: TraceFormat) -> str:
-    """Why StepFlow changed nothing, in words (so that a zero table is not read as a result)."""
-    reached = any(THINKING in segments for segments in run.host_segments())
+def _never_acted_reason(reached: bool, fmt: TraceFormat) -> str:
+    """Why StepFlow changed nothing, in words (so that a zero table is not read as a result); ``reached``:
+    whether some row reached the thinking segment."""
     if not reached:
         return (f"StepFlow never acted: no row reached the thinking segment (marker /{fmt.thinking_start}/ never "
                 "appeared). End the prompt with the thinking marker (R1-style templates do; the CLI's "
@@ -276,12 +291,11 @@ def _require_thinking_marker(tokenizer: Any, rows: list[list[int]], fmt: TraceFo
                 "the model, or marker_in_output=True if the model writes the marker itself.")
 
 
-def _collect(tokenizer: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]], prompt_length: int,
-             fmt: TraceFormat, run: FlowRun | None, flow: StepFlow | None) -> Generation:
-    full, texts, traces, errors = [], [], [], []
-    for b, ids in enumerate(rows):
-        row = tokens[b][mask[b].bool()].cpu()
-        full.append(row)
+def _collect(tokenizer: Any, full: list[Tensor], rows: list[list[int]], fmt: TraceFormat, stats: FlowStats | None,
+             flow: StepFlow | None, request_stats: list[FlowStats | None] | None = None) -> Generation:
+    """The Generation of each row's full sequence ``full`` (prompt ``rows`` + continuation)."""
+    texts, traces, errors = [], [], []
+    for row, ids in zip(full, rows, strict=True):
         texts.append(tokenizer.decode(row[len(ids):]))
         try:
             traces.append(Trace.from_tokens(row, tokenizer, fmt, min_thinking_steps=1, allow_missing_summary=True,
@@ -291,4 +305,4 @@ def _collect(tokenizer: Any, tokens: Tensor, mask: Tensor, rows: list[list[int]]
             traces.append(None)
             errors.append(str(error))
     return Generation(texts=texts, tokens=full, prompt_lengths=[len(r) for r in rows], traces=traces,
-                      trace_errors=errors, stats=run.stats if run is not None else None, flow=flow)
+                      trace_errors=errors, stats=stats, flow=flow, request_stats=request_stats)

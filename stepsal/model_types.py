@@ -23,4 +23,6 @@ if TYPE_CHECKING:
 else:
     TLModel = HFModel = Model = Any
 
-__all__ = ["HFModel", "Model", "TLModel"]
+VllmEngine = Any  # a vllm.LLM: vLLM is an optional engine, absent where the type checker runs (docs/scale.md)
+
+__all__ = ["HFModel", "Model", "TLModel", "VllmEngine"]

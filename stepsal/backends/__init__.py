@@ -3,7 +3,8 @@
 - :mod:`stepsal.hookpoints` (beneath): TransformerLens hook names and hooks in a context;
 - :mod:`.attention`: routing a transformers model's attention through a function (one registry);
 - :mod:`.base`: the :class:`ModelAdapter` interface and the ``Model`` type;
-- :mod:`.transformerlens`, :mod:`.transformers`: the two adapters.
+- :mod:`.transformerlens`, :mod:`.transformers`, :mod:`.vllm`: the adapters (the last for a vLLM
+  engine, which decodes by itself; its worker-side plugin is :mod:`stepsal.vllm`).
 
 A new kind of model is one module with a :class:`ModelAdapter` subclass and one
 :func:`register_adapter` call.
@@ -22,9 +23,10 @@ from ..model_types import Model
 from .base import ATTENTION_LAYER_TYPES, DecodeStep, ModelAdapter
 from .transformerlens import TransformerLensAdapter
 from .transformers import TransformersAdapter
+from .vllm import VllmAdapter, is_vllm_engine
 
 __all__ = ["ATTENTION_LAYER_TYPES", "DecodeStep", "Model", "ModelAdapter", "TransformerLensAdapter",
-           "TransformersAdapter", "adapter_for", "register_adapter", "transformerlens_adapter"]
+           "TransformersAdapter", "VllmAdapter", "adapter_for", "register_adapter", "transformerlens_adapter"]
 
 
 def _is_transformerlens(model: object) -> bool:
@@ -39,6 +41,7 @@ def _is_transformers(model: object) -> bool:
 _ADAPTERS: list[tuple[Callable[[Any], bool], Callable[[Any, Any], ModelAdapter]]] = [
     (_is_transformerlens, TransformerLensAdapter),
     (_is_transformers, TransformersAdapter),
+    (is_vllm_engine, VllmAdapter),
 ]
 
 

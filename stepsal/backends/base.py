@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -23,8 +24,29 @@ from ..model_types import Model
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 
 if TYPE_CHECKING:
+    from ..formats import TraceFormat
     from ..stepflow.config import StepFlow
-    from ..stepflow.hooks import FlowRun
+    from ..stepflow.hooks import FlowRun, FlowStats
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How :func:`stepsal.generate` continues its prompts (handed to engines that decode by themselves)."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int | None  # row i samples with seed + i where an engine seeds per request
+    stop_at_eos: bool
+
+
+@dataclass
+class EngineRow:
+    """One row an engine generated: its new token ids and, with StepFlow, its own statistics."""
+
+    new_tokens: list[int]
+    stats: FlowStats | None
 
 
 @runtime_checkable
@@ -75,6 +97,17 @@ class ModelAdapter(ABC):
 
     def generation_warning(self) -> str | None:
         """A warning to give before generating with this model (None: none)."""
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (recorded with evaluation samples)."""
+        return next(self.model.parameters()).dtype
+
+    def generate_rows(self, rows: list[list[int]], flow: StepFlow | None, fmt: TraceFormat,
+                      decoding: Decoding) -> list[EngineRow] | None:
+        """Generation by the model's own engine (a serving engine decodes by itself): each row's new
+        token ids and StepFlow statistics. None (the default): :func:`stepsal.generate` runs its token loop."""
         return None
 
     # ------------------------------------------------------------ StepFlow

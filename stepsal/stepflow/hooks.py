@@ -9,7 +9,7 @@ closures bound to a layer: OEB on ``hook_pattern``, SMI on ``hook_v`` (to rememb
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,13 +19,14 @@ from torch import Tensor
 
 from ..backends import Model, ModelAdapter, adapter_for
 from ..backends.transformerlens import TransformerLensAdapter, flow_hooks, output_weights
+from ..errors import StepsalError
 from ..traces import SUMMARY, THINKING, Trace
 from ..vis.figures import plot_flow_stats
 from ..vis.html import frame_section
 from ..vis.tables import flow_stats_frame, flow_stats_text
 from .labels import StepLabels
 from .oeb import bridge_groups, odds_equal_bridge
-from .smi import momentum_vector, source_members, step_momentum
+from .smi import OutputWeights, momentum_vector, source_members, step_momentum
 from .tracker import TokenLabel
 
 if TYPE_CHECKING:
@@ -57,10 +58,30 @@ class FlowStats:
                    oeb_changed=z(len(oeb_layers)), oeb_before=z(len(oeb_layers)), oeb_after=z(len(oeb_layers)),
                    smi_count=z(len(smi_layers)), smi_norm=z(len(smi_layers)))
 
+    def counters(self) -> tuple[Tensor, ...]:
+        return (self.oeb_rows, self.oeb_changed, self.oeb_before, self.oeb_after, self.smi_count, self.smi_norm)
+
+    def to(self, device: torch.device | str) -> FlowStats:
+        """The same counters on ``device`` (an engine's worker sends them to the host)."""
+        rows, changed, before, after, count, norm = (t.to(device) for t in self.counters())
+        return FlowStats(oeb_layers=list(self.oeb_layers), smi_layers=list(self.smi_layers), oeb_rows=rows,
+                         oeb_changed=changed, oeb_before=before, oeb_after=after, smi_count=count, smi_norm=norm)
+
+    @classmethod
+    def total(cls, parts: Sequence[FlowStats]) -> FlowStats:
+        """The counters of several runs with the same layers, added (what one batched run counts)."""
+        if not parts or any((p.oeb_layers, p.smi_layers) != (parts[0].oeb_layers, parts[0].smi_layers)
+                            for p in parts):
+            raise StepsalError("FlowStats.total adds runs with the same OEB and SMI layers; got none, or runs "
+                               "with different layers (keep them apart: one FlowStats per setting).")
+        summed = [torch.stack(column).sum(0) for column in zip(*(p.to("cpu").counters() for p in parts), strict=True)]
+        return cls(oeb_layers=list(parts[0].oeb_layers), smi_layers=list(parts[0].smi_layers), oeb_rows=summed[0],
+                   oeb_changed=summed[1], oeb_before=summed[2], oeb_after=summed[3], smi_count=summed[4],
+                   smi_norm=summed[5])
+
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers per layer (one host transfer per counter)."""
-        rows, changed, before, after, count, norm = (t.tolist() for t in (
-            self.oeb_rows, self.oeb_changed, self.oeb_before, self.oeb_after, self.smi_count, self.smi_norm))
+        rows, changed, before, after, count, norm = (t.tolist() for t in self.counters())
         return {
             "oeb": {layer: {"rows": int(rows[i]), "changed": int(changed[i]),
                             "mass_before": before[i] / changed[i] if changed[i] else None,
@@ -106,10 +127,27 @@ class FlowRun:
     def __init__(self, flow: StepFlow, model: Model | ModelAdapter, batch: int, capacity: int,
                  layers: tuple[list[int], list[int]] | None = None, labels: StepLabels | None = None):
         """``layers``: (OEB, SMI) layers when the caller has them already (else asked of the model)."""
-        self.adapter = adapter_for(model)
-        self.flow, self.model = flow, self.adapter.model
-        self.oeb_layers, self.smi_layers = self.adapter.flow_layers(flow) if layers is None else layers
-        self.batch, self.capacity, self.device = batch, capacity, self.adapter.device
+        adapter = adapter_for(model)
+        self.adapter: ModelAdapter | None = adapter
+        self.model = adapter.model
+        self._start(flow, batch, capacity, adapter.flow_layers(flow) if layers is None else layers, adapter.device,
+                    labels)
+
+    @classmethod
+    def detached(cls, flow: StepFlow, layers: tuple[list[int], list[int]], capacity: int,
+                 device: torch.device) -> FlowRun:
+        """A one-sequence run with no model object: a serving engine's request (:mod:`stepsal.vllm`),
+        whose effects the engine's own hooks call."""
+        run = cls.__new__(cls)
+        run.adapter, run.model = None, None
+        run._start(flow, 1, capacity, layers, device, None)
+        return run
+
+    def _start(self, flow: StepFlow, batch: int, capacity: int, layers: tuple[list[int], list[int]],
+               device: torch.device, labels: StepLabels | None) -> None:
+        self.flow = flow
+        self.oeb_layers, self.smi_layers = layers
+        self.batch, self.capacity, self.device = batch, capacity, device
         self.labels = labels or StepLabels(batch, capacity, self.device, flow.smi_at_summary)
         self.values: dict[int, Tensor] = {}
         self.stats = FlowStats.zeros(self.oeb_layers, self.smi_layers, self.device)
@@ -199,6 +237,10 @@ class FlowRun:
             self.values[layer] = v.new_zeros(self.batch, self.capacity, *v.shape[2:])
         self.values[layer][:, self.labels.offset:self.labels.offset + v.shape[1]] = v.detach()
 
+    def set_values(self, layer: int, values: Float[Tensor, "batch pos kv_head d_head"]) -> None:
+        """The value vectors of positions [0, pos) at once (an engine reads them from its KV cache)."""
+        self.values[layer] = values
+
     def momentum(self, layer: int, q: int, n_heads: int) -> tuple[Tensor, Tensor]:
         """Mean value vector [batch, q, head, d_head] of each injection's source step, and where to inject."""
         labels = self.labels
@@ -211,7 +253,7 @@ class FlowRun:
         return mean, (labels.inject[:, start:end] & (members.sum(-1) > 0)).to(values.device)
 
     def inject_momentum(self, index: int, layer: int, x: Tensor, n_heads: int,
-                        w_o: Float[Tensor, "head d_head d_model"] | None) -> Tensor | None:
+                        w_o: OutputWeights | None) -> Tensor | None:
         """SMI on the current forward: x is [b, q, head, d_head] (site z) or [b, q, d_model] with
         ``w_o``; None where nothing is injected. Counted in stats."""
         self.labels.check_window(x.shape[0], x.shape[1])

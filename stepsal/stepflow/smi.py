@@ -7,6 +7,8 @@ the residual stream after the layer (site ``resid_post``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Bool, Float, Int64
 from torch import Tensor
@@ -34,10 +36,15 @@ def step_momentum(values: Float[Tensor, "batch key kv_head d_head"], members: Bo
     return (mean / counts).repeat_interleave(n_heads // values.shape[2], dim=2)
 
 
-def momentum_vector(mean: Float[Tensor, "batch query head d_head"], alpha: float,
-                    w_o: Float[Tensor, "head d_head d_model"] | None) -> Tensor:
+OutputWeights = Float[Tensor, "head d_head d_model"] | Callable[[Tensor], Tensor]
+
+
+def momentum_vector(mean: Float[Tensor, "batch query head d_head"], alpha: float, w_o: OutputWeights | None) -> Tensor:
     """What SMI adds: ``alpha * m`` per head [b, q, head, d_head] (site z), or ``alpha * sum_h m_h W_O[h]``
-    [b, q, d_model] (site resid_post, with ``w_o``)."""
+    [b, q, d_model] (site resid_post, with ``w_o``: W_O, or the output projection as a function of the
+    concatenated heads [..., head * d_head] without its bias, where an engine keeps W_O packed)."""
     if w_o is None:
         return alpha * mean
+    if callable(w_o):
+        return w_o((alpha * mean).flatten(-2))
     return alpha * torch.einsum("bqhd,hdm->bqm", mean, w_o.to(mean.dtype))

@@ -205,27 +205,60 @@ class RowTracker:
         return TokenLabel(position, THINKING, self.step, opened)
 
 
+class SequenceTracker:
+    """Phase and step tracking of one sequence fed token ids: a :class:`RowTracker` over the
+    token-bytes table, with a UTF-8 decoder that yields a character split over tokens (whole) at
+    the token that completes it. :class:`PhaseTracker` holds one per row; a serving engine one per
+    request (:mod:`stepsal.vllm`)."""
+
+    def __init__(self, table: list[bytes], fmt: TraceFormat, min_step_chars: int = MIN_THINKING_CHARS):
+        self.table, self.row = table, RowTracker(fmt, min_step_chars)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    @property
+    def position(self) -> int:
+        """How many tokens (pads included) were pushed."""
+        return self.row.position
+
+    def read_prompt(self, ids: Sequence[int]) -> None:
+        """The prompt's ids, before they are pushed: see :meth:`RowTracker.read_prompt`."""
+        self.row.read_prompt(b"".join(self.table[i] for i in ids).decode("utf-8", "replace"))
+
+    def push(self, token: int) -> list[TokenLabel]:
+        """One token: its label, plus relabels of earlier marker tokens."""
+        return self.row.push(self.decoder.decode(self.table[token]))
+
+    def pad(self) -> list[TokenLabel]:
+        return [self.row.pad()]
+
+
+def token_table(tokenizer: Any, vocab_size: int = 0) -> list[bytes]:
+    """:func:`token_bytes`, padded to the model's ``vocab_size``: ids the tokenizer lacks (Qwen2.5 pads
+    151665 tokens to 151936 embedding rows) have no text, as when the tokenizer decodes them."""
+    table = token_bytes(tokenizer)
+    return table + [b""] * (vocab_size - len(table)) if vocab_size > len(table) else table
+
+
 class PhaseTracker:
-    """One :class:`RowTracker` per row of a batch, fed token ids."""
+    """One :class:`SequenceTracker` per row of a batch, fed token ids."""
 
     def __init__(self, tokenizer: Any, fmt: TraceFormat, batch: int, min_step_chars: int = MIN_THINKING_CHARS,
                  vocab_size: int = 0):
-        """``vocab_size``: the model's; ids the tokenizer lacks (Qwen2.5 pads 151665 tokens to
-        151936 embedding rows) have no text, as when the tokenizer decodes them."""
-        self.bytes = token_bytes(tokenizer)
-        if vocab_size > len(self.bytes):
-            self.bytes = self.bytes + [b""] * (vocab_size - len(self.bytes))
-        self.rows = [RowTracker(fmt, min_step_chars) for _ in range(batch)]
-        # a character split over tokens appears (whole) at the token that completes it
-        self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(batch)]
+        """``vocab_size``: the model's (see :func:`token_table`)."""
+        table = token_table(tokenizer, vocab_size)
+        self.sequences = [SequenceTracker(table, fmt, min_step_chars) for _ in range(batch)]
+
+    @property
+    def rows(self) -> list[RowTracker]:
+        return [sequence.row for sequence in self.sequences]
 
     def read_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """Each row's prompt ids, before they are pushed: see :meth:`RowTracker.read_prompt`."""
-        for row, ids in zip(self.rows, prompts, strict=True):
-            row.read_prompt(b"".join(self.bytes[i] for i in ids).decode("utf-8", "replace"))
+        for sequence, ids in zip(self.sequences, prompts, strict=True):
+            sequence.read_prompt(ids)
 
     def push(self, token_ids: Sequence[int], is_pad: Sequence[bool] | None = None) -> list[list[TokenLabel]]:
         """One token per row; returns each row's labels (one, or several after a marker)."""
         is_pad = is_pad or [False] * len(token_ids)
-        return [[row.pad()] if pad else row.push(decoder.decode(self.bytes[token]))
-                for row, decoder, token, pad in zip(self.rows, self.decoders, token_ids, is_pad, strict=True)]
+        return [sequence.pad() if pad else sequence.push(token)
+                for sequence, token, pad in zip(self.sequences, token_ids, is_pad, strict=True)]
