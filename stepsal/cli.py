@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a problem prints one line on stderr and returns 1 (``--debug``: the traceback)."""
     apply_offline_defaults()  # a program, not the library: offline for this process (before any hub import)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what started it (eval's data parallelism reuses it)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StepsalWarning)

