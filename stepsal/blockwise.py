@@ -139,11 +139,12 @@ def eager_pattern(query: Float[Tensor, "batch head query d"], key: Float[Tensor,
     """Attention weights as eager attention computes them: the queries are the last of the keys;
     ``mask`` [B, 1, q, k] (bool: visible, or additive), else causal within ``window``. Rows with no
     visible key (padding) are 0."""
-    group = query.shape[1] // key.shape[1]
-    scores = torch.matmul(query, key.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    batch, heads, n_queries, d = query.shape
+    grouped = query.reshape(batch, key.shape[1], -1, d)  # a KV head's query heads side by side: keys not repeated
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).view(batch, heads, n_queries, -1) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    n_queries, n_keys = query.shape[2], key.shape[2]
+    n_keys = key.shape[2]
     if mask is None:
         visible = visibility(torch.arange(n_keys - n_queries, n_keys, device=query.device),
                              torch.arange(n_keys, device=query.device), window)

@@ -42,6 +42,9 @@ with install_import_hook("stepsal", "beartype.beartype"):
     import stepsal.vis.report
     import stepsal.vis.tables
     import stepsal.vis.widgets
+    import stepsal.vllm.engine  # vLLM itself is imported only when an engine runs (tests/test_vllm.py)
+    import stepsal.vllm.paged
+    import stepsal.vllm.worker
 
 import pytest  # noqa: E402
 from tiny import make_hf_model, make_tokenizer  # noqa: E402

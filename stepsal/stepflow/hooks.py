@@ -25,7 +25,7 @@ from ..vis.figures import plot_flow_stats
 from ..vis.html import frame_section
 from ..vis.tables import flow_stats_frame, flow_stats_text
 from .labels import StepLabels
-from .oeb import bridge_groups, odds_equal_bridge
+from .oeb import BridgeEdit, bridge_groups, odds_equal_bridge
 from .smi import OutputWeights, momentum_vector, source_members, step_momentum
 from .tracker import TokenLabel
 
@@ -206,6 +206,23 @@ class FlowRun:
             return None
         query_segment, key_segment, positions, groups = self._forward_groups(q, k, pattern.device)
         edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, self.flow.tau_max, groups)
+        self.count_bridge(index, query_segment, edit)
+        return edit.pattern
+
+    def bridge_labels(self, q: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Query labels [batch, q] (as processed) and key labels [batch, (q,) k] (as seen) of the current
+        forward: what :func:`odds_equal_bridge` takes, for an engine that bridges several runs at once."""
+        self.labels.check_window(self.batch, q, k)
+        return self._labels_seen(q, k, device)
+
+    def _labels_seen(self, q: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        labels = self.labels
+        return (labels.first_segment[:, k - q:k].to(device),
+                labels.seen(labels.segment, labels.first_segment, q, k).to(device))
+
+    def count_bridge(self, index: int, query_segment: Tensor, edit: BridgeEdit) -> None:
+        """Add one bridge application (this run's rows of ``edit``) to the statistics of OEB layer ``index``."""
+        heads = edit.pattern.shape[1]
         with torch.no_grad():
             stats = self.stats
             here = stats.oeb_rows.device  # layers split over GPUs: counters live on the first
@@ -214,7 +231,6 @@ class FlowRun:
             stats.oeb_changed[index] += edit.changed.sum().to(here)
             stats.oeb_before[index] += (edit.mass_before * edit.changed).sum().to(here)  # masks, not
             stats.oeb_after[index] += (edit.mass_after * edit.changed).sum().to(here)    # indexing: no sync
-        return edit.pattern
 
     def _forward_groups(self, q: int, k: int, device: torch.device
                         ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
@@ -222,9 +238,7 @@ class FlowRun:
         the current forward: the same for every OEB layer, so computed once per forward (and device)."""
         cached = self._groups.get(device)
         if cached is None or cached[1].shape[-1] != k or cached[2].shape[0] != q:
-            labels = self.labels
-            query_segment = labels.first_segment[:, k - q:k].to(device)
-            key_segment = labels.seen(labels.segment, labels.first_segment, q, k).to(device)
+            query_segment, key_segment = self._labels_seen(q, k, device)
             positions = torch.arange(k - q, k, device=device)
             self._groups[device] = (query_segment, key_segment, positions,
                                     bridge_groups(query_segment, key_segment, positions))

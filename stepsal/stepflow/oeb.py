@@ -30,14 +30,15 @@ class BridgeEdit:
 
 
 def bridge_groups(query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch *qdim key"],
-                  query_position: Int64[Tensor, " query"],
+                  query_position: Int64[Tensor, "*batch query"],
                   ) -> tuple[Bool[Tensor, "batch query key"], Bool[Tensor, "batch query key"]]:
     """Masks of the current segment S and the bridge B for each query (causal keys only).
 
-    ``key_segment`` is [batch, key], or [batch, query, key] when queries see different key labels.
+    ``key_segment`` is [batch, key], or [batch, query, key] when queries see different key labels;
+    ``query_position`` is [query], or [batch, query] when rows sit at different positions (an engine's batch).
     """
     n_keys = key_segment.shape[-1]
-    causal = torch.arange(n_keys, device=key_segment.device)[None, :] <= query_position[:, None]  # [q, k]
+    causal = torch.arange(n_keys, device=key_segment.device) <= query_position[..., None]  # [(batch,) q, k]
     bridge_of = torch.where(query_segment == THINKING, QUESTION,
                             torch.where(query_segment == SUMMARY, THINKING, -2))
     own = torch.where((query_segment == THINKING) | (query_segment == SUMMARY), query_segment, -2)
@@ -49,7 +50,7 @@ def bridge_groups(query_segment: Int64[Tensor, "batch query"], key_segment: Int6
 
 def odds_equal_bridge(pattern: Float[Tensor, "batch head query key"],
                       query_segment: Int64[Tensor, "batch query"], key_segment: Int64[Tensor, "batch *qdim key"],
-                      query_position: Int64[Tensor, " query"], tau_max: float,
+                      query_position: Int64[Tensor, "*batch query"], tau_max: float,
                       groups: tuple[Tensor, Tensor] | None = None) -> BridgeEdit:
     """Apply OEB to every query row; rows that do not qualify stay bit-identical.
 

@@ -27,6 +27,7 @@ from ..errors import UnsupportedModelError
 TRANSPOSED_KEYS = {("CPU_ATTN", "vec"), ("CPU_ATTN", "vec16")}
 CHANNEL_SPLIT = {"FLASH_ATTN", "TRITON_ATTN"}
 KV = Float[Tensor, "kv_head pos d"]
+KVs = Float[Tensor, "request kv_head pos d"]
 
 
 @dataclass
@@ -58,18 +59,25 @@ class PagedCache:
 
     def read(self, blocks: Tensor, length: int) -> tuple[KV, KV]:
         """Keys and values of positions [0, length) of the request whose block table row is ``blocks``."""
+        keys, values = self.read_many(blocks[None], length)
+        return keys[0], values[0]
+
+    def read_many(self, blocks: Tensor, length: int) -> tuple[KVs, KVs]:
+        """Keys and values of positions [0, length) of each request whose block table row is a row of
+        ``blocks`` [request, block] (a shorter request's positions past its end hold other data: mask them).
+        One gather each, in the layout attention multiplies with (views of [kv_head, request, pos, d])."""
         n_blocks, kv_heads, block_size, channels = self.cache.shape
         d = channels // 2
-        used = blocks[:(length + block_size - 1) // block_size].long()
+        positions = torch.arange(length, device=blocks.device)
+        block = blocks[:, positions // block_size].long()  # [request, pos]
+        offset = (positions % block_size).expand_as(block)
         if self.transposed_keys:
-            halves = self.cache.view(n_blocks, kv_heads, 2, block_size * d)[used]  # [used, kv_head, 2, bs * d]
-            keys = halves[:, :, 0].view(-1, kv_heads, d, block_size).transpose(-1, -2)
-            values = halves[:, :, 1].view(-1, kv_heads, block_size, d)
+            halves = self.cache.view(n_blocks, kv_heads, 2, block_size * d)
+            keys = halves[:, :, 0].view(n_blocks, kv_heads, d, block_size).permute(1, 0, 3, 2)  # [kv_head, block,
+            values = halves[:, :, 1].view(n_blocks, kv_heads, block_size, d).transpose(0, 1)  # offset, d] (views)
         else:
-            chosen = self.cache[used]  # [used, kv_head, bs, 2d]
-            keys, values = chosen[..., :d], chosen[..., d:]
-        flat = lambda t: t.transpose(0, 1).reshape(kv_heads, -1, d)[:, :length]  # noqa: E731
-        return flat(keys), flat(values)
+            keys, values = self.cache[..., :d].transpose(0, 1), self.cache[..., d:].transpose(0, 1)
+        return keys[:, block, offset].transpose(0, 1), values[:, block, offset].transpose(0, 1)
 
     def check(self, blocks: Tensor, length: int, key: Tensor, value: Tensor, layer: str) -> None:
         """Refuse a layout this module reads wrong: the last positions read back must be the keys and

@@ -30,12 +30,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.functional import pad
 
 from ..blockwise import eager_pattern
 from ..errors import StepsalError, UnsupportedModelError
 from ..formats import TraceFormat
+from ..segments import SUMMARY, THINKING
 from ..stepflow.config import StepFlow
-from ..stepflow.hooks import FlowRun
+from ..stepflow.hooks import FlowRun, FlowStats
+from ..stepflow.oeb import odds_equal_bridge
 from ..stepflow.tracker import SequenceTracker
 from .engine import EXTRA_ARGS_KEY
 from .paged import PagedCache
@@ -52,6 +55,16 @@ class RequestFlow:
     smi_index: dict[int, int]
     capture: bool
     captured: dict[str, list[Any]] = field(default_factory=lambda: {"oeb": [], "smi": []})
+    oeb_counts: Tensor | None = None  # [OEB layer, 4]: rows, changed, mass before, mass after (see stats)
+
+    def stats(self) -> FlowStats:
+        """The run's statistics with the bridge counts the worker kept apart (one add per layer and step)."""
+        rows, changed, before, after, count, norm = (t.cpu().clone() for t in self.run.stats.counters())  # clones:
+        if self.oeb_counts is not None:  # the forward made inference tensors, which the caller could not change
+            counts = self.oeb_counts.cpu()
+            rows, changed, before, after = (t + counts[:, i] for i, t in enumerate((rows, changed, before, after)))
+        return FlowStats(oeb_layers=self.run.oeb_layers, smi_layers=self.run.smi_layers, oeb_rows=rows,
+                         oeb_changed=changed, oeb_before=before, oeb_after=after, smi_count=count, smi_norm=norm)
 
 
 @dataclass
@@ -82,6 +95,9 @@ class EngineFlows:
         self.requests: dict[str, RequestFlow] = {}  # vLLM request id -> its StepFlow, until collected
         self.plain: set[str] = set()  # request ids seen without StepFlow
         self.plan: list[Slice] = []
+        self.smi_work: dict[int, list[Slice]] = {}  # this forward's, by layer (see _plan_layers)
+        self.oeb_work: dict[int, dict[tuple[int, float], list[Slice]]] = {}
+        self.labels_of: dict[tuple[int, ...], tuple[Tensor, ...]] = {}  # a group's OEB inputs, once per forward
         self.checked: set[int] = set()  # layers whose cache layout was checked
         self.projecting = False  # inside _project's own o_proj calls
         self.handles = [self.model.register_forward_pre_hook(lambda module, args: self._begin()),
@@ -119,7 +135,7 @@ class EngineFlows:
         wanted, found = set(keys), {}
         for request_id in [r for r, request in self.requests.items() if request.key in wanted]:
             request = self.requests.pop(request_id)
-            found[request.key] = {"stats": request.run.stats.to("cpu"), "captured": request.captured}
+            found[request.key] = {"stats": request.stats(), "captured": request.captured}
         self.plain &= set(self.runner.requests)
         return found
 
@@ -127,7 +143,7 @@ class EngineFlows:
 
     def _begin(self) -> None:
         """Label the scheduled tokens of every StepFlow request and note where each sits."""
-        self.plan = []
+        self._end()
         batch = self.runner.input_batch
         n_requests = batch.num_reqs
         if n_requests == 0:
@@ -149,59 +165,100 @@ class EngineFlows:
                 request.run.label([request.tracker.push(int(token))])
             request.run.begin_forward(offset, n_new)
             self.plan.append(Slice(request, index, starts[index], n_new, offset))
+        self._plan_layers()
+
+    def _plan_layers(self) -> None:
+        """Per layer, the requests whose SMI injects or whose OEB acts in this forward, and the OEB
+        groups (same new-token count and tau_max: decode steps bridge as one batch)."""
+        self.smi_work, self.oeb_work, self.labels_of = {}, {}, {}
+        for piece in self.plan:
+            run = piece.flow.run
+            for layer in piece.flow.smi_index if run.labels.any_inject else ():
+                self.smi_work.setdefault(layer, []).append(piece)
+            for layer in piece.flow.oeb_index if run.any_active else ():
+                groups = self.oeb_work.setdefault(layer, {})
+                groups.setdefault((piece.n_new, run.flow.tau_max), []).append(piece)
 
     def _end(self) -> None:
-        self.plan = []
+        self.plan, self.smi_work, self.oeb_work, self.labels_of = [], {}, {}, {}
 
     def _attention_hook(self, layer: int) -> Callable:
         def hook(module: Any, args: tuple, output: Tensor) -> None:
-            work = [s for s in self.plan if layer in s.flow.run.smi_layers
-                    or (layer in s.flow.oeb_index and s.flow.run.any_active)]
-            if not work:
+            smi, oeb = self.smi_work.get(layer, []), self.oeb_work.get(layer, {})
+            if not (smi or oeb):
                 return
-            # the engine's, inside its forward (vLLM is absent where the type checker runs)
+            # the engine's forward context (vLLM is imported here only: it is absent where the type checker runs)
             from vllm.forward_context import get_forward_context  # pyright: ignore[reportMissingImports]
 
             metadata = get_forward_context().attn_metadata
             metadata = metadata[module.layer_name] if isinstance(metadata, dict) else metadata
-            cache = PagedCache.of(module)
+            cache, table = PagedCache.of(module), metadata.block_table
             query, key, value = args[0], args[1], args[2]
-            heads, kv_heads, d = module.num_heads, module.num_kv_heads, module.head_size
-            for piece in work:
-                rows = slice(piece.start, piece.start + piece.n_new)
-                blocks, length = metadata.block_table[piece.batch_index], piece.offset + piece.n_new
-                if layer not in self.checked:
-                    cache.check(blocks, length, key[rows].view(-1, kv_heads, d), value[rows].view(-1, kv_heads, d),
-                                module.layer_name)
-                    self.checked.add(layer)
-                keys, values = cache.read(blocks, length)  # [kv_head, pos, d]
-                run = piece.flow.run
-                if layer in run.smi_layers:
-                    run.set_values(layer, values.transpose(0, 1)[None])
-                if layer in piece.flow.oeb_index and run.any_active:
-                    output[rows] = self._bridged(module, piece, query[rows].view(-1, heads, d), keys, values, layer)
+            if layer not in self.checked:
+                piece = smi[0] if smi else next(iter(oeb.values()))[0]
+                rows, shape = slice(piece.start, piece.start + piece.n_new), (-1, module.num_kv_heads, module.head_size)
+                cache.check(table[piece.batch_index], piece.offset + piece.n_new, key[rows].view(shape),
+                            value[rows].view(shape), module.layer_name)
+                self.checked.add(layer)
+            for piece in smi:  # the values SMI averages, read where it injects in this forward
+                _, values = cache.read(table[piece.batch_index], piece.offset + piece.n_new)
+                piece.flow.run.set_values(layer, values.transpose(0, 1)[None])
+            for group in oeb.values():
+                self._bridge(module, layer, group, query, output, cache, table)
         return hook
 
-    def _bridged(self, module: Any, piece: Slice, query: Tensor, keys: Tensor, values: Tensor, layer: int) -> Tensor:
-        """One request's rows of an OEB layer's output [n, head * d]: its eager pattern from the cache,
-        bridged."""
-        impl = module.impl
-        window = impl.sliding_window if getattr(impl, "sliding_window", -1) not in (-1, None) else None
-        softcap = getattr(impl, "logits_soft_cap", 0) or None
-        pattern = eager_pattern(query.transpose(0, 1)[None], keys[None], impl.scale, softcap,
-                                getattr(impl, "sinks", None), None, window)
-        flow = piece.flow
-        edited = flow.run.bridge(flow.oeb_index[layer], pattern)
-        edited = pattern if edited is None else edited
-        if flow.capture:
-            flow.captured["oeb"].append((layer, piece.offset, pattern[0].cpu(), edited[0].cpu()))
-        group = query.shape[1] // keys.shape[0]
-        z = torch.matmul(edited.to(values.dtype), values.repeat_interleave(group, 0)[None])  # [1, head, n, d]
-        return z[0].transpose(0, 1).reshape(query.shape[0], -1)
+    def _group_labels(self, group: list[Slice], device: torch.device) -> tuple[Tensor, ...]:
+        """What OEB needs of a group, the same in every layer of a forward: query labels [r, q], key
+        labels [r, (q,) k] (padded with -1 to the longest), query positions [r, q], visible keys [r, q, k]."""
+        name = tuple(piece.batch_index for piece in group)
+        if name not in self.labels_of:
+            n_new = group[0].n_new
+            length = max(piece.offset + n_new for piece in group)
+            labels = [piece.flow.run.bridge_labels(n_new, piece.offset + n_new, device) for piece in group]
+            keys = [k for _, k in labels]
+            if any(k.dim() == 3 for k in keys):  # a relabelled marker somewhere: keys as each query saw them
+                keys = [k if k.dim() == 3 else k[:, None].expand(-1, n_new, -1) for k in keys]
+            positions = torch.tensor([[p.offset + i for i in range(n_new)] for p in group], device=device)
+            self.labels_of[name] = (torch.cat([q for q, _ in labels]),
+                                    torch.cat([pad(k, (0, length - k.shape[-1]), value=-1) for k in keys]),
+                                    positions, torch.arange(length, device=device) <= positions[..., None])
+        return self.labels_of[name]
+
+    def _bridge(self, module: Any, layer: int, group: list[Slice], query: Tensor, output: Tensor, cache: PagedCache,
+                table: Tensor) -> None:
+        """OEB for requests with the same number of new tokens and tau_max: their eager patterns from the
+        cache (keys left-aligned, each request masked at its own positions), bridged at once, written
+        over their rows of ``output`` [tokens, head * d]."""
+        impl, heads, d = module.impl, module.num_heads, module.head_size
+        n_new = group[0].n_new
+        query_segment, key_segment, positions, visible = self._group_labels(group, query.device)
+        keys, values = cache.read_many(table[[piece.batch_index for piece in group]], key_segment.shape[-1])
+        queries = torch.stack([query[p.start:p.start + n_new].view(n_new, heads, d) for p in group]).transpose(1, 2)
+        window = getattr(impl, "sliding_window", -1)
+        if window not in (-1, None):
+            visible = visible & (torch.arange(visible.shape[-1], device=query.device) > positions[..., None] - window)
+        pattern = eager_pattern(queries, keys, impl.scale, getattr(impl, "logits_soft_cap", 0) or None,
+                                getattr(impl, "sinks", None), visible[:, None])
+        edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, group[0].flow.run.flow.tau_max)
+        kv_heads = values.shape[1]  # z per KV group, as eager_pattern's scores: values not repeated
+        z = torch.matmul(edit.pattern.to(values.dtype).reshape(len(group), kv_heads, -1, values.shape[2]), values)
+        z = z.view(len(group), heads, n_new, -1).transpose(1, 2).reshape(len(group), n_new, -1)
+        active = (query_segment == THINKING) | (query_segment == SUMMARY)
+        counts = torch.stack([active.sum(-1).double() * heads, edit.changed.sum((1, 2)).double(),
+                              (edit.mass_before * edit.changed).sum((1, 2)).double(),
+                              (edit.mass_after * edit.changed).sum((1, 2)).double()], -1)  # [r, 4]
+        for i, piece in enumerate(group):
+            flow = piece.flow
+            if flow.oeb_counts is None:
+                flow.oeb_counts = counts.new_zeros(len(flow.oeb_index), 4)
+            flow.oeb_counts[flow.oeb_index[layer]] += counts[i]
+            if flow.capture:
+                flow.captured["oeb"].append((layer, piece.offset, pattern[i].cpu(), edit.pattern[i].cpu()))
+            output[piece.start:piece.start + n_new] = z[i]
 
     def _resid_post_hook(self, layer: int) -> Callable:
         def hook(module: Any, args: tuple, output: Any) -> None:
-            work = [s for s in self.plan if layer in s.flow.smi_index and s.flow.run.flow.smi_site == "resid_post"]
+            work = [s for s in self.smi_work.get(layer, []) if s.flow.run.flow.smi_site == "resid_post"]
             hidden = output[0] if isinstance(output, tuple) else output  # vLLM adds the residual at the next norm
             for piece in work:
                 attn = self.layers[layer].self_attn
@@ -224,7 +281,7 @@ class EngineFlows:
         def pre_hook(module: Any, args: tuple) -> None:
             if self.projecting:
                 return
-            work = [s for s in self.plan if layer in s.flow.smi_index and s.flow.run.flow.smi_site == "z"]
+            work = [s for s in self.smi_work.get(layer, []) if s.flow.run.flow.smi_site == "z"]
             for piece in work:
                 self._inject(piece, layer, args[0], self.layers[layer].self_attn.attn.num_heads, None)
         return pre_hook
