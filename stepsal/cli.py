@@ -298,13 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()  # a program, not the library: offline for this process (before any hub import)
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what started it (eval's data parallelism reuses it)
+    caught: list = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", StepsalWarning)
-            try:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", StepsalWarning)
                 return args.func(args)
-            finally:  # also when the command fails: a warning may explain the error
-                report_warnings(args, caught, StepsalWarning)
+        finally:  # also when the command fails (a warning may explain the error); outside the recording
+            report_warnings(args, caught, StepsalWarning)  # context, where showing a warning shows it
     except KeyboardInterrupt:
         print(f"stepsal {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -226,3 +226,20 @@ def test_errors_name_flags_not_python_arguments(saved_llama, tmp_path, capsys):
         "made with --max-new-tokens 8; asks for --k 4, not task=1")
     written_for_the_cli = "k=4 and overwrite=True (stepsal eval --overwrite) discards"
     assert as_flags(written_for_the_cli, args) == written_for_the_cli  # it names a flag already
+
+
+def test_a_warning_from_another_library_is_shown_once_and_the_command_returns(monkeypatch):
+    """It used to be shown inside the recording context, recorded again while the list was read: an
+    endless loop that filled memory (a vLLM engine's warnings found it)."""
+    import warnings
+
+    import stepsal.cli_studies
+
+    def command(args):
+        warnings.warn("a warning from another library", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(stepsal.cli_studies, "eval_command", command)
+    with pytest.warns(UserWarning, match="another library") as shown:
+        assert stepsal.cli.main(["eval", "--limit", "1"]) == 0
+    assert len([w for w in shown if "another library" in str(w.message)]) == 1

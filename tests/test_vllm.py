@@ -233,3 +233,50 @@ def test_eval_refuses_parallel_options_without_the_vllm_engine(tmp_path, capsys)
 
     assert main(["eval", "--limit", "1", "--data-parallel-size", "2", "--out", str(tmp_path / "x")]) == 1
     assert "--engine vllm" in capsys.readouterr().err
+
+
+ENGINE_PROCESS = """
+import json, sys
+import stepsal
+from stepsal.tasks.problems import load_problems
+from stepsal.vllm import load_engine
+if __name__ == "__main__":
+    served = stepsal.generate(load_engine("smollm2-135m-reasoner", seed=0),
+                              [p.messages() for p in load_problems(limit=2)], stepsal.StepFlow(), max_new_tokens=48)
+    print("RESULT " + json.dumps({"tokens": [t.tolist() for t in served.tokens],
+                                  "stats": [s.to_plain() for s in served.request_stats]}))
+"""
+
+
+def test_an_engine_in_its_own_process_returns_the_same_tokens_and_statistics(engine, problems, tmp_path):
+    """vLLM's default (and GPUs'): the engine core in another process; statistics cross it as plain data."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "engine_process.py"
+    script.write_text(ENGINE_PROCESS)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    here = stepsal.generate(engine, [p.messages() for p in problems[:2]], FLOW, max_new_tokens=48)
+    assert result["tokens"] == [t.tolist() for t in here.tokens]
+    for plain, stats in zip(result["stats"], here.request_stats, strict=True):
+        assert_same_stats(stepsal.stepflow.FlowStats.from_plain(plain), stats)
+
+
+def test_eval_data_parallel_engines_split_the_problems_and_merge(tmp_path, monkeypatch):
+    from stepsal.cli import main
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # on a CPU each engine reserves memory: two share one machine
+
+    common = ["eval", "--limit", "2", "--k", "0", "--max-new-tokens", "48"]
+    assert main([*common, "--engine", "vllm", "--data-parallel-size", "2", "--out", str(tmp_path / "dp")]) == 0
+    assert sorted(p.name for p in (tmp_path / "dp").glob("samples*.jsonl")) == ["samples.0-of-2.jsonl",
+                                                                                "samples.1-of-2.jsonl"]
+    assert main([*common, "--engine", "transformers", "--out", str(tmp_path / "hf")]) == 0
+    same = ("problem", "condition", "mode", "sample", "answer", "correct", "tokens", "flow")
+    parallel, alone = read_rows(tmp_path / "dp"), read_rows(tmp_path / "hf")
+    assert len(parallel) == 4
+    assert [{k: r[k] for k in same} for r in parallel] == [{k: r[k] for k in same} for r in alone]

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StepsalError, UnsupportedModelError
+from ..stepflow.stats import FlowStats
 from ..stepflow.tracker import token_table
 
 if TYPE_CHECKING:
     from ..formats import TraceFormat
     from ..stepflow.config import StepFlow
-    from ..stepflow.hooks import FlowStats
 
 WORKER_EXTENSION = "stepsal.vllm.worker.StepFlowWorker"
 EXTRA_ARGS_KEY = "stepsal"  # SamplingParams.extra_args[EXTRA_ARGS_KEY]: a request's StepFlow settings
@@ -146,5 +146,6 @@ def run_requests(llm: Any, tokenizer: Any, requests: Sequence[Request], fmt: Tra
     answers = []
     for output, key in zip(outputs, keys, strict=True):
         report = found.get(key or "", {})
-        answers.append(Answer(list(output.outputs[0].token_ids), report.get("stats"), report.get("captured", {})))
+        stats = FlowStats.from_plain(report["stats"]) if "stats" in report else None  # plain: from another process
+        answers.append(Answer(list(output.outputs[0].token_ids), stats, report.get("captured", {})))
     return answers

@@ -135,7 +135,7 @@ class EngineFlows:
         wanted, found = set(keys), {}
         for request_id in [r for r, request in self.requests.items() if request.key in wanted]:
             request = self.requests.pop(request_id)
-            found[request.key] = {"stats": request.stats(), "captured": request.captured}
+            found[request.key] = {"stats": request.stats().to_plain(), "captured": request.captured}
         self.plain &= set(self.runner.requests)
         return found
 
