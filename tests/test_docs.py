@@ -23,6 +23,7 @@ def python_blocks(page: Path) -> list[str]:
 
 
 PAGES_WITH_CODE = [page for page in PAGES if python_blocks(page)]
+NEEDS_VLLM = {"scale.md"}  # its examples run in the vLLM environment (tests/test_vllm.py)
 
 
 def test_the_pages_with_code_are_found():
@@ -58,8 +59,15 @@ def test_links_and_named_pages_resolve_inside_the_repository(page):
 @pinned_stack_only  # minutes: the model loads, generations and a small study of each page
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda page: page.name)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
+    if page.name in NEEDS_VLLM:
+        pytest.skip(f"{page.name}'s examples run a vLLM engine: tests/test_vllm.py runs them in .venv-vllm")
+    run_blocks(page, tmp_path, monkeypatch)
+
+
+def run_blocks(page: Path, folder: Path, monkeypatch) -> dict:
+    """Run a page's Python blocks in order, in one namespace, in ``folder``."""
     matplotlib.use("Agg")
-    monkeypatch.chdir(tmp_path)  # what the examples write lands here
+    monkeypatch.chdir(folder)  # what the examples write lands here
     namespace: dict = {"__name__": "__docs__"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the examples' small studies warn that they are descriptive only
@@ -67,3 +75,4 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
             code = compile(block, f"{page.name}, block {number}", "exec")
             exec(code, namespace)  # the documentation's own examples
     assert "stepsal" in namespace
+    return namespace

@@ -207,11 +207,21 @@ def read_rows(folder) -> list[dict]:
     return sorted(rows, key=lambda row: (row["problem"], row["condition"], row["mode"], row["sample"]))
 
 
-def test_eval_with_the_vllm_engine_writes_the_rows_the_transformers_engine_writes_and_resumes(engine, tmp_path):
+def stepsal_command(*args: str) -> None:
+    """The CLI in a process of its own: an engine made and shut down in this process would take vLLM's
+    process-wide state down with it, under the module's engine."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "stepsal.cli", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_eval_with_the_vllm_engine_writes_the_rows_the_transformers_engine_writes_and_resumes(tmp_path):
     from stepsal.cli import main
 
     common = ["eval", "--limit", "3", "--k", "0", "--max-new-tokens", "96"]
-    assert main([*common, "--engine", "vllm", "--out", str(tmp_path / "vllm")]) == 0
+    stepsal_command(*common, "--engine", "vllm", "--out", str(tmp_path / "vllm"))
     assert main([*common, "--engine", "transformers", "--out", str(tmp_path / "hf")]) == 0
     served, alone = read_rows(tmp_path / "vllm"), read_rows(tmp_path / "hf")
     assert len(served) == 6  # 3 problems, baseline and StepFlow, greedy
@@ -223,7 +233,7 @@ def test_eval_with_the_vllm_engine_writes_the_rows_the_transformers_engine_write
     killed.mkdir()
     lines = (tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()
     (killed / "samples.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
-    assert main([*common, "--engine", "vllm", "--out", str(killed)]) == 0
+    stepsal_command(*common, "--engine", "vllm", "--out", str(killed))
     resumed = read_rows(killed)
     assert [{k: r[k] for k in same} for r in resumed] == [{k: r[k] for k in same} for r in served]
 
@@ -280,3 +290,14 @@ def test_eval_data_parallel_engines_split_the_problems_and_merge(tmp_path, monke
     parallel, alone = read_rows(tmp_path / "dp"), read_rows(tmp_path / "hf")
     assert len(parallel) == 4
     assert [{k: r[k] for k in same} for r in parallel] == [{k: r[k] for k in same} for r in alone]
+
+
+def test_the_scale_page_examples_run(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from test_docs import run_blocks
+
+    namespace = run_blocks(Path(__file__).parent.parent / "docs" / "scale.md", tmp_path, monkeypatch)
+    assert namespace["out"].request_stats[0].acted()
+    assert namespace["answers"][1].stats.smi_layers == []  # alpha=0.0: SMI off for that request only
+    assert namespace["result"].sums.shape[-1] >= 3  # question, thinking steps, summary

@@ -65,7 +65,7 @@ class PagedCache:
     def read_many(self, blocks: Tensor, length: int) -> tuple[KVs, KVs]:
         """Keys and values of positions [0, length) of each request whose block table row is a row of
         ``blocks`` [request, block] (a shorter request's positions past its end hold other data: mask them).
-        One gather each, in the layout attention multiplies with (views of [kv_head, request, pos, d])."""
+        One gather each, straight into the layout attention multiplies with."""
         n_blocks, kv_heads, block_size, channels = self.cache.shape
         d = channels // 2
         positions = torch.arange(length, device=blocks.device)
@@ -73,11 +73,13 @@ class PagedCache:
         offset = (positions % block_size).expand_as(block)
         if self.transposed_keys:
             halves = self.cache.view(n_blocks, kv_heads, 2, block_size * d)
-            keys = halves[:, :, 0].view(n_blocks, kv_heads, d, block_size).permute(1, 0, 3, 2)  # [kv_head, block,
-            values = halves[:, :, 1].view(n_blocks, kv_heads, block_size, d).transpose(0, 1)  # offset, d] (views)
+            keys = halves[:, :, 0].view(n_blocks, kv_heads, d, block_size).transpose(-1, -2)  # [block, kv_head,
+            values = halves[:, :, 1].view(n_blocks, kv_heads, block_size, d)  # offset, d] (views)
         else:
-            keys, values = self.cache[..., :d].transpose(0, 1), self.cache[..., d:].transpose(0, 1)
-        return keys[:, block, offset].transpose(0, 1), values[:, block, offset].transpose(0, 1)
+            keys, values = self.cache[..., :d], self.cache[..., d:]
+        heads = torch.arange(kv_heads, device=blocks.device)[None, :, None]
+        where = (block[:, None, :], heads, offset[:, None, :])  # [request, kv_head, pos]: contiguous results
+        return keys[where], values[where]
 
     def check(self, blocks: Tensor, length: int, key: Tensor, value: Tensor, layer: str) -> None:
         """Refuse a layout this module reads wrong: the last positions read back must be the keys and

@@ -55,14 +55,18 @@ class RequestFlow:
     smi_index: dict[int, int]
     capture: bool
     captured: dict[str, list[Any]] = field(default_factory=lambda: {"oeb": [], "smi": []})
-    oeb_counts: Tensor | None = None  # [OEB layer, 4]: rows, changed, mass before, mass after (see stats)
+    # per OEB application: (OEB layer index, a group's counts [request, 4], this request's row); the
+    # counts are rows, changed, mass before and mass after, as FlowRun.count_bridge adds them
+    oeb_counts: list[tuple[int, Tensor, int]] = field(default_factory=list)
 
     def stats(self) -> FlowStats:
-        """The run's statistics with the bridge counts the worker kept apart (one add per layer and step)."""
+        """The run's statistics with the bridge counts the worker kept apart (added up here, once)."""
         rows, changed, before, after, count, norm = (t.cpu().clone() for t in self.run.stats.counters())  # clones:
-        if self.oeb_counts is not None:  # the forward made inference tensors, which the caller could not change
-            counts = self.oeb_counts.cpu()
-            rows, changed, before, after = (t + counts[:, i] for i, t in enumerate((rows, changed, before, after)))
+        if self.oeb_counts:  # the forward made inference tensors, which the caller could not change
+            layers = torch.tensor([index for index, _, _ in self.oeb_counts])
+            counts = torch.stack([group[row] for _, group, row in self.oeb_counts]).cpu()
+            summed = torch.zeros(len(rows), 4, dtype=torch.float64).index_add_(0, layers, counts)
+            rows, changed, before, after = (t + summed[:, i] for i, t in enumerate((rows, changed, before, after)))
         return FlowStats(oeb_layers=self.run.oeb_layers, smi_layers=self.run.smi_layers, oeb_rows=rows,
                          oeb_changed=changed, oeb_before=before, oeb_after=after, smi_count=count, smi_norm=norm)
 
@@ -247,14 +251,13 @@ class EngineFlows:
         counts = torch.stack([active.sum(-1).double() * heads, edit.changed.sum((1, 2)).double(),
                               (edit.mass_before * edit.changed).sum((1, 2)).double(),
                               (edit.mass_after * edit.changed).sum((1, 2)).double()], -1)  # [r, 4]
-        for i, piece in enumerate(group):
-            flow = piece.flow
-            if flow.oeb_counts is None:
-                flow.oeb_counts = counts.new_zeros(len(flow.oeb_index), 4)
-            flow.oeb_counts[flow.oeb_index[layer]] += counts[i]
-            if flow.capture:
-                flow.captured["oeb"].append((layer, piece.offset, pattern[i].cpu(), edit.pattern[i].cpu()))
-            output[piece.start:piece.start + n_new] = z[i]
+        for i, piece in enumerate(group):  # no tensor work per request: counts are added up when collected
+            piece.flow.oeb_counts.append((piece.flow.oeb_index[layer], counts, i))
+            if piece.flow.capture:
+                piece.flow.captured["oeb"].append((layer, piece.offset, pattern[i].cpu(), edit.pattern[i].cpu()))
+        rows = torch.tensor([piece.start for piece in group], device=output.device)[:, None] + torch.arange(
+            n_new, device=output.device)
+        output[rows.flatten()] = z.reshape(-1, z.shape[-1])
 
     def _resid_post_hook(self, layer: int) -> Callable:
         def hook(module: Any, args: tuple, output: Any) -> None:
