@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..errors import UnsupportedModelError
 from ..model_types import Model
 
 # one set of attention layer types, for every adapter: the softmax-attention layers of transformers
@@ -114,7 +115,8 @@ class ModelAdapter(ABC):
                       decodings: Sequence[Decoding]) -> list[EngineRow]:
         """Generation by a serving engine, as one batch: each row with its own StepFlow (or none) and
         decoding; each row's new token ids and statistics. Only where :attr:`decodes_itself`."""
-        raise NotImplementedError(f"{self.label} is decoded by stepsal's token loop (decode_step).")
+        raise UnsupportedModelError(f"{self.label} is decoded by stepsal's token loop: stepsal.generate calls its "
+                                    "decode_step (only serving engines, decodes_itself, take rows as a batch).")
 
     # ------------------------------------------------------------ StepFlow
     @abstractmethod
