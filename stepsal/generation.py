@@ -155,7 +155,9 @@ def generate(model: Model | ModelAdapter | str | os.PathLike, prompt_or_messages
             for decoding), or a plain transformers causal LM with ``tokenizer=``: the fast path,
             StepFlow through transformers' attention functions and module hooks at the speed of
             transformers itself (docs/performance.md); greedy tokens and StepFlow statistics equal
-            the hook path's.
+            the hook path's. Or a vLLM engine from :func:`stepsal.vllm.load_engine`: each row one request
+            of one batch (sampled rows seeded ``seed + row``), StepFlow inside the engine, each row's
+            statistics in ``request_stats`` (docs/scale.md).
         prompt_or_messages: text (used as is: include the chat template), chat messages (the
             template is applied with the generation prompt), token ids, or a list of these (a
             left-padded batch; each row tracks its own phases).

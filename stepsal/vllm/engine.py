@@ -46,9 +46,7 @@ def load_engine(model: str | os.PathLike = "smollm2-135m-reasoner", *, allow_dow
         if name in engine_args and engine_args[name] != ENGINE_DEFAULTS[name]:
             raise StepsalError(f"StepFlow inside vLLM runs Python hooks in the model's forward, so the engine needs "
                                f"{name}={ENGINE_DEFAULTS[name]}; got {engine_args[name]}. Leave {name} out.")
-    source = _model_source(model, allow_download)
-    if not allow_download:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vLLM reads the hub setting from the environment
+    source = _model_source(model, allow_download)  # a folder unless downloads are allowed: nothing is fetched
     return LLM(model=source, worker_extension_cls=WORKER_EXTENSION, **(ENGINE_DEFAULTS | engine_args))
 
 
