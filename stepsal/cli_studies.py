@@ -90,6 +90,8 @@ def add_study_parsers(sub, common: argparse.ArgumentParser, add_model_arguments)
     s.add_argument("--mode", default="auto", choices=MODES, help="Step-Saliency's backward pass (see stepsal analyze)")
     s.add_argument("--agreement", action="store_true",
                    help="also each trace's suppression matrix, and how Step-Saliency's step ranking agrees with it")
+    s.add_argument("--shard", default=None, help="i/n: this process answers every n-th problem from the i-th and "
+                   "studies their traces; shard 0 waits for the others and compares all (same --out)")
     s.add_argument("--out", default="stepsal-study", help="folder: samples/, correct/, wrong/, report.html")
     s.set_defaults(func=study_command)
 
@@ -250,12 +252,17 @@ def study_command(args: argparse.Namespace) -> int:
     from .studies.study import run_study  # lazy: keeps --help torch-free
 
     problems = _problems(args)
+    shard = _shard(args)  # under accelerate launch also the rank's device
     out = check_out(args.out)  # evaluate / run_study create it
     model = load_for_cli(args)
     result = run_study(model, problems, out=out, k=args.k, greedy=not args.no_greedy, temperature=args.temperature,
                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                        saliency=SaliencyOptions.from_dict({"target": args.target, "norm": args.norm, "rule": args.rule,
-                                                           "mode": args.mode}), agreement=args.agreement)
+                                                           "mode": args.mode}), agreement=args.agreement, shard=shard)
+    if shard[0] != 0:
+        print(f"shard {shard[0]}/{shard[1]} done: {repr(result)}; shard 0 compares every shard's traces and writes "
+              f"{out}/study.json")
+        return 0
     print(result.samples.summary().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(repr(result))
     if result.comparison is not None:

@@ -51,7 +51,7 @@ from .pooling import normalize, pool
 from .receivers import ReceiverHeads, receiver_heads
 from .segments import SUMMARY
 from .sites import attention_sites
-from .storage import file_to_write, reading
+from .storage import file_to_write, reading, written_whole
 from .targets import RowTarget, Target, make_target, row_target
 from .traces import StepLayout, Trace, require_trace, tokenizer_fingerprint
 from .vis.figures import plot_step_maps
@@ -144,7 +144,8 @@ class StepSaliency:
         meta = {"layers": self.layers, "norm": self.norm, "rule": self.rule, "target": self.target,
                 "model": self.model, "layout": self.layout.to_dict(), "token_texts": self.token_texts}
         meta["options"] = None if self.options is None else self.options.to_dict()
-        save_file(tensors, str(path), metadata={"stepsal": json.dumps(meta)})
+        with written_whole(path) as partial:
+            save_file(tensors, str(partial), metadata={"stepsal": json.dumps(meta)})
         return path
 
     @classmethod

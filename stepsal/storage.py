@@ -66,10 +66,24 @@ def frame_from_json(data: dict[str, Any]) -> pandas.DataFrame:
 
 
 def write_json(path: str | os.PathLike, kind: str, data: dict[str, Any]) -> Path:
-    """``{"stepsal": kind, ...data}`` as strict JSON at ``path``."""
+    """``{"stepsal": kind, ...data}`` as strict JSON at ``path`` (whole or not at all: :func:`written_whole`)."""
     path = file_to_write(path)
-    path.write_text(json.dumps({"stepsal": kind, **plain(data)}, allow_nan=False, indent=1), encoding="utf-8")
+    text = json.dumps({"stepsal": kind, **plain(data)}, allow_nan=False, indent=1)
+    with written_whole(path) as partial:
+        partial.write_text(text, encoding="utf-8")
     return path
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A file beside ``path`` for the block to write, moved onto ``path`` when the block succeeds: a
+    reader (another shard, a resumed run) never finds half a file, and a kill leaves the old one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
@@ -113,8 +127,9 @@ def reading(path: str | os.PathLike, kind: str) -> Iterator[None]:
 
 
 @contextmanager
-def writer_lock(path: str | os.PathLike, fix: str) -> Iterator[None]:
-    """An exclusive lock on ``path`` (a folder, or a file, created if missing) while the block runs.
+def writer_lock(path: str | os.PathLike, fix: str, *, shared: bool = False) -> Iterator[None]:
+    """An exclusive lock on ``path`` (a folder, or a file, created if missing) while the block runs;
+    ``shared=True``: a lock that other shared holders may hold too, and an exclusive one may not.
 
     Held by another process, or by another open call in this one: :class:`OutputBusyError` naming
     ``path`` and ``fix``. The operating system releases it when the process ends, so a killed run
@@ -124,7 +139,7 @@ def writer_lock(path: str | os.PathLike, fix: str) -> Iterator[None]:
     try:
         if fcntl is not None:
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise OutputBusyError(f"another process is writing {path}: wait for it to finish, or {fix}.") from None
         yield

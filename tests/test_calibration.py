@@ -97,9 +97,7 @@ def test_shards_split_the_work_and_agree_with_one_process(tl_models, tokenizer, 
     them, wait for each other after every round, and reach the one-process result."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import stepsal.studies.calibration as calibration
-
-    monkeypatch.setattr(calibration, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(stepsal.studies.evaluate, "POLL_SECONDS", 0.01)
     model = tl_models[("llama", BACKENDS[0])]
     good = ((), (1,), 0.12)
     options = {"grid": GRID, "test_fraction": 0.25, "k": 0, "max_new_tokens": 4, "progress": False}

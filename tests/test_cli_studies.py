@@ -181,3 +181,31 @@ def test_calibrate_command_writes_a_stepflow_that_from_dict_reads(chat_llama, pr
     assert sorted(saved.split["dev"] + saved.split["test"]) == ["p0", "p1", "p2"]
     assert main(["calibrate", "--problems", str(problems), "--grid", "{alpha: 1}", "--out", str(tmp_path / "x")]) == 1
     assert "--grid is no JSON" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_study_command_splits_the_traces_between_shards(chat_llama, tokenizer, tmp_path, capsys):
+    """`stepsal study --shard i/n`: each shard studies its problems' traces; shard 0 compares them all."""
+    from unittest import mock
+
+    from test_study import PROBLEMS, answering, counting
+
+    import stepsal.studies.evaluate
+    import stepsal.studies.study
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n"
+                                for p in PROBLEMS))
+    out = tmp_path / "study"
+    common = ["study", "--model", str(chat_llama), "--problems", str(problems), "--k", "0", "--out", str(out)]
+    calls: list = []
+    with mock.patch.object(stepsal.studies.evaluate, "generate", answering(tokenizer)), \
+            mock.patch.object(stepsal.studies.study, "step_saliency", counting(calls)):
+        assert main([*common, "--shard", "1/2"]) == 0
+        assert "shard 1/2 done: StudyResult(correct 0, wrong 2 traces" in capsys.readouterr().out
+        assert not (out / "study.json").exists() and len(calls) == 2
+        assert main([*common, "--shard", "0/2"]) == 0  # the other shard is done: nothing to wait for
+    study = json.loads((out / "study.json").read_text())
+    assert study["traces"] == {"correct": 2, "wrong": 2} and study["samples"] == len(PROBLEMS)
+    assert len(calls) == len(set(calls)) == 4 and len(list(out.glob("*/*.safetensors"))) == 4
+    assert "no comparison" not in capsys.readouterr().err
+    assert main([*common, "--shard", "2/2"]) == 1 and "0 <= i < n" in capsys.readouterr().err

@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from ..stepflow.config import StepFlow
 from ..storage import frame_from_json, frame_to_json, read_json, reading, write_json
 from ..vis.figures import plot_bars
 from ..vis.html import frames_html
-from .evaluate import R1_SAMPLING, EvalResult, check_problems, check_shard, evaluate, load_samples, shard_file
+from .evaluate import R1_SAMPLING, check_problems, check_shard, evaluate, shard_file, wait_for_samples
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -51,6 +50,7 @@ DEFAULT_GRID: dict[str, list[Any]] = {"oeb": ["quarter", "eighth", "off"], "tau_
                                       "smi": ["quarter", "eighth", "off"], "alpha": [0.06, 0.03, 0.12],
                                       "smi_window": ["step"]}
 BANDS = ("quarter", "eighth", "off")
+CONDITIONS = ("baseline", "stepflow")  # what every evaluation here answers
 
 
 def split_problems(problems: Sequence[Any], test_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -213,8 +213,8 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
             evaluated[index] = evaluate(model, subset, candidate_flow(pool[index], n_layers), out=target, **settings)
         for index in alive:  # sharded: every shard's samples, once all are in
             name = candidate_id(pool[index])
-            paired = (evaluated[index] if shard[1] == 1 else
-                      wait_for_shards(folder / "candidates" / name, ids, modes, shard, progress)).paired(mode)
+            paired = (evaluated[index] if shard[1] == 1 else wait_for_samples(
+                folder / "candidates" / name, ids, CONDITIONS, modes, shard, progress)).paired(mode)
             rows.append({"round": round_index, "candidate": name, "problems": len(ids), **pool[index],
                          "baseline": paired["baseline"], "stepflow": paired["stepflow"], "gain": paired["difference"],
                          "p_value": paired["p_value"], "order": index})
@@ -225,7 +225,7 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
     # the test split, read for the first time, once the choice is made
     test_result = evaluate(model, test, flow, out=folder / "test", **settings)
     if shard[1] > 1:
-        test_result = wait_for_shards(folder / "test", [p.id for p in test], modes, shard, progress)
+        test_result = wait_for_samples(folder / "test", [p.id for p in test], CONDITIONS, modes, shard, progress)
     search = pandas.DataFrame(rows).sort_values(["round", "gain", "order"], ascending=[False, False, True])
     result = CalibrationResult(search=search.drop(columns="order").reset_index(drop=True), chosen=flow.to_dict(),
                                test=test_result.paired(mode), split={"dev": [p.id for p in dev],
@@ -233,30 +233,6 @@ def calibrate(model: Model, problems: Sequence[Any], *, out: str | os.PathLike,
     if shard[0] == 0:  # every shard holds the same result; one writes it
         result.save(folder / "calibration.json")
     return result
-
-
-POLL_SECONDS = 2.0
-
-
-def wait_for_shards(folder: Path, ids: list[str], modes: dict[str, int], shard: tuple[int, int],
-                    progress: bool) -> EvalResult:
-    """The samples of both conditions for ``ids`` in ``folder`` (every shard's files), once all are
-    there; until then, every ``POLL_SECONDS``, a look at the files (a line says what is awaited). For
-    sharded runs: one process has everything it asked for in :func:`evaluate`'s result."""
-    wanted = {(problem, condition, mode, i) for problem in ids for condition in ("baseline", "stepflow")
-              for mode, n in modes.items() for i in range(n)}
-    said = False
-    while True:
-        frame = load_samples(folder).frame
-        keys = [] if frame.empty else list(zip(frame["problem"], frame["condition"], frame["mode"], frame["sample"],
-                                               strict=True))
-        missing = wanted - set(keys)
-        if not missing:
-            return EvalResult(frame=frame.loc[[key in wanted for key in keys]].reset_index(drop=True))
-        if progress and not said:
-            print(f"shard {shard[0]}/{shard[1]}: waiting for the other shards' {len(missing)} samples in {folder}")
-            said = True
-        time.sleep(POLL_SECONDS)
 
 
 def _gain(rows: list[dict[str, Any]], round_index: int, index: int) -> float:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,39 @@ def accelerate_shard() -> tuple[tuple[int, int], str] | None:
         return None
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     return (rank, world), (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+
+
+POLL_SECONDS = 2.0  # how often a shard waiting for the others looks at their files
+
+
+def await_shards(missing: Callable[[], int], what: str, shard: tuple[int, int], progress: bool) -> None:
+    """Return once ``missing()`` (how many of ``what`` the other shards have still to write) is 0,
+    looking every :data:`POLL_SECONDS`; a line says what is awaited. The files are the only
+    rendezvous, so a stopped shard that is started again lets the others go on."""
+    said = False
+    while (count := missing()) > 0:
+        if progress and not said:
+            print(f"shard {shard[0]}/{shard[1]}: waiting for the other shards' {count} {what}")
+            said = True
+        time.sleep(POLL_SECONDS)
+
+
+def wait_for_samples(folder: Path, ids: list[str], conditions: Sequence[str], modes: dict[str, int],
+                     shard: tuple[int, int], progress: bool) -> EvalResult:
+    """The samples of ``conditions`` for ``ids`` in ``folder`` (every shard's files), once all are
+    there (:func:`await_shards`). For sharded runs: one process has what it asked for in
+    :func:`evaluate`'s result, and a merging one needs every shard's."""
+    wanted = {(problem, condition, mode, i) for problem in ids for condition in conditions
+              for mode, n in modes.items() for i in range(n)}
+    frame = pandas.DataFrame()
+
+    def missing() -> int:
+        nonlocal frame
+        frame = load_samples(folder).frame
+        return len(wanted - set(map(_key, frame.to_dict("records"))))
+
+    await_shards(missing, f"samples in {folder}", shard, progress)
+    return EvalResult(frame=frame.loc[[_key(row) in wanted for row in frame.to_dict("records")]].reset_index(drop=True))
 
 
 def _flow_summary(stats: Any) -> dict[str, Any] | None:

@@ -9,6 +9,9 @@
    are reused: resumable);
 3. compares the groups per measure and per layer (:func:`stepsal.compare_groups`; descriptive only
    under 10 traces a group) and writes ``folder/report.html`` and ``folder/study.json``.
+
+``shard=(i, n)`` splits steps 1 and 2 between processes by problem; shard 0 does step 3 over all
+(:func:`run_study`, ``docs/scale.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +39,7 @@ from ..vis.figures import plot_group_points
 from ..vis.html import frames_html
 from ..vis.tables import records_frame
 from .agreement import AgreementSummary, agreement_over, step_agreement
-from .evaluate import R1_SAMPLING, EvalResult, evaluate
+from .evaluate import R1_SAMPLING, EvalResult, await_shards, check_shard, evaluate, wait_for_samples
 from .report import report_from_folder
 from .suppression import SuppressionMatrix, suppression_matrix
 
@@ -133,78 +137,88 @@ def run_study(model: TLModel, problems: Sequence[Any], *, out: str | Path, k: in
               temperature: float = R1_SAMPLING["temperature"], top_p: float = R1_SAMPLING["top_p"],
               max_new_tokens: int = 256, seed: int = 0, target: str = "all", norm: str = "causal",
               min_thinking_steps: int = 2, progress: bool = True,
-              saliency: SaliencyOptions | None = None, agreement: bool = False) -> StudyResult:
+              saliency: SaliencyOptions | None = None, agreement: bool = False,
+              shard: tuple[int, int] = (0, 1)) -> StudyResult:
     """Generate, label, analyse and compare (see the module docstring). Rerunning resumes.
 
     ``saliency``: every Step-Saliency setting (:class:`stepsal.SaliencyOptions`); ``target`` and
     ``norm`` are shorthands for the two most used ones (pass one or the other). Saved results are
     reused only when they were computed with the same settings. ``agreement``: also each trace's
     suppression matrix (``<trace>.suppression.json`` beside its map) and the rank agreement of Step-Saliency
-    with it (:mod:`stepsal.studies.agreement`), in ``agreement.json``, study.json and the report."""
+    with it (:mod:`stepsal.studies.agreement`), in ``agreement.json``, study.json and the report.
+
+    ``shard=(i, n)`` (``stepsal study --shard i/n`` or ``accelerate launch``): this process answers
+    every n-th problem from the i-th and computes the Step-Saliency of those problems' traces, each
+    trace once, saved as it is done (a rerun resumes from the last saved trace). Shard 0 then waits
+    for the other shards' traces and compares them all (study.json, report.html); the others return
+    their own traces without a comparison. A later run without ``shard`` reuses every saved file.
+    """
     if saliency is None:
         saliency = SaliencyOptions.from_dict({"target": target, "norm": norm})
     elif (target, norm) != ("all", "causal"):
         raise StepsalError("run_study got saliency= and target=/norm= too: put them in the SaliencyOptions.")
+    shard = check_shard(shard)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    with writer_lock(folder, fix="write elsewhere (another --out)"):
+    fix = "write elsewhere (another --out)"
+    # shards share the folder (each holds its own lock); a run without shards holds it alone
+    with writer_lock(folder, fix=fix, shared=shard[1] > 1), (
+            writer_lock(folder / SHARD_LOCK.format(*shard), fix=fix) if shard[1] > 1 else nullcontext()):
         return _run_study_locked(model, problems, folder, k=k, greedy=greedy, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, seed=seed, min_thinking_steps=min_thinking_steps,
-                                 progress=progress, saliency=saliency, agreement=agreement)
+                                 progress=progress, saliency=saliency, agreement=agreement, shard=shard)
+
+
+SHARD_LOCK = ".study.{}-of-{}.lock"  # held by the shard writing a study folder
 
 
 def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, k: int, greedy: bool,
                       temperature: float, top_p: float, max_new_tokens: int, seed: int, min_thinking_steps: int,
-                      progress: bool, saliency: SaliencyOptions, agreement: bool) -> StudyResult:
-    """:func:`run_study` while this process holds the lock on ``folder``."""
+                      progress: bool, saliency: SaliencyOptions, agreement: bool,
+                      shard: tuple[int, int]) -> StudyResult:
+    """:func:`run_study` while this process holds its lock on ``folder``."""
     samples = evaluate(model, problems, None, out=folder / "samples", k=k, greedy=greedy, temperature=temperature,
-                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
-    wanted = {p.id for p in problems}
-    # the samples asked for, of the model as it is (an evaluation's folder may hold more: StepFlow, other k)
-    asked = lambda r: (r["mode"] == "greedy" and greedy) or (r["mode"] == "sampled" and r["sample"] < k)  # noqa: E731
-    rows = [r for r in samples.frame.to_dict("records")
-            if r["problem"] in wanted and r["condition"] == "baseline" and asked(r)]
+                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, shard=shard, progress=progress)
+    merging = shard[0] == 0  # shard 0 (or the only process) compares every shard's traces
+    if merging and shard[1] > 1:
+        modes = ({"greedy": 1} if greedy else {}) | ({"sampled": k} if k else {})
+        samples = wait_for_samples(folder / "samples", [p.id for p in problems], ("baseline",), modes, shard,
+                                   progress)
+    rows = _studied_rows(samples, problems, greedy, k)
+    mine = {p.id for p in list(problems)[shard[0]::shard[1]]}
+    own = [row for row in rows if row["problem"] in mine]
+    traces = _saliency_of_own(model, own, folder, saliency, min_thinking_steps, progress)
+    if agreement:
+        _suppression_of_own(model, own, traces, min_thinking_steps, progress)
+    if merging and shard[1] > 1:
+        traces |= _await_other_shards([row for row in rows if row["problem"] not in mine], model, folder, saliency,
+                                      min_thinking_steps, agreement, shard, progress)
     groups: dict[str, list[Any]] = {"correct": [], "wrong": []}
     skipped: Counter = Counter()
-    studied: list[tuple[dict, Path, Any]] = []  # (row, saved map's path, result) for the agreement
-    for row in tqdm(rows, desc="saliency", disable=not progress, unit="trace"):
-        if not row["closed_think"]:
-            skipped["thinking never closed"] += 1
+    studied: list[tuple[Path, Any]] = []  # (saved map's path, result) for the agreement
+    for row in rows if merging else own:
+        outcome = traces[_key(row)]
+        if isinstance(outcome, str):
+            skipped[outcome] += 1
             continue
-        group = "correct" if row["correct"] else "wrong"
-        path = folder / group / f"{row['problem']}.{row['mode']}.{row['sample']}.safetensors"
-        if path.exists():
-            try:
-                saved = StepSaliency.load(path)
-            except DamagedFileError as error:
-                warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=3)
-                saved = None
-            if saved is not None and saved.options == saliency:
-                groups[group].append(saved)
-                studied.append((row, path, saved))
-                continue
-        try:
-            trace = _trace_of(row, model, min_thinking_steps)
-        except ValueError as error:  # TraceFormatError: too few steps, no summary, ...
-            skipped[str(error).split(":")[0][:80]] += 1
-            continue
-        result = step_saliency(model, trace, options=saliency)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result.save(path)
-        groups[group].append(result)
-        studied.append((row, path, result))
+        groups[_group(row)].append(outcome[1])
+        studied.append(outcome)
+    if not merging:
+        return StudyResult(samples=samples, groups=groups, skipped=dict(skipped), folder=folder)
     comparison = None
     if all(len(results) >= 2 for results in groups.values()):
         comparison = compare_groups(groups["correct"], groups["wrong"], labels=("correct", "wrong"))
     else:
         warnings.warn(f"no comparison: {len(groups['correct'])} correct and {len(groups['wrong'])} wrong traces "
                       "(each group needs at least 2; 10 for claims). Study more problems or samples.",
-                      StepsalWarning, stacklevel=2)
+                      StepsalWarning, stacklevel=3)
     summary_of_agreement = None
     if agreement and studied:
-        summary_of_agreement = _agreement(model, studied, min_thinking_steps, progress)
+        summary_of_agreement = agreement_over([step_agreement(result, SuppressionMatrix.load(_suppression_path(path)))
+                                               for path, result in studied])
         summary_of_agreement.save(folder / "agreement.json")
-    summary = {"problems": len(wanted), "samples": len(rows), "traces": {g: len(r) for g, r in groups.items()},
+    summary = {"problems": len(problems), "samples": len(rows),
+               "traces": {g: len(r) for g, r in groups.items()},
                "agreement": None if summary_of_agreement is None else summary_of_agreement.frame.to_dict("records"),
                "skipped": dict(skipped), "accuracy": samples.summary().to_dict("records"),
                "comparison": None if comparison is None else comparison.to_dataframe().to_dict("records"),
@@ -216,21 +230,124 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
                        agreement=summary_of_agreement)
 
 
-def _agreement(model: TLModel, studied: list[tuple[dict, Path, Any]], min_thinking_steps: int,
-               progress: bool) -> AgreementSummary:
-    """Each studied trace's suppression matrix (saved beside its map, reused when its layers match) and
-    the rank agreement of its Step-Saliency with it, over all traces."""
-    per_trace = []
-    for row, path, result in tqdm(studied, desc="suppression", disable=not progress, unit="trace"):
-        saved_path = path.with_suffix(".suppression.json")
-        suppression = None
-        if saved_path.exists():
-            try:
-                suppression = SuppressionMatrix.load(saved_path)
-            except DamagedFileError as error:
-                warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=4)
-        if suppression is None or suppression.layers != list(result.layers):
-            suppression = suppression_matrix(model, _trace_of(row, model, min_thinking_steps), layers=result.layers)
-            suppression.save(saved_path)
-        per_trace.append(step_agreement(result, suppression))
-    return agreement_over(per_trace)
+Outcome = tuple[Path, StepSaliency] | str  # a trace's saved map and result, or why it is not studied
+
+
+def _studied_rows(samples: EvalResult, problems: Sequence[Any], greedy: bool, k: int) -> list[dict]:
+    """The baseline samples asked for (an evaluation's folder may hold more: StepFlow, other k), in the
+    problems' order, greedy first, then by sample: the same order however many shards wrote them."""
+    order = {p.id: index for index, p in enumerate(problems)}
+    asked = lambda r: (r["mode"] == "greedy" and greedy) or (r["mode"] == "sampled" and r["sample"] < k)  # noqa: E731
+    rows = [r for r in samples.frame.to_dict("records")
+            if r["problem"] in order and r["condition"] == "baseline" and asked(r)]
+    return sorted(rows, key=lambda r: (order[r["problem"]], r["mode"] != "greedy", r["sample"]))
+
+
+def _key(row: dict) -> tuple:
+    return row["problem"], row["mode"], row["sample"]
+
+
+def _group(row: dict) -> str:
+    return "correct" if row["correct"] else "wrong"
+
+
+def _map_path(folder: Path, row: dict) -> Path:
+    return folder / _group(row) / f"{row['problem']}.{row['mode']}.{row['sample']}.safetensors"
+
+
+def _suppression_path(map_path: Path) -> Path:
+    return map_path.with_suffix(".suppression.json")
+
+
+def _saved_map(path: Path, saliency: SaliencyOptions, *, warn: bool) -> StepSaliency | None:
+    """The map saved at ``path`` when it was computed with ``saliency``; None otherwise (a damaged
+    file is said when ``warn``)."""
+    if not path.exists():
+        return None
+    try:
+        saved = StepSaliency.load(path)
+    except DamagedFileError as error:
+        if warn:
+            warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=5)
+        return None
+    return saved if saved.options == saliency else None
+
+
+def _trace_or_reason(row: dict, model: Model, min_thinking_steps: int) -> Trace | str:
+    """The row's trace, or why it is not studied (the same answer in every shard)."""
+    if not row["closed_think"]:
+        return "thinking never closed"
+    try:
+        return _trace_of(row, model, min_thinking_steps)
+    except ValueError as error:  # TraceFormatError: too few steps, no summary, ...
+        return str(error).split(":")[0][:80]
+
+
+def _saliency_of_own(model: TLModel, rows: list[dict], folder: Path, saliency: SaliencyOptions,
+                     min_thinking_steps: int, progress: bool) -> dict[tuple, Outcome]:
+    """Each row's map: the saved one when its settings match, else computed and saved at once."""
+    outcomes: dict[tuple, Outcome] = {}
+    for row in tqdm(rows, desc="saliency", disable=not progress, unit="trace"):
+        path = _map_path(folder, row)
+        saved = _saved_map(path, saliency, warn=True) if row["closed_think"] else None
+        if saved is not None:
+            outcomes[_key(row)] = (path, saved)
+            continue
+        trace = _trace_or_reason(row, model, min_thinking_steps)
+        if isinstance(trace, str):
+            outcomes[_key(row)] = trace
+            continue
+        result = step_saliency(model, trace, options=saliency)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.save(path)
+        outcomes[_key(row)] = (path, result)
+    return outcomes
+
+
+def _suppression_of_own(model: TLModel, rows: list[dict], traces: dict[tuple, Outcome], min_thinking_steps: int,
+                        progress: bool) -> None:
+    """Each studied row's suppression matrix, saved beside its map (reused when its layers match)."""
+    studied = [(row, outcome) for row in rows if not isinstance(outcome := traces[_key(row)], str)]
+    for row, (path, result) in tqdm(studied, desc="suppression", disable=not progress, unit="trace"):
+        if _saved_suppression(_suppression_path(path), result, warn=True) is None:
+            trace = _trace_of(row, model, min_thinking_steps)
+            suppression_matrix(model, trace, layers=result.layers).save(_suppression_path(path))
+
+
+def _saved_suppression(path: Path, result: StepSaliency, *, warn: bool) -> SuppressionMatrix | None:
+    if not path.exists():
+        return None
+    try:
+        saved = SuppressionMatrix.load(path)
+    except DamagedFileError as error:
+        if warn:
+            warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=5)
+        return None
+    return saved if saved.layers == list(result.layers) else None
+
+
+def _await_other_shards(rows: list[dict], model: TLModel, folder: Path, saliency: SaliencyOptions,
+                        min_thinking_steps: int, agreement: bool, shard: tuple[int, int],
+                        progress: bool) -> dict[tuple, Outcome]:
+    """The other shards' traces (and suppression matrices with ``agreement``), once they are saved."""
+    outcomes: dict[tuple, Outcome] = {}
+    pending: list[dict] = []
+    for row in rows:
+        reason = _trace_or_reason(row, model, min_thinking_steps)
+        if isinstance(reason, str):
+            outcomes[_key(row)] = reason
+        else:
+            pending.append(row)
+
+    def missing() -> int:
+        for row in list(pending):
+            path = _map_path(folder, row)
+            saved = _saved_map(path, saliency, warn=False)
+            if saved is not None and (not agreement or
+                                      _saved_suppression(_suppression_path(path), saved, warn=False) is not None):
+                outcomes[_key(row)] = (path, saved)
+                pending.remove(row)
+        return len(pending)
+
+    await_shards(missing, f"traces in {folder}", shard, progress)
+    return outcomes
