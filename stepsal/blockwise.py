@@ -3,9 +3,10 @@
 One layer, one sequence: q [H, T, D], k and v [H_kv, T, D] (query head h uses key/value group
 h // (H / H_kv)), causal, with an optional sliding window, tanh softcapping of the scores and a
 per-head sink logit that joins the softmax without a value (GPT-OSS). No [H, T, T] tensor exists:
-the forward pass keeps each query's log-sum-exp; the backward pass recomputes A for one block of
-queries at a time and forms dL/dA[h, t, k] = dL/dz[h, t, :] . v[g(h), k, :] (z = A v per head), so
-an ``observer`` can pool attention x gradient there, in memory linear in T.
+the forward pass is torch's fused attention where it serves (else a loop over query blocks) and
+keeps z; the backward pass recomputes A for one block of queries at a time and forms
+dL/dA[h, t, k] = dL/dz[h, t, :] . v[g(h), k, :] (z = A v per head), so an ``observer`` can pool
+attention x gradient there, in memory linear in T.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -46,82 +48,120 @@ def _key_start(spec: AttentionSpec, query_start: int) -> int:
     return 0 if spec.window is None else max(0, query_start - spec.window + 1)
 
 
-def _block_scores(q: Tensor, k: Tensor, spec: AttentionSpec, start: int, end: int, key_start: int,
-                  key_end: int) -> tuple[Tensor, Tensor | None]:
-    """Masked scores [H_kv, g, b, n] of queries [start, end) on keys [key_start, key_end) (float32),
-    and tanh(raw / softcap) where softcapped (for the backward pass)."""
-    scores = torch.matmul(q[:, :, start:end].float(), k[:, key_start:key_end].float().transpose(-1, -2)[:, None])
-    scores = scores * spec.scale
+def _block_scores(qg: Tensor, k: Tensor, spec: AttentionSpec, start: int, end: int,
+                  key_start: int) -> tuple[Tensor, Tensor | None]:
+    """Masked scores [H_kv, g * b, n] of queries [start, end) (``qg`` [H_kv, g, T, d], already times
+    the scale) on keys [key_start, end) (float32), and tanh(raw / softcap) where softcapped (for the
+    backward pass). One batched product per KV group: its query heads share the keys."""
+    n_kv, group, _, d = qg.shape
+    queries = qg[:, :, start:end].reshape(n_kv, group * (end - start), d)
+    scores = torch.bmm(queries, k[:, key_start:end].float().transpose(1, 2))
     capped = None
     if spec.softcap:
         capped = torch.tanh(scores / spec.softcap)
         scores = capped * spec.softcap
-    visible = visibility(torch.arange(start, end, device=q.device), torch.arange(key_start, key_end, device=q.device),
-                         spec.window)
-    return scores.masked_fill(~visible, -math.inf), capped
+    blocked = scores.view(n_kv, group, end - start, end - key_start)
+    if spec.window is None:  # keys before the block are all visible: mask the diagonal square only
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=qg.device).triu_(1)
+        blocked[..., start - key_start:].masked_fill_(future, -math.inf)
+    else:
+        visible = visibility(torch.arange(start, end, device=qg.device), torch.arange(key_start, end, device=qg.device),
+                             spec.window)
+        blocked.masked_fill_(~visible, -math.inf)
+    return scores, capped
 
 
 def _sink_logits(spec: AttentionSpec, n_kv: int, group: int) -> Tensor | None:
     return None if spec.sinks is None else spec.sinks.float().reshape(n_kv, group, 1)
 
 
+def _sdpa_serves(spec: AttentionSpec) -> bool:
+    """Whether torch's fused attention computes the same z (no softcap, sinks or window)."""
+    return spec.softcap is None and spec.sinks is None and spec.window is None
+
+
 class BlockwiseAttention(torch.autograd.Function):
-    """z = softmax(scores) v per head, computed and differentiated block by block of queries."""
+    """z = softmax(scores) v per head; its backward pass goes block by block of queries.
+
+    Forward: torch's fused ``scaled_dot_product_attention`` where it computes the same attention,
+    else a loop over query blocks. Backward: each block's rows of A are complete (every key a query
+    sees), so A is a softmax of the block's scores; nothing but z is kept from the forward pass."""
 
     @staticmethod
     def forward(ctx, q: Float[Tensor, "head token d"], k: Float[Tensor, "kv_head token d"],
                 v: Float[Tensor, "kv_head token d_v"], spec: AttentionSpec,
                 observer: Observer | None) -> Float[Tensor, "head token d_v"]:
-        n_heads, n_tokens, _ = q.shape
-        n_kv = k.shape[0]
-        group = n_heads // n_kv
-        qg = q.reshape(n_kv, group, n_tokens, -1)
-        sinks = _sink_logits(spec, n_kv, group)
-        z = torch.empty(n_kv, group, n_tokens, v.shape[-1], dtype=torch.float32, device=q.device)
-        lse = torch.empty(n_kv, group, n_tokens, dtype=torch.float32, device=q.device)
-        for start in range(0, n_tokens, spec.block):
-            end = min(n_tokens, start + spec.block)
-            key_start = _key_start(spec, start)
-            scores, _ = _block_scores(qg, k, spec, start, end, key_start, end)
-            top = scores.amax(-1)
-            if sinks is not None:
-                top = torch.maximum(top, sinks)
-            weights = torch.exp(scores - top[..., None])
-            total = weights.sum(-1) + (torch.exp(sinks - top) if sinks is not None else 0)
-            z[:, :, start:end] = torch.matmul(weights / total[..., None], v[:, None, key_start:end].float())
-            lse[:, :, start:end] = top + torch.log(total)
+        if _sdpa_serves(spec):
+            z = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=spec.scale,
+                                               enable_gqa=q.shape[0] != k.shape[0])[0]
+        else:
+            z = _looped_forward(q, k, v, spec)
         ctx.spec, ctx.observer = spec, observer
-        ctx.save_for_backward(q, k, v, z, lse)
-        return z.reshape(n_heads, n_tokens, -1).to(v.dtype)
+        ctx.save_for_backward(q, k, v, z)
+        return z
 
     @staticmethod
     def backward(ctx, grad_z: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        q, k, v, z, lse = ctx.saved_tensors
+        q, k, v, z = ctx.saved_tensors
         spec, observer = ctx.spec, ctx.observer
-        n_kv, group, n_tokens, _ = z.shape
-        qg = q.reshape(n_kv, group, n_tokens, -1)
+        n_heads, n_tokens, d = q.shape
+        n_kv = k.shape[0]
+        group = n_heads // n_kv
+        qg = (q.float() * spec.scale).reshape(n_kv, group, n_tokens, d)
         dz = grad_z.float().reshape(n_kv, group, n_tokens, -1)
-        delta = (dz * z).sum(-1)  # sum_k A dL/dA per query: the softmax Jacobian's row term
-        dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+        delta = (dz * z.float().reshape(dz.shape)).sum(-1)  # sum_k A dL/dA per query: the softmax Jacobian's row term
+        sinks = _sink_logits(spec, n_kv, group)
+        dq = torch.empty(qg.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         for start in range(0, n_tokens, spec.block):
             end = min(n_tokens, start + spec.block)
-            key_start = _key_start(spec, start)
-            scores, capped = _block_scores(qg, k, spec, start, end, key_start, end)
-            weights = torch.exp(scores - lse[:, :, start:end, None])  # A, 0 where masked
-            v_keys = v[:, None, key_start:end].float()
-            grad_weights = torch.matmul(dz[:, :, start:end], v_keys.transpose(-1, -2))  # dL/dA
+            key_start, rows = _key_start(spec, start), group * (end - start)
+            scores, capped = _block_scores(qg, k, spec, start, end, key_start)  # [H_kv, g * b, n]
+            if sinks is None:
+                weights = torch.softmax(scores, -1)
+            else:  # a sink takes its share of the softmax and has no value
+                blocked = scores.view(n_kv, group, end - start, -1)
+                total = torch.logaddexp(torch.logsumexp(blocked, -1), sinks)
+                weights = blocked.sub_(total[..., None]).exp_().view(scores.shape)
+            dz_block = dz[:, :, start:end].reshape(n_kv, rows, -1)
+            v_keys = v[:, key_start:end].float()
+            grad_weights = torch.bmm(dz_block, v_keys.transpose(1, 2))  # dL/dA
             if observer is not None:
-                observer(start, key_start, weights.flatten(0, 1), grad_weights.flatten(0, 1))
-            grad_scores = weights * (grad_weights - delta[:, :, start:end, None])
+                observer(start, key_start, weights.view(n_heads, end - start, -1),
+                         grad_weights.view(n_heads, end - start, -1))
+            grad_scores = grad_weights.view(n_kv, group, end - start, -1).sub_(delta[:, :, start:end, None])
+            grad_scores = grad_scores.view(scores.shape).mul_(weights)
             if capped is not None:
                 grad_scores = grad_scores * (1 - capped * capped)
-            grad_scores = grad_scores * spec.scale
-            dq[:, :, start:end] = torch.matmul(grad_scores, k[:, None, key_start:end].float())
-            dk[:, key_start:end] += torch.matmul(grad_scores.transpose(-1, -2), qg[:, :, start:end].float()).sum(1)
-            dv[:, key_start:end] += torch.matmul(weights.transpose(-1, -2), dz[:, :, start:end]).sum(1)
+            dq[:, :, start:end] = torch.bmm(grad_scores, k[:, key_start:end].float()).view(
+                n_kv, group, end - start, d) * spec.scale
+            queries = qg[:, :, start:end].reshape(n_kv, rows, d)
+            dk[:, key_start:end] += torch.bmm(grad_scores.transpose(1, 2), queries)
+            dv[:, key_start:end] += torch.bmm(weights.transpose(1, 2), dz_block)
         return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _looped_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
+    """z [H, T, d_v] one block of queries at a time (softcap, sinks and windows included)."""
+    n_heads, n_tokens, d = q.shape
+    n_kv = k.shape[0]
+    group = n_heads // n_kv
+    qg = (q.float() * spec.scale).reshape(n_kv, group, n_tokens, d)
+    sinks = _sink_logits(spec, n_kv, group)
+    z = torch.empty(n_kv, group, n_tokens, v.shape[-1], dtype=torch.float32, device=q.device)
+    for start in range(0, n_tokens, spec.block):
+        end = min(n_tokens, start + spec.block)
+        key_start = _key_start(spec, start)
+        scores, _ = _block_scores(qg, k, spec, start, end, key_start)
+        scores = scores.view(n_kv, group, end - start, -1)
+        top = scores.amax(-1)
+        if sinks is not None:
+            top = torch.maximum(top, sinks)
+        weights = torch.exp(scores - top[..., None])
+        total = weights.sum(-1) + (torch.exp(sinks - top) if sinks is not None else 0)
+        z[:, :, start:end] = torch.matmul(weights / total[..., None], v[:, None, key_start:end].float())
+    return z.reshape(n_heads, n_tokens, -1).to(v.dtype)
 
 
 def blockwise_attention(q: Float[Tensor, "head token d"], k: Float[Tensor, "kv_head token d"],

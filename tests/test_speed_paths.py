@@ -35,7 +35,8 @@ def test_blockwise_kernel_equals_full_attention_and_its_gradients(variant):
                          sinks=torch.randn(n_heads) if variant.get("sinks") else None)
     q, k, v = (torch.randn(h, n_tokens, 8, requires_grad=True) for h in (n_heads, n_kv, n_kv))
     blocks = {}
-    z = blockwise_attention(q, k, v, spec, lambda start, key_start, a, g: blocks.update({start: (key_start, a, g)}))
+    z = blockwise_attention(q, k, v, spec,  # the observer sees the kernel's buffers: it copies what it keeps
+                            lambda start, key_start, a, g: blocks.update({start: (key_start, a.clone(), g.clone())}))
     grad_z = torch.randn_like(z)
     got = torch.autograd.grad(z, (q, k, v), grad_z)
     z_ref, pattern = reference_attention(q, k, v, spec)
