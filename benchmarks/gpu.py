@@ -9,7 +9,9 @@ Model: random weights shaped like R1-Distill-Qwen-1.5B (Qwen2, 28 layers, d_mode
    embeddings, frozen parameters: ``tl_fb``) and the floor, plain transformers with sdpa attention
    and gradient checkpointing (``hf_sdpa_ckpt_fb``). Time (best of 2 after a warm-up at the smallest
    T) and peak memory (torch.cuda.max_memory_allocated over the call, minus what was allocated
-   before). Out of memory is recorded as such and larger T of that kind are skipped.
+   before); ``vs_floor``: a mode's time over the floor's at that T (goal for ``blockwise``: <= 1.5;
+   on CPU: benchmarks/bench_long_traces.py). Out of memory is recorded as such and larger T of that
+   kind are skipped.
 2. Decoding, 128 new tokens, greedy, batch 1 and 8: transformers ``generate`` (sdpa, eager),
    ``stepsal.generate`` on the bridge and on the transformers fast path (the sdpa model), without and
    with StepFlow (tok/s, best of 2 interleaved).
@@ -171,6 +173,9 @@ def bench_saliency(bench: Bench, model, hf_sdpa, lengths: list[int]) -> None:
                 failed.add(kind)
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()
+            floor = [r for r in bench.results["saliency"] if r["T"] == n_tokens and r["kind"] == "hf_sdpa_ckpt_fb"]
+            if kind.startswith("saliency") and "time_s" in row and floor and "time_s" in floor[0]:
+                row["vs_floor"] = round(row["time_s"] / floor[0]["time_s"], 3)  # goal for blockwise: <= 1.5
             bench.results["saliency"].append(row)
             bench.save()
             print(json.dumps(row), flush=True)

@@ -48,18 +48,18 @@ def _key_start(spec: AttentionSpec, query_start: int) -> int:
     return 0 if spec.window is None else max(0, query_start - spec.window + 1)
 
 
-def _block_scores(qg: Tensor, k: Tensor, spec: AttentionSpec, start: int, end: int,
-                  key_start: int) -> tuple[Tensor, Tensor | None]:
+def _block_scores(qg: Tensor, k: Tensor, spec: AttentionSpec, start: int, end: int, key_start: int,
+                  out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Masked scores [H_kv, g * b, n] of queries [start, end) (``qg`` [H_kv, g, T, d], already times
-    the scale) on keys [key_start, end) (float32), and tanh(raw / softcap) where softcapped (for the
-    backward pass). One batched product per KV group: its query heads share the keys."""
+    the scale) on keys [key_start, end) (float32, into ``out`` if given), and tanh(raw / softcap) where
+    softcapped (for the backward pass). One batched product per KV group: its query heads share the keys."""
     n_kv, group, _, d = qg.shape
     queries = qg[:, :, start:end].reshape(n_kv, group * (end - start), d)
-    scores = torch.bmm(queries, k[:, key_start:end].float().transpose(1, 2))
+    scores = torch.bmm(queries, k[:, key_start:end].float().transpose(1, 2), out=out)
     capped = None
     if spec.softcap:
         capped = torch.tanh(scores / spec.softcap)
-        scores = capped * spec.softcap
+        scores = torch.mul(capped, spec.softcap, out=scores)
     blocked = scores.view(n_kv, group, end - start, end - key_start)
     if spec.window is None:  # keys before the block are all visible: mask the diagonal square only
         future = torch.ones(end - start, end - start, dtype=torch.bool, device=qg.device).triu_(1)
@@ -114,32 +114,53 @@ class BlockwiseAttention(torch.autograd.Function):
         dq = torch.empty(qg.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        # the largest block's [H_kv, g * b, n] tensors, allocated once (not once per block)
+        work = _Workspace(3, n_heads * min(spec.block, n_tokens) * n_tokens, q.device)
         for start in range(0, n_tokens, spec.block):
             end = min(n_tokens, start + spec.block)
             key_start, rows = _key_start(spec, start), group * (end - start)
-            scores, capped = _block_scores(qg, k, spec, start, end, key_start)  # [H_kv, g * b, n]
+            shape = (n_kv, rows, end - key_start)
+            work.reset()
+            scores, capped = _block_scores(qg, k, spec, start, end, key_start, out=work.take(shape))
             if sinks is None:
-                weights = torch.softmax(scores, -1)
+                weights = torch.softmax(scores, -1, out=work.take(shape))
             else:  # a sink takes its share of the softmax and has no value
                 blocked = scores.view(n_kv, group, end - start, -1)
                 total = torch.logaddexp(torch.logsumexp(blocked, -1), sinks)
-                weights = blocked.sub_(total[..., None]).exp_().view(scores.shape)
+                weights = blocked.sub_(total[..., None]).exp_().view(shape)
             dz_block = dz[:, :, start:end].reshape(n_kv, rows, -1)
             v_keys = v[:, key_start:end].float()
-            grad_weights = torch.bmm(dz_block, v_keys.transpose(1, 2))  # dL/dA
+            grad_weights = torch.bmm(dz_block, v_keys.transpose(1, 2), out=work.take(shape))  # dL/dA
             if observer is not None:
                 observer(start, key_start, weights.view(n_heads, end - start, -1),
                          grad_weights.view(n_heads, end - start, -1))
             grad_scores = grad_weights.view(n_kv, group, end - start, -1).sub_(delta[:, :, start:end, None])
-            grad_scores = grad_scores.view(scores.shape).mul_(weights)
+            grad_scores = grad_scores.view(shape).mul_(weights)
             if capped is not None:
-                grad_scores = grad_scores * (1 - capped * capped)
+                grad_scores.mul_(1 - capped * capped)
             dq[:, :, start:end] = torch.bmm(grad_scores, k[:, key_start:end].float()).view(
                 n_kv, group, end - start, d) * spec.scale
             queries = qg[:, :, start:end].reshape(n_kv, rows, d)
             dk[:, key_start:end] += torch.bmm(grad_scores.transpose(1, 2), queries)
             dv[:, key_start:end] += torch.bmm(weights.transpose(1, 2), dz_block)
         return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+class _Workspace:
+    """Float32 buffers, each as large as the largest block's [H_kv, g * b, n], handed out in turn as
+    contiguous tensors and reused block after block: on a CPU each fresh large tensor costs page
+    faults over all its memory."""
+
+    def __init__(self, count: int, size: int, device: torch.device):
+        self.buffers = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
+        self.used = 0
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...]) -> Tensor:
+        self.used += 1
+        return self.buffers[self.used - 1][:math.prod(shape)].view(shape)
 
 
 def _looped_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:

@@ -69,11 +69,12 @@ if TYPE_CHECKING:
 
 
 def saliency_scores(pattern: Float[Tensor, "head query key"], grad: Float[Tensor, "head query key"],
-                    rule: str) -> Float[Tensor, "head query key"]:
-    """Token-level saliency per head: |A * dL/dA| ("ag"), A * dL/dA ("ag_signed") or |dL/dA| ("g")."""
+                    rule: str, out: Tensor | None = None) -> Float[Tensor, "head query key"]:
+    """Token-level saliency per head: |A * dL/dA| ("ag"), A * dL/dA ("ag_signed") or |dL/dA| ("g");
+    into ``out`` when given."""
     if rule == "g":
-        return grad.abs()
-    scores = pattern * grad
+        return torch.abs(grad, out=out)
+    scores = torch.mul(pattern, grad, out=out)
     return scores.abs_() if rule == "ag" else scores
 
 
@@ -329,10 +330,15 @@ class _LayerPooler:
         """Pools the blockwise kernel's blocks: A and dL/dA [H, b, n] of queries from ``start``, keys
         from ``key_start`` (keys outside the block have A = 0 and add nothing)."""
         row = self.layers.index(layer)
+        work: list[Tensor] = []  # the largest block's [H, b, T], allocated at the first (widest) block
 
         @torch.no_grad()
         def on_block(start: int, key_start: int, weights: Tensor, grad: Tensor) -> None:
-            scores = saliency_scores(weights, grad, self.rule)  # [H, b, n], float32
+            if not work:
+                work.append(torch.empty(weights.shape[0] * weights.shape[1] * self.members.shape[1],
+                                        dtype=torch.promote_types(weights.dtype, grad.dtype), device=weights.device))
+            scores = saliency_scores(weights, grad, self.rule,  # [H, b, n]
+                                     out=work[0][:weights.numel()].view(weights.shape))
             members = self._members_on(scores.device)
             queries = members[:, start:start + scores.shape[1]]
             keys = members[:, key_start:key_start + scores.shape[2]]
