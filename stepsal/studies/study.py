@@ -20,11 +20,11 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -231,6 +231,7 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
 
 
 Outcome = tuple[Path, StepSaliency] | str  # a trace's saved map and result, or why it is not studied
+Saved = TypeVar("Saved")
 
 
 def _studied_rows(samples: EvalResult, problems: Sequence[Any], greedy: bool, k: int) -> list[dict]:
@@ -259,18 +260,26 @@ def _suppression_path(map_path: Path) -> Path:
     return map_path.with_suffix(".suppression.json")
 
 
-def _saved_map(path: Path, saliency: SaliencyOptions, *, warn: bool) -> StepSaliency | None:
-    """The map saved at ``path`` when it was computed with ``saliency``; None otherwise (a damaged
-    file is said when ``warn``)."""
+def _saved(path: Path, load: Callable[[Path], Saved], fits: Callable[[Saved], bool], *, warn: bool) -> Saved | None:
+    """What ``load`` reads at ``path`` when it ``fits`` this run's settings; None otherwise (a
+    damaged file is said when ``warn``)."""
     if not path.exists():
         return None
     try:
-        saved = StepSaliency.load(path)
+        saved = load(path)
     except DamagedFileError as error:
         if warn:
-            warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=5)
+            warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=6)  # the caller of run_study
         return None
-    return saved if saved.options == saliency else None
+    return saved if fits(saved) else None
+
+
+def _saved_map(path: Path, saliency: SaliencyOptions, *, warn: bool) -> StepSaliency | None:
+    return _saved(path, StepSaliency.load, lambda saved: saved.options == saliency, warn=warn)
+
+
+def _saved_suppression(path: Path, result: StepSaliency, *, warn: bool) -> SuppressionMatrix | None:
+    return _saved(path, SuppressionMatrix.load, lambda saved: saved.layers == list(result.layers), warn=warn)
 
 
 def _trace_or_reason(row: dict, model: Model, min_thinking_steps: int) -> Trace | str:
@@ -312,18 +321,6 @@ def _suppression_of_own(model: TLModel, rows: list[dict], traces: dict[tuple, Ou
         if _saved_suppression(_suppression_path(path), result, warn=True) is None:
             trace = _trace_of(row, model, min_thinking_steps)
             suppression_matrix(model, trace, layers=result.layers).save(_suppression_path(path))
-
-
-def _saved_suppression(path: Path, result: StepSaliency, *, warn: bool) -> SuppressionMatrix | None:
-    if not path.exists():
-        return None
-    try:
-        saved = SuppressionMatrix.load(path)
-    except DamagedFileError as error:
-        if warn:
-            warnings.warn(f"{error} Computing it again.", StepsalWarning, stacklevel=5)
-        return None
-    return saved if saved.layers == list(result.layers) else None
 
 
 def _await_other_shards(rows: list[dict], model: TLModel, folder: Path, saliency: SaliencyOptions,
