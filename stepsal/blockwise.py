@@ -109,7 +109,8 @@ class BlockwiseAttention(torch.autograd.Function):
         group = n_heads // n_kv
         qg = (q.float() * spec.scale).reshape(n_kv, group, n_tokens, d)
         dz = grad_z.float().reshape(n_kv, group, n_tokens, -1)
-        delta = (dz * z.float().reshape(dz.shape)).sum(-1)  # sum_k A dL/dA per query: the softmax Jacobian's row term
+        # sum_k A dL/dA per query, the softmax Jacobian's row term: dL/dz . z where z is float32, else per block
+        delta = (dz * z.reshape(dz.shape)).sum(-1) if z.dtype == torch.float32 else None
         sinks = _sink_logits(spec, n_kv, group)
         dq = torch.empty(qg.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -134,7 +135,9 @@ class BlockwiseAttention(torch.autograd.Function):
             if observer is not None:
                 observer(start, key_start, weights.view(n_heads, end - start, -1),
                          grad_weights.view(n_heads, end - start, -1))
-            grad_scores = grad_weights.view(n_kv, group, end - start, -1).sub_(delta[:, :, start:end, None])
+            row_term = (delta[:, :, start:end] if delta is not None else
+                        (weights * grad_weights).sum(-1).view(n_kv, group, end - start))
+            grad_scores = grad_weights.view(n_kv, group, end - start, -1).sub_(row_term[..., None])
             grad_scores = grad_scores.view(shape).mul_(weights)
             if capped is not None:
                 grad_scores.mul_(1 - capped * capped)
