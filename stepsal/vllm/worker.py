@@ -38,7 +38,7 @@ from ..formats import TraceFormat
 from ..segments import SUMMARY, THINKING
 from ..stepflow.config import StepFlow
 from ..stepflow.hooks import FlowRun, FlowStats
-from ..stepflow.oeb import odds_equal_bridge
+from ..stepflow.oeb import bridge_groups, odds_equal_bridge
 from ..stepflow.tracker import SequenceTracker
 from .engine import EXTRA_ARGS_KEY
 from .paged import PagedCache
@@ -213,7 +213,8 @@ class EngineFlows:
 
     def _group_labels(self, group: list[Slice], device: torch.device) -> tuple[Tensor, ...]:
         """What OEB needs of a group, the same in every layer of a forward: query labels [r, q], key
-        labels [r, (q,) k] (padded with -1 to the longest), query positions [r, q], visible keys [r, q, k]."""
+        labels [r, (q,) k] (padded with -1 to the longest), query positions [r, q], visible keys [r, q, k],
+        the segment and bridge masks (:func:`bridge_groups`) [r, q, k] and the group's output rows [r * q]."""
         name = tuple(piece.batch_index for piece in group)
         if name not in self.labels_of:
             n_new = group[0].n_new
@@ -223,9 +224,12 @@ class EngineFlows:
             if any(k.dim() == 3 for k in keys):  # a relabelled marker somewhere: keys as each query saw them
                 keys = [k if k.dim() == 3 else k[:, None].expand(-1, n_new, -1) for k in keys]
             positions = torch.tensor([[p.offset + i for i in range(n_new)] for p in group], device=device)
-            self.labels_of[name] = (torch.cat([q for q, _ in labels]),
-                                    torch.cat([pad(k, (0, length - k.shape[-1]), value=-1) for k in keys]),
-                                    positions, torch.arange(length, device=device) <= positions[..., None])
+            query_segment = torch.cat([q for q, _ in labels])
+            key_segment = torch.cat([pad(k, (0, length - k.shape[-1]), value=-1) for k in keys])
+            rows = torch.tensor([[p.start + i for i in range(n_new)] for p in group], device=device).flatten()
+            self.labels_of[name] = (query_segment, key_segment, positions,
+                                    torch.arange(length, device=device) <= positions[..., None],
+                                    *bridge_groups(query_segment, key_segment, positions), rows)
         return self.labels_of[name]
 
     def _bridge(self, module: Any, layer: int, group: list[Slice], query: Tensor, output: Tensor, cache: PagedCache,
@@ -235,7 +239,7 @@ class EngineFlows:
         over their rows of ``output`` [tokens, head * d]."""
         impl, heads, d = module.impl, module.num_heads, module.head_size
         n_new = group[0].n_new
-        query_segment, key_segment, positions, visible = self._group_labels(group, query.device)
+        query_segment, key_segment, positions, visible, same, bridge, rows = self._group_labels(group, query.device)
         keys, values = cache.read_many(table[[piece.batch_index for piece in group]], key_segment.shape[-1])
         queries = torch.stack([query[p.start:p.start + n_new].view(n_new, heads, d) for p in group]).transpose(1, 2)
         window = getattr(impl, "sliding_window", -1)
@@ -243,7 +247,8 @@ class EngineFlows:
             visible = visible & (torch.arange(visible.shape[-1], device=query.device) > positions[..., None] - window)
         pattern = eager_pattern(queries, keys, impl.scale, getattr(impl, "logits_soft_cap", 0) or None,
                                 getattr(impl, "sinks", None), visible[:, None])
-        edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, group[0].flow.run.flow.tau_max)
+        edit = odds_equal_bridge(pattern, query_segment, key_segment, positions, group[0].flow.run.flow.tau_max,
+                                 (same, bridge))
         kv_heads = values.shape[1]  # z per KV group, as eager_pattern's scores: values not repeated
         z = torch.matmul(edit.pattern.to(values.dtype).reshape(len(group), kv_heads, -1, values.shape[2]), values)
         z = z.view(len(group), heads, n_new, -1).transpose(1, 2).reshape(len(group), n_new, -1)
@@ -255,9 +260,7 @@ class EngineFlows:
             piece.flow.oeb_counts.append((piece.flow.oeb_index[layer], counts, i))
             if piece.flow.capture:
                 piece.flow.captured["oeb"].append((layer, piece.offset, pattern[i].cpu(), edit.pattern[i].cpu()))
-        rows = torch.tensor([piece.start for piece in group], device=output.device)[:, None] + torch.arange(
-            n_new, device=output.device)
-        output[rows.flatten()] = z.reshape(-1, z.shape[-1])
+        output[rows] = z.reshape(-1, z.shape[-1])
 
     def _resid_post_hook(self, layer: int) -> Callable:
         def hook(module: Any, args: tuple, output: Any) -> None:
