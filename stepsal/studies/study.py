@@ -188,21 +188,22 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
     mine = {p.id for p in list(problems)[shard[0]::shard[1]]}
     own = [row for row in rows if row["problem"] in mine]
     traces = _saliency_of_own(model, own, folder, saliency, min_thinking_steps, progress)
-    if agreement:
-        _suppression_of_own(model, own, traces, min_thinking_steps, progress)
+    suppressions = _suppression_of_own(model, own, traces, min_thinking_steps, progress) if agreement else {}
     if merging and shard[1] > 1:
-        traces |= _await_other_shards([row for row in rows if row["problem"] not in mine], model, folder, saliency,
-                                      min_thinking_steps, agreement, shard, progress)
+        others, other_suppressions = _await_other_shards([row for row in rows if row["problem"] not in mine], model,
+                                                         folder, saliency, min_thinking_steps, agreement, shard,
+                                                         progress)
+        traces, suppressions = traces | others, suppressions | other_suppressions
     groups: dict[str, list[Any]] = {"correct": [], "wrong": []}
     skipped: Counter = Counter()
-    studied: list[tuple[Path, Any]] = []  # (saved map's path, result) for the agreement
+    studied: list[tuple[tuple, StepSaliency]] = []  # (row key, result) for the agreement
     for row in rows if merging else own:
         outcome = traces[_key(row)]
         if isinstance(outcome, str):
             skipped[outcome] += 1
             continue
         groups[_group(row)].append(outcome[1])
-        studied.append(outcome)
+        studied.append((_key(row), outcome[1]))
     if not merging:
         return StudyResult(samples=samples, groups=groups, skipped=dict(skipped), folder=folder)
     comparison = None
@@ -214,8 +215,7 @@ def _run_study_locked(model: TLModel, problems: Sequence[Any], folder: Path, *, 
                       StepsalWarning, stacklevel=3)
     summary_of_agreement = None
     if agreement and studied:
-        summary_of_agreement = agreement_over([step_agreement(result, SuppressionMatrix.load(_suppression_path(path)))
-                                               for path, result in studied])
+        summary_of_agreement = agreement_over([step_agreement(result, suppressions[key]) for key, result in studied])
         summary_of_agreement.save(folder / "agreement.json")
     summary = {"problems": len(problems), "samples": len(rows),
                "traces": {g: len(r) for g, r in groups.items()},
@@ -314,20 +314,25 @@ def _saliency_of_own(model: TLModel, rows: list[dict], folder: Path, saliency: S
 
 
 def _suppression_of_own(model: TLModel, rows: list[dict], traces: dict[tuple, Outcome], min_thinking_steps: int,
-                        progress: bool) -> None:
+                        progress: bool) -> dict[tuple, SuppressionMatrix]:
     """Each studied row's suppression matrix, saved beside its map (reused when its layers match)."""
     studied = [(row, outcome) for row in rows if not isinstance(outcome := traces[_key(row)], str)]
+    found = {}
     for row, (path, result) in tqdm(studied, desc="suppression", disable=not progress, unit="trace"):
-        if _saved_suppression(_suppression_path(path), result, warn=True) is None:
-            trace = _trace_of(row, model, min_thinking_steps)
-            suppression_matrix(model, trace, layers=result.layers).save(_suppression_path(path))
+        suppression = _saved_suppression(_suppression_path(path), result, warn=True)
+        if suppression is None:
+            suppression = suppression_matrix(model, _trace_of(row, model, min_thinking_steps), layers=result.layers)
+            suppression.save(_suppression_path(path))
+        found[_key(row)] = suppression
+    return found
 
 
 def _await_other_shards(rows: list[dict], model: TLModel, folder: Path, saliency: SaliencyOptions,
                         min_thinking_steps: int, agreement: bool, shard: tuple[int, int],
-                        progress: bool) -> dict[tuple, Outcome]:
+                        progress: bool) -> tuple[dict[tuple, Outcome], dict[tuple, SuppressionMatrix]]:
     """The other shards' traces (and suppression matrices with ``agreement``), once they are saved."""
     outcomes: dict[tuple, Outcome] = {}
+    suppressions: dict[tuple, SuppressionMatrix] = {}
     pending: list[dict] = []
     for row in rows:
         reason = _trace_or_reason(row, model, min_thinking_steps)
@@ -340,11 +345,14 @@ def _await_other_shards(rows: list[dict], model: TLModel, folder: Path, saliency
         for row in list(pending):
             path = _map_path(folder, row)
             saved = _saved_map(path, saliency, warn=False)
-            if saved is not None and (not agreement or
-                                      _saved_suppression(_suppression_path(path), saved, warn=False) is not None):
+            suppression = None if saved is None or not agreement else \
+                _saved_suppression(_suppression_path(path), saved, warn=False)
+            if saved is not None and (not agreement or suppression is not None):
                 outcomes[_key(row)] = (path, saved)
+                if suppression is not None:
+                    suppressions[_key(row)] = suppression
                 pending.remove(row)
         return len(pending)
 
     await_shards(missing, f"traces in {folder}", shard, progress)
-    return outcomes
+    return outcomes, suppressions
